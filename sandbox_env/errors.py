@@ -1,0 +1,137 @@
+"""Exceptions for failures of the *service*; code the model wrote failing is data, not an exception.
+
+Each class carries its wire mapping (`code`, `http_status`). Imports only the standard library.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class SandboxEnvError(Exception):
+    """Root of every sandbox-env exception."""
+
+    code: ClassVar[str] = "internal_error"
+    http_status: ClassVar[int] = 500
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str = "", **details: Any) -> None:
+        self.message = message or self.__class__.__doc__ or self.code
+        self.details = details
+        super().__init__(self.message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"message": self.message, "code": self.code, **self.details}
+
+
+class ConfigError(SandboxEnvError):
+    """Settings or a policy file are invalid."""
+
+    code = "config_error"
+    http_status = 500
+
+
+class PolicyNotFoundError(ConfigError):
+    """No policy by that name."""
+
+    code = "policy_not_found"
+    http_status = 422
+
+
+class UnknownKernelError(ConfigError):
+    """No execution backend by that name."""
+
+    code = "unknown_kernel"
+    http_status = 422
+
+
+class KernelError(SandboxEnvError):
+    """The execution backend failed; the episode's interpreter is lost."""
+
+    code = "kernel_error"
+    http_status = 502
+    retryable = True
+
+
+class KernelUnavailableError(KernelError):
+    """The backend cannot be used here (not installed, daemon down)."""
+
+    code = "kernel_unavailable"
+    http_status = 503
+
+
+class KernelStartError(KernelError):
+    """A new interpreter could not be started."""
+
+    code = "kernel_start_failed"
+
+
+class KernelDiedError(KernelError):
+    """The interpreter died for a reason that is not the code's own."""
+
+    code = "kernel_died"
+
+
+class EpisodeError(SandboxEnvError):
+    """Misuse of an episode."""
+
+    code = "episode_error"
+    http_status = 409
+
+
+class EpisodeNotFoundError(EpisodeError):
+    """No live episode with that id."""
+
+    code = "episode_not_found"
+    http_status = 404
+
+
+class EpisodeClosedError(EpisodeError):
+    """The episode is closed or was never reset."""
+
+    code = "episode_closed"
+    http_status = 409
+
+
+class CapacityError(SandboxEnvError):
+    """Every session slot is taken."""
+
+    code = "capacity_reached"
+    http_status = 503
+    retryable = True
+
+    def __init__(self, active: int, limit: int) -> None:
+        super().__init__(
+            f"Server at capacity: {active}/{limit} sessions active. Retry later.",
+            active_sessions=active,
+            max_sessions=limit,
+        )
+        self.active, self.limit = active, limit
+
+
+class ClientError(SandboxEnvError, ConnectionError):
+    """The client could not reach the server or the server answered with an error frame."""
+
+    code = "client_error"
+
+
+_BY_CODE: dict[str, type[SandboxEnvError]] = {
+    cls.code: cls
+    for cls in (
+        SandboxEnvError, ConfigError, PolicyNotFoundError, UnknownKernelError, KernelError,
+        KernelUnavailableError, KernelStartError, KernelDiedError, EpisodeError,
+        EpisodeNotFoundError, EpisodeClosedError, ClientError,
+    )
+}
+
+
+def error_from_dict(data: dict[str, Any]) -> SandboxEnvError:
+    """Rebuild an exception from its wire form; unknown codes become `SandboxEnvError`."""
+    code = str(data.get("code", ""))
+    message = str(data.get("message", "unknown error"))
+    details = {k: v for k, v in data.items() if k not in ("code", "message")}
+    if code in ("capacity_reached", "CAPACITY_REACHED"):
+        return CapacityError(int(details.get("active_sessions", 0)), int(details.get("max_sessions", 0)))
+    cls = _BY_CODE.get(code, SandboxEnvError)
+    err = cls(message, **details)
+    return err

@@ -1,0 +1,60 @@
+"""The contract every execution backend fulfils: one isolated interpreter for one episode."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar, Self
+
+from sandbox_env.models import ExecutionResult
+from sandbox_env.policy import Policy
+
+
+class Kernel(abc.ABC):
+    """One isolated, stateful Python interpreter serving exactly one episode.
+
+    `execute` never raises for anything the code does: timeouts, OOM, crashes and floods come
+    back as an `ExecutionResult` status. It raises `KernelError` only when the backend itself
+    fails. After a `timeout`/`oom`/`killed` result the kernel is usable again (restarted with an
+    empty namespace if it had to be killed).
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Start the interpreter; when this returns, `execute` answers promptly."""
+
+    @abc.abstractmethod
+    async def execute(self, code: str, *, timeout_s: float | None = None) -> ExecutionResult:
+        """Run `code`; `timeout_s` defaults to the policy's `timeout_s`."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop the interpreter and everything it started; remove its files. Idempotent."""
+
+    @abc.abstractmethod
+    def is_alive(self) -> bool:
+        """Whether the interpreter can take `execute` calls."""
+
+    @classmethod
+    async def setup_backend(cls) -> dict[str, Any]:
+        """Once per server start: sweep orphans, probe the runtime; returns a report to log."""
+        return {}
+
+    @classmethod
+    async def teardown_backend(cls) -> None:
+        """Once per server shutdown, after every kernel is closed: remove what is left."""
+
+    async def inspect(self) -> dict[str, Any]:
+        """Variables and resource use, for the inspection API; backends may override."""
+        return {}
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

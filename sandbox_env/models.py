@@ -1,0 +1,183 @@
+"""Wire types: what crosses the WebSocket/HTTP boundary, shaped as OpenEnv's.
+
+The observation on the wire carries exactly `stdout`, `stderr`, `exit_code` and `metadata`
+(OpenEnv >= 0.4), so OpenEnv's strict `CodingEnv` client parses it; everything richer lives in
+`metadata["execution"]` and is exposed as typed attributes by `CodeObservation.execution`.
+Imports only pydantic and the standard library.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+EXECUTION_KEY = "execution"
+
+
+class ExecStatus(str, Enum):
+    """How one execution ended."""
+
+    OK = "ok"
+    ERROR = "error"  # the code raised
+    TIMEOUT = "timeout"  # wall-time limit of the step
+    OOM = "oom"  # memory limit
+    KILLED = "killed"  # the interpreter died (signal, exit, pid or CPU-time limit)
+    OUTPUT_LIMIT = "output_limit"  # stopped for printing more than the policy allows
+
+
+class ExceptionInfo(BaseModel):
+    """An exception raised by the executed code; plain text, no ANSI codes."""
+
+    type: str
+    message: str
+    traceback: str = ""
+
+
+class DisplayOutput(BaseModel):
+    """A rich output (Jupyter MIME bundle), e.g. `{"image/png": "<base64>", "text/plain": "..."}`."""
+
+    kind: str = "display_data"  # display_data | execute_result
+    data: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class ExecutionInfo(BaseModel):
+    """What an execution produced beyond stdout, stderr and the exit code."""
+
+    status: ExecStatus = ExecStatus.OK
+    exception: ExceptionInfo | None = None
+    wall_time_s: float = 0.0
+    cpu_time_s: float | None = None
+    peak_memory_mb: float | None = None
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    displays: list[DisplayOutput] = Field(default_factory=list)
+    execution_count: int | None = None
+
+    @property
+    def truncated(self) -> bool:
+        return self.stdout_truncated or self.stderr_truncated
+
+
+class ExecutionResult(ExecutionInfo):
+    """One execution as a kernel reports it."""
+
+    stdout: str = ""
+    stderr: str = ""
+    exit_code: int = 0
+
+    def info(self) -> ExecutionInfo:
+        return ExecutionInfo.model_validate(self.model_dump(exclude={"stdout", "stderr", "exit_code"}))
+
+
+class CodeAction(BaseModel):
+    """Run `code` in the episode's interpreter (OpenEnv's CodeAction shape)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"code": "print(1 + 1)"}]},
+    )
+
+    code: str
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class CodeObservation(BaseModel):
+    """The result of a reset or a step."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stdout: str = ""
+    stderr: str = ""
+    exit_code: int = 0
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    reward: float | None = None
+    done: bool = False
+
+    @classmethod
+    def from_result(cls, result: ExecutionResult, *, reward: float | None = None, done: bool = False,
+                    **metadata: Any) -> CodeObservation:
+        meta = {EXECUTION_KEY: result.info().model_dump(mode="json"), **metadata}
+        return cls(stdout=result.stdout, stderr=result.stderr, exit_code=result.exit_code,
+                   metadata=meta, reward=reward, done=done)
+
+    @property
+    def execution(self) -> ExecutionResult | None:
+        """Typed view of the execution details, or None for observations without one (reset)."""
+        info = self.metadata.get(EXECUTION_KEY)
+        if info is None:
+            return None
+        return ExecutionResult(stdout=self.stdout, stderr=self.stderr, exit_code=self.exit_code, **info)
+
+    @property
+    def status(self) -> ExecStatus | None:
+        execution = self.execution
+        return execution.status if execution else None
+
+    @property
+    def exception(self) -> ExceptionInfo | None:
+        execution = self.execution
+        return execution.exception if execution else None
+
+    def to_wire(self) -> dict[str, Any]:
+        """OpenEnv payload: observation fields, with reward/done lifted beside them (>= 0.4 shape)."""
+        payload: dict[str, Any] = {
+            "observation": self.model_dump(mode="json", exclude={"reward", "done"}),
+            "reward": self.reward,
+            "done": self.done,
+        }
+        if self.metadata:
+            payload["metadata"] = payload["observation"]["metadata"]
+        return payload
+
+    @classmethod
+    def from_wire(cls, payload: dict[str, Any]) -> CodeObservation:
+        obs = dict(payload.get("observation") or {})
+        obs.setdefault("metadata", payload.get("metadata") or {})
+        return cls(**obs, reward=payload.get("reward"), done=bool(payload.get("done", False)))
+
+
+class EpisodeState(BaseModel):
+    """Episode state; OpenEnv's `episode_id`/`step_count` plus CodingEnv's `last_exit_code`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    episode_id: str | None = None
+    step_count: int = 0
+    last_exit_code: int = 0
+    backend: str | None = None
+    policy: str | None = None
+
+
+class ResetRequest(BaseModel):
+    """HTTP `POST /reset` body; extra keys are reset options."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [{"seed": 0}]})
+
+    seed: int | None = Field(default=None, ge=0)
+    episode_id: str | None = Field(default=None, max_length=255)
+
+
+class StepRequest(BaseModel):
+    """HTTP `POST /step` body."""
+
+    model_config = ConfigDict(
+        extra="allow", json_schema_extra={"examples": [{"action": {"code": "print(1)"}}]}
+    )
+
+    action: dict[str, Any]
+    timeout_s: float | None = Field(default=None, gt=0)
+    request_id: str | None = Field(default=None, max_length=255)
+
+
+class StepResponse(BaseModel):
+    """HTTP `POST /reset` and `POST /step` reply."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    observation: dict[str, Any]
+    reward: float | None = None
+    done: bool = False
+    metadata: dict[str, Any] | None = None

@@ -1,0 +1,24 @@
+"""Server settings from `SANDBOX_ENV_*` environment variables, a `.env` file, or CLI flags."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Precedence: init kwargs (CLI flags) > environment > .env > defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="SANDBOX_ENV_", env_nested_delimiter="__",
+                                      env_file=".env", extra="ignore")
+
+    backend: str = Field("jupyter", description="execution backend: jupyter | docker")
+    policy: str = Field("default", description="policy applied unless a reset names another")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_sessions: int = Field(32, ge=1, description="concurrent episodes (WebSocket sessions)")
+    pool_size: int = Field(2, ge=0, description="warm kernels kept ready per policy")
+    session_timeout_s: float | None = Field(None, gt=0, description="close idle sessions after this")
+    max_message_bytes: int = Field(16 << 20, ge=1024, description="largest accepted WS/HTTP message")
+    allowed_policies: list[str] | None = Field(None, description="policies a reset may ask for")
+    workdir_root: str | None = Field(None, description="parent of per-episode working directories")
