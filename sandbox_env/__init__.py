@@ -36,6 +36,7 @@ __all__ = [
     "StepResult",
     "SyncSandboxEnv",
     "__version__",
+    "evaluate",
 ]
 
 
@@ -45,4 +46,8 @@ def __getattr__(name: str) -> Any:
         from sandbox_env.embedded import EmbeddedSandboxEnv
 
         return EmbeddedSandboxEnv
+    if name == "evaluate":  # the evaluation harness also needs the server-side stack
+        from sandbox_env.evaluation import evaluate
+
+        return evaluate
     raise AttributeError(f"module 'sandbox_env' has no attribute {name!r}")

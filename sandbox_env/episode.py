@@ -9,26 +9,47 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sandbox_env.errors import EpisodeClosedError, KernelDiedError, KernelError
+from sandbox_env.errors import (
+    EpisodeClosedError,
+    EpisodeError,
+    KernelDiedError,
+    KernelError,
+)
+from sandbox_env.grading import choose_reward, grade
 from sandbox_env.kernels.base import Kernel
-from sandbox_env.models import CodeAction, CodeObservation, EpisodeState
+from sandbox_env.models import (
+    GRADING_KEY,
+    TASK_KEY,
+    CodeAction,
+    CodeObservation,
+    EpisodeState,
+    Grading,
+)
+from sandbox_env.tasks import Task
 
 # (policy name or None for the default) -> a started, never-used kernel
 KernelSource = Callable[[str | None], Awaitable[Kernel]]
+# (task_id, inline task) -> the task; raises TaskNotFoundError / TaskError
+TaskResolver = Callable[[str | None, Any], Task]
 HISTORY_LIMIT = 100
 
 
 class Episode:
     """Reset always takes a fresh kernel, so no namespace, file or process survives a reset."""
 
-    def __init__(self, acquire: KernelSource, *, backend: str) -> None:
+    def __init__(self, acquire: KernelSource, *, backend: str, tasks: TaskResolver | None = None,
+                 reward: str | None = None) -> None:
         self._acquire = acquire
+        self._resolve_task = tasks
+        self._reward = reward  # the server's default reward policy
+        self.task: Task | None = None
         self.backend = backend
         self._kernel: Kernel | None = None
         self._lock = asyncio.Lock()
         self._state = EpisodeState(backend=backend)
         self._kernel_lost = False
         self._closed = False
+        self._closing: set[asyncio.Task[None]] = set()
         self.created_at = time.time()
         self.last_active = time.monotonic()
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_LIMIT)
@@ -46,15 +67,30 @@ class Episode:
         return self._closed
 
     async def reset(self, *, seed: int | None = None, episode_id: str | None = None,
-                    policy: str | None = None, **options: Any) -> CodeObservation:
-        """Start a new episode on a fresh kernel; `options` are kept in the state."""
+                    policy: str | None = None, task_id: str | None = None, task: Any = None,
+                    **options: Any) -> CodeObservation:
+        """Start a new episode on a fresh kernel; `options` are kept in the state.
+
+        With `task_id` (or an inline `task`), the first observation's stdout is the task's prompt
+        and `metadata["task"]` its public information; a submit step grades against it.
+        """
         async with self._lock:
             self._ensure_open()
-            old, self._kernel = self._kernel, None
-            if old is not None:
-                await old.close()
-            self._kernel = await self._acquire(policy)
+            self.last_active = time.monotonic()
+            new_task = None
+            if task_id is not None or task is not None:
+                if self._resolve_task is None:
+                    raise EpisodeError("this episode has no task source")
+                new_task = self._resolve_task(task_id, task)
+            # Acquire first: a reset that fails (say, an unknown policy) keeps the old episode.
+            kernel = await self._acquire(policy)
+            old, self._kernel = self._kernel, kernel
+            if old is not None:  # closing can take tens of ms (container removal): not on the reset path
+                self._closing.add(asyncio.create_task(old.close()))
+                self._closing = {t for t in self._closing if not t.done()}
             self._kernel_lost = False
+            self.task = new_task
+            task_fields = {} if new_task is None else {"task_id": new_task.id, "grading": None}
             self._state = EpisodeState(
                 episode_id=episode_id or str(uuid.uuid4()),
                 step_count=0,
@@ -63,15 +99,25 @@ class Episode:
                 policy=self._kernel.policy.name,
                 seed=seed,
                 **options,
+                **task_fields,
             )
             self.history.clear()
             self.last_active = time.monotonic()
-            return CodeObservation(reward=0.0, metadata={"episode_id": self._state.episode_id,
-                                                         "policy": self._state.policy,
-                                                         "backend": self.backend})
+            metadata: dict[str, Any] = {"episode_id": self._state.episode_id, "policy": self._state.policy,
+                                        "backend": self.backend}
+            if new_task is not None:
+                metadata[TASK_KEY] = new_task.public()
+            return CodeObservation(stdout=new_task.prompt if new_task else "", reward=0.0, metadata=metadata)
+
+    @property
+    def busy(self) -> bool:
+        return self._lock.locked()
 
     async def step(self, action: CodeAction, *, timeout_s: float | None = None) -> CodeObservation:
-        """Run the action's code; a step before any reset resets implicitly."""
+        """Run the action's code; a step before any reset resets implicitly.
+
+        A requested `timeout_s` can shorten the policy's wall-time limit, never extend it.
+        """
         if self._kernel is None and not self._kernel_lost:
             await self.reset()
         async with self._lock:
@@ -79,8 +125,12 @@ class Episode:
             kernel = self._kernel
             if kernel is None:
                 raise KernelDiedError("this episode's interpreter was lost; call reset")
+            self.last_active = time.monotonic()
+            if action.submit:
+                return await self._submit(kernel, action)
+            limit = kernel.policy.timeout_s if timeout_s is None else min(timeout_s, kernel.policy.timeout_s)
             try:
-                result = await kernel.execute(action.code, timeout_s=timeout_s)
+                result = await kernel.execute(action.code, timeout_s=limit)
             except KernelError:
                 self._kernel, self._kernel_lost = None, True
                 await kernel.close()
@@ -91,6 +141,26 @@ class Episode:
             self.history.append({"step": self._state.step_count, "code": action.code,
                                  "result": result.model_dump(mode="json")})
             return CodeObservation.from_result(result, reward=0.0)
+
+    def submission(self, code: str) -> str:
+        """What a submit grades: its own code if any, else every step's code that ran ok, in order."""
+        if code.strip():
+            return code
+        return "\n".join(h["code"] for h in self.history if h["result"].get("status") == "ok")
+
+    async def _submit(self, kernel: Kernel, action: CodeAction) -> CodeObservation:
+        if self.task is None:
+            raise EpisodeError("nothing to grade against: reset with task_id=... or task={...} first")
+        reward = choose_reward(self.task, None, self._reward)
+        grading = await grade(kernel, self.task, self.submission(action.code), reward=reward)
+        self._state.step_count += 1
+        self._state.grading = grading.model_dump(mode="json")  # type: ignore[attr-defined]
+        self.last_active = time.monotonic()
+        # An infrastructure failure is not the end: the same submission can be graded again.
+        done = grading.status == "graded"
+        return CodeObservation(stdout=summary(grading), exit_code=0 if grading.reward == 1.0 else 1,
+                               reward=grading.reward, done=done,
+                               metadata={GRADING_KEY: grading.model_dump(mode="json"), TASK_KEY: {"id": self.task.id}})
 
     async def inspect(self) -> dict[str, Any]:
         kernel = self._kernel
@@ -105,7 +175,17 @@ class Episode:
         kernel, self._kernel = self._kernel, None
         if kernel is not None:
             await kernel.close()
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
     def _ensure_open(self) -> None:
         if self._closed:
             raise EpisodeClosedError("episode is closed")
+
+
+def summary(grading: Grading) -> str:
+    if grading.status != "graded":
+        return f"grading failed for a reason outside the submission ({grading.error}); submit again to retry\n"
+    lines = [f"{grading.passed}/{grading.total} tests passed, reward {grading.reward:g}"]
+    lines += [f"{t.name}: {t.status.value}{' - ' + t.message.splitlines()[0][:200] if t.message else ''}"
+              for t in grading.tests if t.status.value != "passed"][:20]
+    return "\n".join(lines) + "\n"

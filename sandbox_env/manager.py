@@ -10,14 +10,26 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from sandbox_env.episode import Episode
-from sandbox_env.errors import CapacityError, PolicyNotFoundError
+from sandbox_env.errors import CapacityError, ConfigError, PolicyNotFoundError
+from sandbox_env.grading import choose_reward, grade
 from sandbox_env.kernels.base import Kernel
 from sandbox_env.kernels.pool import KernelPool
 from sandbox_env.kernels.registry import load_kernel_class
+from sandbox_env.models import Grading
 from sandbox_env.policy import Policy, load_policy
+from sandbox_env.rewards import reward_policy
 from sandbox_env.settings import Settings
+from sandbox_env.tasks import (
+    Task,
+    TaskError,
+    TaskNotFoundError,
+    humaneval_tasks,
+    load_tasks,
+    parse_task,
+)
 
 log = logging.getLogger(__name__)
+GRADER_STASH = 2  # warm kernels kept per policy for the next one-shot grading
 
 
 class SessionManager:
@@ -34,10 +46,15 @@ class SessionManager:
         self.draining = False
         self.runtime_report: dict[str, Any] = {}
         self.started_at = time.time()
+        self.tasks: dict[str, Task] = load_tasks(self.settings.tasks) if self.settings.tasks else {}
+        if self.settings.reward:
+            reward_policy(self.settings.reward)  # a bad server default fails at start, not mid-episode
+        self._graders: dict[str, list[Kernel]] = {}
+        self.grading = 0
 
     @property
     def active(self) -> int:
-        return len(self.episodes)
+        return len(self.episodes) + self.grading
 
     @property
     def capacity(self) -> int:
@@ -61,6 +78,9 @@ class SessionManager:
         episodes = list(self.episodes.values())
         self.episodes.clear()
         await asyncio.gather(*(ep.close() for ep in episodes), return_exceptions=True)
+        stashed = [k for kernels in self._graders.values() for k in kernels]
+        self._graders.clear()
+        await asyncio.gather(*(k.close() for k in stashed), return_exceptions=True)
         await asyncio.gather(*(pool.close() for pool in self._pools.values()), return_exceptions=True)
         await self.kernel_class.teardown_backend()
 
@@ -68,7 +88,8 @@ class SessionManager:
         """Take a session slot; the episode gets its kernel at its first reset."""
         if not self.ready():
             raise CapacityError(self.active, self.capacity)
-        episode = Episode(self._acquire, backend=self.settings.backend)
+        episode = Episode(self._acquire, backend=self.settings.backend, tasks=self.resolve_task,
+                          reward=self.settings.reward)
         self.episodes[id(episode)] = episode
         return episode
 
@@ -84,6 +105,66 @@ class SessionManager:
             yield episode
         finally:
             await self.close_episode(episode)
+
+    def resolve_task(self, task_id: str | None = None, task: Any = None) -> Task:
+        """An inline task (validated), or one of the server's tasks, or a HumanEval task by id."""
+        if task is not None:
+            if isinstance(task, Task):
+                return task
+            try:
+                return parse_task(task)
+            except ConfigError as exc:
+                raise TaskError(exc.message) from exc
+        if task_id is None:
+            raise TaskError("task: give task_id or task")
+        if task_id in self.tasks:
+            return self.tasks[task_id]
+        if task_id.startswith("HumanEval/"):
+            try:
+                found = humaneval_tasks().get(task_id)
+            except ConfigError as exc:
+                raise TaskNotFoundError(f"task {task_id!r}: {exc.message}", task_id=task_id) from exc
+            if found is not None:
+                return found
+        raise TaskNotFoundError(f"no task {task_id!r} on this server", task_id=task_id)
+
+    async def grade(self, task: Task, submission: str, *, policy: str | None = None,
+                    reward: str | None = None) -> Grading:
+        """One-shot grading on a warm kernel; counts toward capacity while it runs."""
+        if not self.ready():
+            raise CapacityError(self.active, self.capacity)
+        if reward:
+            try:
+                reward_policy(reward)
+            except ConfigError as exc:
+                raise TaskError(exc.message) from exc
+        name = self.policy(policy).name
+        self.grading += 1
+        kernel: Kernel | None = None
+        try:
+            stash = self._graders.setdefault(name, [])
+            while stash and kernel is None:
+                candidate = stash.pop()
+                if candidate.is_alive():
+                    kernel = candidate
+                else:
+                    await candidate.close()
+            if kernel is None:
+                kernel = await self._acquire(name)
+            result = await grade(kernel, task, submission,
+                                 reward=choose_reward(task, reward, self.settings.reward))
+        except BaseException:
+            if kernel is not None:
+                await kernel.close()
+            raise
+        finally:
+            self.grading -= 1
+        # run_program leaves a clean slate (no process, no file), so the kernel may grade again.
+        if result.status == "graded" and kernel.is_alive() and len(stash) < GRADER_STASH and not self.draining:
+            stash.append(kernel)
+        else:
+            await kernel.close()
+        return result
 
     def find(self, episode_id: str) -> Episode | None:
         return next((ep for ep in self.episodes.values() if ep.id == episode_id), None)
@@ -123,7 +204,7 @@ class SessionManager:
             await asyncio.sleep(max(timeout_s / 4, 1.0))
             cutoff = time.monotonic() - timeout_s
             for key, episode in list(self.episodes.items()):
-                if episode.last_active < cutoff:
+                if episode.last_active < cutoff and not episode.busy:
                     log.info("closing idle episode %s", episode.id)
                     self.episodes.pop(key, None)
                     await episode.close()

@@ -9,11 +9,13 @@ Imports only pydantic and the standard library.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 EXECUTION_KEY = "execution"
+GRADING_KEY = "grading"
+TASK_KEY = "task"
 
 
 class ExecStatus(str, Enum):
@@ -82,6 +84,51 @@ class CodeAction(BaseModel):
 
     code: str
     metadata: dict[str, Any] = Field(default_factory=dict)
+    # Grade the episode's submission (this `code` if non-empty, else every ok step's code) and end it.
+    submit: bool = False
+
+
+class TestStatus(str, Enum):
+    """How one test of a grading ended."""
+
+    __test__ = False  # not a pytest class
+
+    PASSED = "passed"
+    FAILED = "failed"
+    ERROR = "error"
+    TIMEOUT = "timeout"
+    OOM = "oom"
+    OUTPUT_LIMIT = "output_limit"
+
+
+class TestResult(BaseModel):
+    """One test's outcome; times are measured by the trusted grader (CPU: of the submission)."""
+
+    __test__ = False
+
+    name: str
+    status: TestStatus
+    message: str = ""
+    wall_time_s: float = 0.0
+    cpu_time_s: float | None = None
+
+
+class Grading(BaseModel):
+    """A submission graded against a task's tests.
+
+    `status="infra_error"` means the sandbox or the service failed (not the code): `reward` is
+    None and `retryable` True; never read it as a 0.
+    """
+
+    task_id: str
+    status: Literal["graded", "infra_error"]
+    reward: float | None
+    passed: int = 0
+    total: int = 0
+    tests: list[TestResult] = Field(default_factory=list)
+    error: str | None = None
+    retryable: bool = False
+    wall_time_s: float = 0.0
 
 
 class CodeObservation(BaseModel):
@@ -110,6 +157,12 @@ class CodeObservation(BaseModel):
         if info is None:
             return None
         return ExecutionResult(stdout=self.stdout, stderr=self.stderr, exit_code=self.exit_code, **info)
+
+    @property
+    def grading(self) -> Grading | None:
+        """Typed view of the grading of a submit step, else None."""
+        data = self.metadata.get(GRADING_KEY)
+        return None if data is None else Grading.model_validate(data)
 
     @property
     def status(self) -> ExecStatus | None:

@@ -37,7 +37,8 @@ class Policy(BaseModel):
     workspace_mb: int = Field(256, ge=1, description="size of the writable workspace")
     tmp_mb: int = Field(64, ge=1, description="size of /tmp (container backends)")
     network: bool = Field(False, description="allow network access")
-    runtime: Literal["runc", "runsc"] | None = Field(None, description="container runtime")
+    runtime: Literal["runc", "runsc", "auto"] | None = Field(
+        None, description="container runtime; auto = gVisor (runsc) where the host has it")
     image: str | None = Field(None, description="sandbox image (container backends)")
     interrupt_grace_s: float = Field(1.0, gt=0, le=30, description="wait after SIGINT before kill")
 

@@ -22,3 +22,6 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(16 << 20, ge=1024, description="largest accepted WS/HTTP message")
     allowed_policies: list[str] | None = Field(None, description="policies a reset may ask for")
     workdir_root: str | None = Field(None, description="parent of per-episode working directories")
+    tasks: str | None = Field(None, description="task file (.json/.jsonl) or folder served by task_id")
+    reward: str | None = Field(None, description="reward policy for tasks that do not choose one, "
+                               "e.g. binary, fraction:timeout_penalty=0.1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 from typing import Any, ClassVar, Self
 
+from sandbox_env.errors import KernelUnavailableError
 from sandbox_env.models import ExecutionResult
 from sandbox_env.policy import Policy
 
@@ -38,6 +39,17 @@ class Kernel(abc.ABC):
     @abc.abstractmethod
     def is_alive(self) -> bool:
         """Whether the interpreter can take `execute` calls."""
+
+    async def run_program(self, source: str, *, stdin: bytes = b"", timeout_s: float) -> ExecutionResult:
+        """Run `python3 -I -c source` as a fresh process in this kernel's sandbox.
+
+        Every process of the agent is stopped first; the working directory (and /tmp where the
+        sandbox has its own) is empty, the environment minimal, the policy's limits apply, `stdin`
+        is fed then closed, output is bounded. Nothing of earlier steps or earlier programs is
+        visible, so a kernel may serve many programs in a row; the interpreter's namespace is lost.
+        Raises `KernelError` only when the backend fails.
+        """
+        raise KernelUnavailableError(f"the {self.name} backend cannot run programs")
 
     @classmethod
     async def setup_backend(cls) -> dict[str, Any]:

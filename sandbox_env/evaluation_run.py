@@ -1,0 +1,324 @@
+"""Where and how samples get graded: endpoints (in-process or servers), retries, failover, progress.
+
+Each endpoint gets `workers` concurrent gradings, pulling from one shared queue, so a fast
+server takes more work and a dead one takes none. An endpoint that fails at the transport level
+(connection refused, 5xx) goes into a half-open state: one request at a time, with backoff,
+until one succeeds; after `MAX_ENDPOINT_FAILURES` failed bursts it is dropped for the run. A
+sample whose attempt failed for infrastructure reasons (a transport error, or a `Grading` with
+`status="infra_error"`) is queued again, to whichever endpoint is free, at most `retries` times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from sandbox_env.evaluation_io import Sample, result_row
+from sandbox_env.models import Grading
+
+if TYPE_CHECKING:
+    from sandbox_env.tasks import Task
+
+log = logging.getLogger(__name__)
+
+MAX_ENDPOINT_FAILURES = 5  # failed bursts in a row before a server is dropped for the run
+MAX_BUSY_BOUNCES = 1000  # 503 replies one sample may get before that counts as a failed attempt
+HTTP_TIMEOUT_S = 900.0  # a grading may run many tests; the server enforces each test's limit
+
+
+class EndpointDown(Exception):
+    """The endpoint could not grade (transport error, 5xx, or an exception in-process)."""
+
+
+class EndpointBusy(Exception):
+    """The endpoint is at capacity (503): try again later, elsewhere if possible."""
+
+
+class Rejected(Exception):
+    """The endpoint refused this request itself (4xx): retrying it cannot help."""
+
+
+@dataclass
+class Endpoint:
+    """One place that grades: `grade(task, submission, policy) -> Grading`."""
+
+    label: str
+    grade: Callable[[Task, str, str | None], Any]
+    droppable: bool = True  # a lone in-process manager is never dropped
+    backoff_s: float = 0.5  # first wait after a failure; doubles with each failure in a row
+    info: dict[str, Any] = field(default_factory=dict)
+    failures: int = 0
+    last_failure: float = float("-inf")
+    resume_at: float = 0.0
+    dead: bool = False
+    probe: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def failed(self, request_started: float, why: str) -> None:
+        # Requests already in flight when the endpoint broke fail together: count them once.
+        if request_started < self.last_failure:
+            return
+        self.failures += 1
+        self.last_failure = time.monotonic()
+        if self.droppable and self.failures >= MAX_ENDPOINT_FAILURES:
+            self.dead = True
+            log.error("dropping %s after %d failures in a row: %s", self.label, self.failures, why)
+        else:
+            self.resume_at = self.last_failure + min(8.0, self.backoff_s * 2 ** (self.failures - 1))
+            log.warning("%s failed (%d in a row): %s", self.label, self.failures, why)
+
+
+@dataclass
+class Job:
+    sample: Sample
+    task: Task
+    submission: str
+    attempts: int = 0
+    bounces: int = 0
+    last_error: str | None = None
+    done: bool = False
+
+
+class Scheduler:
+    """Runs jobs on endpoints until each has a verdict or has used up its retries."""
+
+    def __init__(self, endpoints: list[Endpoint], workers: int, *, policy: str | None, retries: int,
+                 retry_delay_s: float, on_result: Callable[[dict[str, Any]], None]) -> None:
+        self.endpoints = endpoints
+        for ep in endpoints:
+            ep.backoff_s = max(retry_delay_s, 0.01)
+        self.workers = max(1, workers)
+        self.policy = policy
+        self.retries = max(0, retries)
+        self.retry_delay_s = retry_delay_s
+        self.on_result = on_result
+        self.queue: asyncio.Queue[Job] = asyncio.Queue()
+        self.outstanding: set[int] = set()
+        self.jobs: dict[int, Job] = {}
+        self.finished = asyncio.Event()
+
+    async def run(self, work: list[tuple[Sample, Task, str]]) -> None:
+        for sample, task, submission in work:
+            job = Job(sample, task, submission)
+            self.jobs[sample.index] = job
+            self.outstanding.add(sample.index)
+            self.queue.put_nowait(job)
+        if not self.outstanding:
+            return
+        workers = [asyncio.create_task(self._worker(ep), name=f"eval-{ep.label}-{i}")
+                   for ep in self.endpoints for i in range(self.workers)]
+        finished = asyncio.create_task(self.finished.wait())
+        try:
+            pending: set[asyncio.Future[Any]] = {finished, *workers}
+            while not self.finished.is_set() and not all(w.done() for w in workers):
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task is not finished and not task.cancelled() and task.exception() is not None:
+                        raise task.exception()  # type: ignore[misc]  # a bug of ours: surface it
+            if not self.finished.is_set():  # every endpoint was dropped
+                why = "; ".join(f"{ep.label} unreachable" for ep in self.endpoints)
+                for index in list(self.outstanding):
+                    job = self.jobs[index]
+                    self._finish(job, None, job.last_error or why)
+        finally:
+            finished.cancel()
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(finished, *workers, return_exceptions=True)
+
+    async def _worker(self, ep: Endpoint) -> None:
+        while not ep.dead:
+            if ep.failures:  # half-open: one probe at a time, after the backoff
+                async with ep.probe:
+                    if ep.failures and not ep.dead:
+                        await asyncio.sleep(max(0.0, ep.resume_at - time.monotonic()))
+                        await self._attempt(ep, await self._next())
+                        continue
+                continue
+            job = await self._next()
+            if ep.dead or ep.failures:
+                self.queue.put_nowait(job)  # the endpoint broke while we waited: let others take it
+                await asyncio.sleep(0)
+                continue
+            await self._attempt(ep, job)
+
+    async def _next(self) -> Job:
+        while True:
+            job = await self.queue.get()
+            if not job.done:
+                return job
+
+    async def _attempt(self, ep: Endpoint, job: Job) -> None:
+        started = time.monotonic()
+        try:
+            grading = await ep.grade(job.task, job.submission, self.policy)
+        except EndpointBusy:
+            job.bounces += 1
+            if job.bounces > MAX_BUSY_BOUNCES:
+                self._retry(job, f"{ep.label}: at capacity {job.bounces} times")
+            else:
+                self.queue.put_nowait(job)
+            await asyncio.sleep(0.2)
+            return
+        except Rejected as exc:
+            self._finish(job, None, str(exc))
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - EndpointDown, or any failure of the sandbox stack
+            why = str(exc) or type(exc).__name__
+            ep.failed(started, why)
+            self._retry(job, f"{ep.label}: {why}")
+            return
+        if ep.failures:
+            log.info("%s answers again", ep.label)
+        ep.failures = 0
+        if grading.status == "infra_error":
+            self._retry(job, f"{ep.label}: {grading.error or 'infrastructure error'}")
+        else:
+            self._finish(job, grading, None)
+
+    def _retry(self, job: Job, why: str) -> None:
+        job.attempts += 1
+        job.last_error = why
+        if job.attempts > self.retries:
+            log.error("%s (%s): sandbox_error after %d attempts: %s", job.sample.where,
+                      job.sample.task_id, job.attempts, why)
+            self._finish(job, None, why)
+            return
+        log.warning("%s (%s): attempt %d failed, retrying: %s", job.sample.where, job.sample.task_id,
+                    job.attempts, why)
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.retry_delay_s * job.attempts, self.queue.put_nowait, job)
+
+    def _finish(self, job: Job, grading: Grading | None, error: str | None) -> None:
+        if job.done:
+            return
+        job.done = True
+        attempts = job.attempts + (grading is not None)
+        self.on_result(result_row(job.sample, grading, attempts=attempts, error=error))
+        self.outstanding.discard(job.sample.index)
+        if not self.outstanding:
+            self.finished.set()
+
+
+@contextlib.asynccontextmanager
+async def embedded_endpoint(backend: str, policy: str | None, workers: int) -> AsyncIterator[list[Endpoint]]:
+    """A `SessionManager` in this process, with `workers` warm kernels."""
+    from sandbox_env.manager import SessionManager
+    from sandbox_env.settings import Settings
+
+    settings = Settings(backend=backend, policy=policy or "default", pool_size=workers,
+                        max_sessions=max(32, 2 * workers))
+    manager = SessionManager(settings)
+    resolved = manager.policy(policy)  # an unknown policy fails here, before anything starts
+    await manager.start()
+    try:
+        async def grade(task: Task, submission: str, policy_name: str | None) -> Grading:
+            return await manager.grade(task, submission, policy=policy_name)
+
+        info = {"policy": resolved.model_dump(mode="json"), "image": await _image(backend, resolved)}
+        yield [Endpoint(f"embedded:{backend}", grade, droppable=False, info=info)]
+    finally:
+        await manager.shutdown()
+
+
+async def _image(backend: str, policy: Any) -> dict[str, Any] | None:
+    """The sandbox image and its id, so a summary says exactly what ran the code."""
+    if backend != "docker":
+        return None
+    from sandbox_env.kernels.docker import default_image, get_client
+
+    name = policy.image or default_image()
+    try:
+        image = await asyncio.to_thread(get_client().images.get, name)
+        return {"name": name, "id": image.id}
+    except Exception:  # noqa: BLE001 - informational only
+        return {"name": name, "id": None}
+
+
+@contextlib.asynccontextmanager
+async def remote_endpoints(servers: list[str]) -> AsyncIterator[list[Endpoint]]:
+    """One endpoint per server URL, all sharing one keep-alive HTTP client."""
+    import httpx
+
+    timeout = httpx.Timeout(HTTP_TIMEOUT_S, connect=10.0)
+    async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=None)) as client:
+        yield [Endpoint(url.rstrip("/"), _remote_grade(client, url.rstrip("/"))) for url in servers]
+
+
+def _remote_grade(client: Any, base: str) -> Callable[[Task, str, str | None], Any]:
+    import httpx
+
+    async def grade(task: Task, submission: str, policy: str | None) -> Grading:
+        body = {"task": task.model_dump(mode="json"), "task_id": None, "submission": submission,
+                "policy": policy}
+        try:
+            reply = await client.post(f"{base}/grade", json=body)
+        except httpx.TransportError as exc:
+            raise EndpointDown(f"{type(exc).__name__}: {exc}") from exc
+        if reply.status_code == 200:
+            try:
+                return Grading.model_validate(reply.json())
+            except (ValueError, ValidationError) as exc:
+                raise EndpointDown(f"malformed /grade reply: {exc}") from exc
+        if reply.status_code in (429, 503):
+            raise EndpointBusy()
+        if reply.status_code >= 500:
+            raise EndpointDown(f"HTTP {reply.status_code}: {reply.text[:300]}")
+        raise Rejected(f"{base} refused the request: HTTP {reply.status_code}: {reply.text[:500]}")
+
+    return grade
+
+
+class _Progress:
+    """A rich progress bar on stderr (rate, ETA, sandbox errors), or nothing."""
+
+    def __init__(self, total: int, enabled: bool | None) -> None:
+        self._bar: Any = None
+        if enabled is False or total == 0 or (enabled is None and not sys.stderr.isatty()):
+            return
+        try:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+        except ImportError:
+            return
+        self._bar = Progress(TextColumn("grading"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                             TimeRemainingColumn(), TextColumn("{task.fields[errors]}"),
+                             console=Console(stderr=True), transient=False)
+        self._task = self._bar.add_task("grading", total=total, rate="", errors="")
+        self._errors = 0
+        self._bar.start()
+
+    def advance(self, status: str) -> None:
+        if self._bar is None:
+            return
+        self._errors += status == "sandbox_error"
+        task = self._bar.tasks[0]
+        rate = f"{task.speed:.1f}/s" if task.speed else ""
+        self._bar.update(self._task, advance=1, rate=rate,
+                         errors=f"[red]{self._errors} sandbox errors" if self._errors else "")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def progress_reporter(total: int, *, enabled: bool | None) -> _Progress:
+    return _Progress(total, enabled)

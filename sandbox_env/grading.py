@@ -1,0 +1,110 @@
+"""Grade a submission against a task, in a kernel's sandbox, through the trusted grader program.
+
+The server's side of the integrity design (the sandbox side is `grader_harness.py`): the job goes
+to the grader on stdin at grade time only; the verdict is the grader's structured JSON, checked
+here against the task (count and names of tests); anything else (no verdict, a garbled one, the
+grader killed) makes every test an `error`: reward 0, never a pass. A backend failure is an
+`infra_error` with reward None.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from sandbox_env.errors import KernelError, KernelUnavailableError
+from sandbox_env.kernels.base import Kernel
+from sandbox_env.models import ExecStatus, Grading, TestResult, TestStatus
+from sandbox_env.rewards import reward_policy
+from sandbox_env.tasks import PytestTests, Task, test_count
+
+log = logging.getLogger(__name__)
+
+STARTUP_S = 10.0  # interpreter starts, loading the submission, pytest collection
+MAX_PROGRAM_S = 3600.0
+PYTEST_BUDGET_TESTS = 50  # pytest files: the count is unknown before collection
+
+
+@functools.lru_cache(maxsize=1)
+def harness_source() -> str:
+    return (Path(__file__).resolve().parent / "grader_harness.py").read_text()
+
+
+def per_test_timeout(kernel: Kernel, task: Task) -> float:
+    return float(task.timeout_s or kernel.policy.timeout_s)
+
+
+async def grade(kernel: Kernel, task: Task, submission: str, *, reward: str | None = None) -> Grading:
+    """Run the task's tests on `submission`; never raises for anything the submission does."""
+    started = time.perf_counter()
+    per_test = per_test_timeout(kernel, task)
+    expected = test_count(task)
+    budget = min(MAX_PROGRAM_S, per_test * (expected or PYTEST_BUDGET_TESTS) + STARTUP_S)
+    job = {"spec": task.tests.model_dump(mode="json"), "submission": submission, "timeout_s": per_test,
+           "output_limit": kernel.policy.output_limit_bytes}
+    try:
+        result = await kernel.run_program(harness_source(), stdin=json.dumps(job).encode(), timeout_s=budget)
+    except KernelError as exc:
+        log.warning("grading %s: infrastructure failure: %s", task.id, exc)
+        return Grading(task_id=task.id, status="infra_error", reward=None, error=str(exc),
+                       retryable=not isinstance(exc, KernelUnavailableError) and exc.retryable,
+                       wall_time_s=time.perf_counter() - started)
+    tests, problem = _verdict(result.stdout, task, expected)
+    if problem is not None:
+        detail = f"{problem} (grader {result.status.value}, exit code {result.exit_code})"
+        if result.status is ExecStatus.TIMEOUT:
+            detail = f"grading ran past its {budget:g} s budget"
+        tail = result.stderr.strip()[-1000:]
+        message = f"{detail}{': ' + tail if tail else ''}"
+        log.info("grading %s: no usable verdict: %s", task.id, message)
+        names = _test_names(task)
+        tests = [TestResult(name=n, status=TestStatus.ERROR, message=message) for n in names]
+    value = reward_policy(reward or task.reward)(tests, task.weights)
+    passed = sum(t.status is TestStatus.PASSED for t in tests)
+    return Grading(task_id=task.id, status="graded", reward=value, passed=passed, total=len(tests),
+                   tests=tests, error=problem, wall_time_s=time.perf_counter() - started)
+
+
+def choose_reward(task: Task, requested: str | None, server_default: str | None) -> str:
+    """The request's policy, else the task's own choice, else the server's, else binary."""
+    if requested:
+        return requested
+    if "reward" in task.model_fields_set:
+        return task.reward
+    return server_default or task.reward
+
+
+def _test_names(task: Task) -> list[str]:
+    spec = task.tests
+    if spec.kind == "function":
+        return ["check"]
+    if spec.kind == "asserts":
+        return [f"assert {i}" for i in range(len(spec.asserts))]
+    if spec.kind == "stdio":
+        return [c.name or f"case {i}" for i, c in enumerate(spec.cases)]
+    return ["pytest"]
+
+
+def _verdict(stdout: str, task: Task, expected: int | None) -> tuple[list[TestResult], str | None]:
+    """The grader's per-test results, or why there are none usable."""
+    try:
+        data = json.loads(stdout)
+    except ValueError:
+        return [], "the grader reported no verdict"
+    if not isinstance(data, dict) or not isinstance(data.get("tests"), list):
+        return [], "the grader's verdict is malformed"
+    try:
+        tests = [TestResult.model_validate(t) for t in data["tests"]]
+    except ValidationError:
+        return [], "the grader's verdict is malformed"
+    if not isinstance(task.tests, PytestTests):
+        if len(tests) != expected or [t.name for t in tests] != _test_names(task):
+            return [], f"the grader reported {len(tests)} results for {expected} tests"
+    elif not tests:
+        return [], "the grader reported no tests"
+    return tests, None

@@ -1,0 +1,412 @@
+"""The embedded default backend: one local ipykernel per episode, driven through jupyter_client.
+
+Confinement (see `limits.py`): own cgroups (memory+swap, pids, CPU quota) or rlimits, a private
+working directory, an environment built from scratch (none of the server's variables), its own
+session. The wall-time limit is enforced from outside: SIGINT first, then SIGKILL of every process
+in the kernel's cgroup/session and a fresh kernel. This protects against accidents, not attacks:
+the kernel runs as the server's user on the server's filesystem. The Docker backend is the one
+for untrusted code.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import zmq.asyncio
+from jupyter_client.asynchronous import AsyncKernelClient
+from jupyter_client.kernelspec import KernelSpec
+from jupyter_client.manager import AsyncKernelManager
+
+from sandbox_env.errors import KernelError, KernelStartError
+from sandbox_env.kernels.base import Kernel
+from sandbox_env.kernels.limits import MB, Confinement, Limits
+from sandbox_env.kernels.output import StepCollector, kernel_shim
+from sandbox_env.models import ExecStatus, ExecutionResult
+from sandbox_env.policy import Policy
+
+logger = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 30.0
+POLL_S = 0.2  # how often a silent step checks that the kernel process is alive
+# The policy's pids/open_files are what the code may use; ipykernel's own share comes on top
+# (idle: 12 tasks, i.e. threads, and ~60 descriptors, mostly zmq; with less it cannot even start).
+KERNEL_TASKS, KERNEL_FDS = 16, 96
+KERNEL_ARGS = (
+    "--HistoryManager.enabled=False",  # no sqlite writes (and no history thread) per step
+    "--InteractiveShell.colors=NoColor",  # plain tracebacks
+    "--InteractiveShell.xmode=Plain",  # Python-style, and fast on deep recursion (Context takes seconds)
+    "--IPKernelApp.quiet=True",
+)
+# One expression, evaluated through user_expressions: no extra request, no history entry.
+INSPECT_EXPR = (
+    "__import__('json').dumps([(k, type(v).__name__, __import__('reprlib').repr(v)) "
+    "for k, v in list(get_ipython().user_ns.items()) if not k.startswith('_') "
+    "and k not in get_ipython().user_ns_hidden and not isinstance(v, type(__import__('sys')))])"
+)
+
+
+def _kernel_env(root: Path, workdir: Path, token: str) -> dict[str, str]:
+    """Built from scratch, so none of the server's variables (secrets) reach the kernel."""
+    return {
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"]),
+        "HOME": str(workdir),
+        "TMPDIR": str(root / "tmp"),
+        "LANG": "C.UTF-8",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "IPYTHONDIR": str(root / "ipython"),
+        "JUPYTER_CONFIG_DIR": str(root / "jupyter"),
+        "MPLCONFIGDIR": str(root / "mpl"),
+        "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+        "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+        "SANDBOX_ENV_KERNEL": token,  # lets the rlimit-only teardown find escaped processes
+    }
+
+
+def _parse_variables(reply: dict[str, Any] | None) -> list[dict[str, str]]:
+    value = ((reply or {}).get("content", {}).get("user_expressions") or {}).get("v") or {}
+    try:
+        rows = json.loads(ast.literal_eval(value["data"]["text/plain"]))
+    except (KeyError, TypeError, ValueError, SyntaxError):
+        return []
+    return [{"name": n, "type": t, "repr": r} for n, t, r in rows]
+
+
+_swept_roots: set[str] = set()
+
+
+def _sweep_workdirs(parent: str | None) -> None:
+    """Once per directory: delete what servers that died without closing their kernels left there.
+
+    Directories carry their server's pid (`sandbox-env-<pid>-*`); a kernel exits on its own when
+    its server dies (ipykernel watches its parent), its cgroups go in `limits.sweep_stale`.
+    """
+    base = Path(parent or tempfile.gettempdir())
+    if str(base) in _swept_roots:
+        return
+    _swept_roots.add(str(base))
+    for path in base.glob("sandbox-env-*-*"):
+        owner = path.name.split("-")[2]
+        if owner.isdigit() and not os.path.exists(f"/proc/{owner}") and path.is_dir():
+            logger.warning("removing %s, left by a server that is gone", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+_ZMQ_CONTEXT: zmq.asyncio.Context | None = None
+
+
+def _zmq_context() -> zmq.asyncio.Context:
+    """One context (one I/O thread) for every kernel of the process."""
+    global _ZMQ_CONTEXT
+    if _ZMQ_CONTEXT is None or _ZMQ_CONTEXT.closed:
+        _ZMQ_CONTEXT = zmq.asyncio.Context()
+    return _ZMQ_CONTEXT
+
+
+@dataclasses.dataclass
+class _Process:
+    """One kernel process (a restart makes a new one) and everything attached to it."""
+
+    km: AsyncKernelManager
+    conf: Confinement
+    proc: subprocess.Popen[bytes] | None = None
+    kc: AsyncKernelClient | None = None
+
+    def exit_status(self) -> int | None:
+        return self.proc.poll() if self.proc is not None else -9
+
+
+class JupyterKernel(Kernel):
+    """A local ipykernel in its own cgroups, session and working directory."""
+
+    name = "jupyter"
+    use_cgroups = True  # tests switch it off to exercise the rlimit-only fallback
+
+    def __init__(self, policy: Policy, *, workdir_root: str | None = None) -> None:
+        super().__init__(policy)
+        self.workdir_root = workdir_root
+        self.id = uuid.uuid4().hex[:12]
+        self.root: Path | None = None  # private: sockets, logs, TMPDIR, IPYTHONDIR, workdir
+        self.workdir: Path | None = None
+        self._cur: _Process | None = None
+        self._generation = 0
+        self._lock = asyncio.Lock()
+        self._restart: asyncio.Task[None] | None = None
+        self._teardowns: set[asyncio.Task[None]] = set()
+        self._note = ""  # told to the next step (the kernel died between steps)
+        self._started = self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._closed:
+            raise KernelError("kernel is closed")
+        if self._started:
+            return
+        self._started = True
+        if self.workdir_root:
+            os.makedirs(self.workdir_root, exist_ok=True)
+        if str(self.workdir_root or tempfile.gettempdir()) not in _swept_roots:
+            await asyncio.to_thread(_sweep_workdirs, self.workdir_root)
+        root = Path(tempfile.mkdtemp(prefix=f"sandbox-env-{os.getpid()}-", dir=self.workdir_root))
+        self.root, self.workdir = root, root / "work"
+        try:
+            await self._launch()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _launch(self) -> None:
+        """Start a kernel process: the first one, or a replacement with an empty namespace."""
+        assert self.root is not None and self.workdir is not None
+        self._generation += 1
+        gen, run = self._generation, self.root / "run"
+        for sub in ("work", "tmp", "run"):  # again on restarts: the code may have deleted them
+            (self.root / sub).mkdir(mode=0o700, exist_ok=True)
+        limits = dataclasses.replace(Limits.from_policy(self.policy), pids=self.policy.pids + KERNEL_TASKS,
+                                     open_files=self.policy.open_files + KERNEL_FDS)
+        conf = Confinement(f"{self.id}-{gen}", limits, token=f"{self.id}-{gen}", use_cgroups=self.use_cgroups)
+        conf.create()
+        km = AsyncKernelManager(transport="ipc", ip=str(run / f"k{gen}"),
+                                connection_file=str(run / f"kernel-{gen}.json"), context=_zmq_context())
+        shim = run / "startup.py"
+        if not shim.exists():
+            shim.write_text(kernel_shim(self.policy.output_limit_bytes))
+        km._kernel_spec = KernelSpec(  # absolute interpreter path: never a shim on PATH
+            argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}", *KERNEL_ARGS,
+                  f"--IPKernelApp.exec_lines=exec(open({str(shim)!r}).read())"],
+            env={}, display_name="sandbox-env", language="python")
+        self._cur = cur = _Process(km, conf)
+        t0 = time.perf_counter()
+        try:
+            log = os.open(self.root / "kernel.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                await km.start_kernel(env=_kernel_env(self.root, self.workdir, conf.token),
+                                      cwd=str(self.workdir), preexec_fn=conf.preexec,
+                                      stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            finally:
+                os.close(log)
+            cur.proc = km.provisioner.process  # type: ignore[union-attr]
+            conf.attach(cur.proc.pid)  # type: ignore[union-attr]
+            cur.kc = km.client()
+            cur.kc.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
+            await cur.kc.wait_for_ready(timeout=START_TIMEOUT_S)
+        except Exception as exc:
+            log_tail = (self.root / "kernel.log").read_bytes()[-2000:].decode(errors="replace")
+            await self._teardown()
+            raise KernelStartError(f"ipykernel failed to start: {exc}\n{log_tail}") from exc
+        logger.info("kernel %s-%d ready in %.0f ms (pid %s, limits: %s)", self.id, gen,
+                    (time.perf_counter() - t0) * 1000, cur.proc.pid, conf.mechanism)
+
+    async def _teardown(self) -> None:
+        """Kill every process of the current kernel; release its sockets, cgroups and files.
+
+        Shielded: a cancelled caller (e.g. close() cancelling a restart) must not leave a half-
+        destroyed kernel behind; close() waits for every teardown still running.
+        """
+        cur, self._cur = self._cur, None
+        if cur is None:
+            return
+        task = asyncio.create_task(self._destroy(cur))
+        self._teardowns.add(task)
+        task.add_done_callback(self._teardowns.discard)
+        await asyncio.shield(task)
+
+    async def _destroy(self, cur: _Process) -> None:
+        if cur.kc is not None:
+            cur.kc.stop_channels()
+        await asyncio.to_thread(cur.conf.kill_all)
+        if cur.proc is not None:
+            with contextlib.suppress(OSError):
+                cur.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(cur.proc.wait, 5)  # reap it before removing its cgroups
+        await asyncio.to_thread(cur.conf.destroy)
+        try:
+            await cur.km.cleanup_resources()
+        except Exception as exc:  # noqa: BLE001 - leftover socket files go with the root dir
+            logger.debug("kernel %s cleanup: %s", self.id, exc)
+
+    def _schedule_restart(self) -> None:
+        """Replace the kernel in the background, so the step that lost it returns at once."""
+        async def restart() -> None:
+            await self._teardown()
+            if not self._closed:
+                await self._launch()
+
+        self._restart = asyncio.create_task(restart(), name=f"restart-kernel-{self.id}")
+
+    async def _ready(self) -> _Process:
+        """The live kernel; waits for a pending restart and replaces a kernel that died idle."""
+        if self._closed or not self._started:
+            raise KernelError("kernel is closed" if self._closed else "kernel not started")
+        if self._restart is not None:
+            task, self._restart = self._restart, None
+            await task
+        if self._cur is None or self._cur.exit_status() is not None:
+            logger.warning("kernel %s died between steps; restarting", self.id)
+            self._note = "[sandbox-env] the interpreter died after the previous step; its state is lost.\n"
+            await self._teardown()
+            await self._launch()
+        assert self._cur is not None
+        return self._cur
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.root is not None:
+            # Synchronously, before the first await: the episode's files disappear from their path
+            # at once, even when the caller does not wait for close() (a reset closes in the
+            # background). Running processes keep their cwd; everything is deleted below.
+            with contextlib.suppress(OSError):
+                closing = self.root.with_name(self.root.name + ".closing")
+                self.root.rename(closing)
+                self.root, self.workdir = closing, closing / "work"
+        try:
+            if self._restart is not None:
+                self._restart.cancel()
+                with contextlib.suppress(BaseException):
+                    await self._restart
+            await self._teardown()
+            if self._teardowns:
+                await asyncio.gather(*self._teardowns, return_exceptions=True)
+        finally:
+            if self.root is not None:  # rmtree works on fds and never follows symlinks out of the tree
+                await asyncio.to_thread(shutil.rmtree, self.root, True)
+
+    def is_alive(self) -> bool:
+        if self._closed or not self._started:
+            return False
+        return self._restart is not None or (self._cur is not None and self._cur.exit_status() is None)
+
+    # -- execution -------------------------------------------------------------------------------
+
+    async def execute(self, code: str, *, timeout_s: float | None = None) -> ExecutionResult:
+        async with self._lock:
+            cur = await self._ready()
+            try:
+                return await self._run(cur, code, timeout_s or self.policy.timeout_s)
+            except asyncio.CancelledError:
+                # The caller went away mid-step: do not let the code run on into the next step.
+                if not self._closed and self._restart is None and self._cur is cur:
+                    self._schedule_restart()
+                raise
+
+    async def _run(self, cur: _Process, code: str, limit: float) -> ExecutionResult:
+        loop = asyncio.get_running_loop()
+        kc, conf = cur.kc, cur.conf
+        assert kc is not None
+        step = StepCollector(self.policy.output_bytes, self.policy.output_limit_bytes)
+        if self._note:
+            step.out.write("stderr", self._note)
+            self._note = ""
+        cpu0, oom0 = conf.cpu_time_s(), conf.oom_kills()
+        conf.reset_peak()
+        t0 = time.perf_counter()
+        deadline = loop.time() + limit
+        msg_id = kc.execute(code, silent=False, store_history=True, allow_stdin=False, stop_on_error=True)
+        status: ExecStatus | None = None
+        grace_until: float | None = None
+        while True:
+            now = loop.time()
+            if grace_until is None and (now >= deadline or step.over_limit):
+                status = ExecStatus.OUTPUT_LIMIT if step.over_limit else ExecStatus.TIMEOUT
+                if status is ExecStatus.OUTPUT_LIMIT:
+                    step.stop_capturing()
+                grace_until = now + self.policy.interrupt_grace_s
+                with contextlib.suppress(Exception):
+                    await cur.km.interrupt_kernel()  # SIGINT to the kernel's process group
+            elif grace_until is not None and now >= grace_until:
+                break  # SIGINT ignored: kill
+            end = deadline if grace_until is None else grace_until
+            try:
+                msg = await kc.get_iopub_msg(timeout=max(0.001, min(end - now, POLL_S)))
+            except queue.Empty:
+                if cur.exit_status() is not None:
+                    break
+                continue
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if self._cur is cur or (task is not None and task.cancelling()):
+                    raise
+                break  # close() shut the sockets under us: not our caller's cancellation
+            except Exception as exc:
+                if self._cur is cur:
+                    raise KernelError(f"lost the kernel's connection: {exc}") from exc
+                break
+            if msg["parent_header"].get("msg_id") == msg_id and step.add(msg):
+                break  # idle: the kernel finished the request
+        wall = time.perf_counter() - t0
+        exit_status = cur.exit_status()
+        lost = exit_status is not None or not step.idle
+        if not lost:
+            status = status or step.status_from(await self._reply(kc, msg_id, end=loop.time() + 1.0))
+            if status in (ExecStatus.OK, ExecStatus.ERROR) and (conf.oom_kills() or 0) > (oom0 or 0):
+                status = ExecStatus.OOM  # a child process hit the memory limit; the kernel survived
+                step.out.write("stderr", "[sandbox-env] a process started by this step was killed: "
+                               "out of memory.\n")
+        elif self._cur is not cur:
+            status = status or ExecStatus.KILLED
+            step.out.write("stderr", "[sandbox-env] the kernel was shut down during the step.\n")
+        elif status is None:
+            oom = (conf.oom_kills() or 0) > (oom0 or 0)
+            status = ExecStatus.OOM if oom else ExecStatus.KILLED
+            step.out.write("stderr", f"[sandbox-env] the interpreter died (exit status {exit_status}"
+                           f"{', out of memory' if oom else ''}); it was restarted with an empty namespace.\n")
+        else:
+            step.out.write("stderr", "[sandbox-env] the interpreter did not stop on interrupt; it was killed "
+                           "and restarted with an empty namespace.\n")
+        if status is ExecStatus.TIMEOUT:
+            step.out.write("stderr", f"[sandbox-env] step timed out after {limit:g} s.\n")
+        elif status is ExecStatus.OUTPUT_LIMIT:
+            step.out.write("stderr", f"[sandbox-env] step stopped: output exceeded "
+                           f"{self.policy.output_limit_bytes} bytes.\n")
+        cpu1, peak = conf.cpu_time_s(), conf.peak_memory_bytes()
+        if lost:
+            await asyncio.to_thread(conf.kill_all)  # now, not later: nothing of it keeps running
+            if not self._closed and self._cur is cur:
+                self._schedule_restart()
+        return step.result(status=status or ExecStatus.OK, wall=wall, exit_status=exit_status,
+                           cpu=None if cpu0 is None or cpu1 is None else max(0.0, cpu1 - cpu0),
+                           peak_mb=None if peak is None else peak / MB)
+
+    async def _reply(self, kc: AsyncKernelClient, msg_id: str, end: float) -> dict[str, Any] | None:
+        """The execute_reply of `msg_id` (stale replies of interrupted steps are skipped)."""
+        loop = asyncio.get_running_loop()
+        while (left := end - loop.time()) > 0:
+            try:
+                msg = await kc.get_shell_msg(timeout=left)
+            except queue.Empty:
+                return None
+            if msg["parent_header"].get("msg_id") == msg_id:
+                return msg
+        return None
+
+    async def inspect(self) -> dict[str, Any]:
+        """Variables of the namespace and resource use, in one silent request."""
+        async with self._lock:
+            cur = await self._ready()
+            assert cur.kc is not None
+            msg_id = cur.kc.execute("", silent=True, store_history=False, allow_stdin=False,
+                                    user_expressions={"v": INSPECT_EXPR})
+            reply = await self._reply(cur.kc, msg_id, end=asyncio.get_running_loop().time() + 5.0)
+            memory = cur.conf.memory_bytes()
+            return {"variables": _parse_variables(reply), "cpu_time_s": cur.conf.cpu_time_s(),
+                    "memory_mb": None if memory is None else round(memory / MB, 1),
+                    "pid": cur.proc.pid if cur.proc else None, "limits": cur.conf.mechanism}

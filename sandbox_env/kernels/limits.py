@@ -1,0 +1,438 @@
+"""Confine a process tree: its own cgroup (v1 or v2) where the machine allows it, rlimits otherwise.
+
+Generic on purpose (no Jupyter here): the caller creates a `Confinement`, passes `preexec` to the
+child it launches (the child moves itself into the cgroups and sets its rlimits before exec, so it
+never runs a line unconfined), and later calls `kill_all()` / `destroy()`, which kill *every*
+process of the tree, setsid daemons included (they stay in the cgroup). Without cgroups, processes
+are found by session id and by a token placed in their environment: good against accidents only.
+
+Cgroups are created as `sandbox-env/<name>` below the server's own cgroup in each hierarchy, so
+whatever limits the server itself runs under still apply to its kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import resource
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct", "freezer")
+GROUP_DIR = "sandbox-env"
+OPTIONAL_FILES = ("memory.memsw.limit_in_bytes", "memory.swap.max")  # only with swap accounting
+MB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What to enforce; None means unlimited."""
+
+    memory_mb: int | None = None
+    pids: int | None = None
+    cpus: float | None = None
+    cpu_time_s: float | None = None
+    file_size_mb: int | None = None
+    open_files: int | None = None
+    network: bool | None = None  # False: a new, empty network namespace (needs root)
+
+    @classmethod
+    def from_policy(cls, policy: object) -> Limits:
+        return cls(**{f: getattr(policy, f, None) for f in cls.__dataclass_fields__})
+
+
+@lru_cache(maxsize=1)
+def cgroup_layout() -> tuple[str, dict[str, Path]]:
+    """Detect ('v1', {controller: parent dir}) / ('v2', {'': parent dir}) / ('none', {})."""
+    version, parents = _detect_layout()
+    if version == "none":
+        logger.info("no writable cgroups: kernels are confined with rlimits only")
+    else:
+        logger.info("kernels are confined with cgroup %s (%s) plus rlimits", version,
+                    ", ".join(f"{c or 'unified'}: {p}" for c, p in parents.items()))
+    return version, parents
+
+
+def _detect_layout() -> tuple[str, dict[str, Path]]:
+    try:
+        own = {}
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, ctrls, path = line.split(":", 2)
+            for c in ctrls.split(",") if ctrls else [""]:
+                own[c] = path.lstrip("/")
+        mounts: dict[str, Path] = {}
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            left, _, right = line.partition(" - ")
+            fstype, _, opts = (right.split(" ") + ["", "", ""])[:3]
+            point = Path(left.split(" ")[4])
+            if fstype == "cgroup2":
+                mounts.setdefault("", point)
+            elif fstype == "cgroup":
+                for opt in opts.split(","):
+                    if opt in V1_CONTROLLERS:
+                        mounts[opt] = point
+    except (OSError, ValueError):
+        return "none", {}
+
+    def parent_of(ctrl: str) -> Path | None:
+        mount = mounts.get(ctrl)
+        if mount is None:
+            return None
+        base = mount / own.get(ctrl, "")
+        base = base if base.is_dir() else mount
+        return base / GROUP_DIR if os.access(base, os.W_OK) else None
+
+    if "memory" in mounts:
+        dirs = {c: p for c in V1_CONTROLLERS if (p := parent_of(c)) is not None}
+        if "memory" in dirs:
+            return "v1", dirs
+    if "" in mounts:
+        root = parent_of("")
+        ctrl_file = mounts[""] / own.get("", "") / "cgroup.controllers"
+        try:
+            available = ctrl_file.read_text().split()
+        except OSError:
+            available = []
+        if root is not None and {"memory", "pids"} <= set(available):
+            return "v2", {"": root}
+    return "none", {}
+
+
+def _write(path: Path, value: str) -> bool:
+    try:
+        path.write_text(value)
+        return True
+    except OSError as exc:
+        logger.debug("cannot write %s to %s: %s", value, path, exc)
+        return False
+
+
+def _read_int(path: Path, key: str | None = None) -> int | None:
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    if key is None:
+        return int(text.split()[0]) if text.split() else None
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == key:
+            return int(parts[1])
+    return None
+
+
+class Confinement:
+    """Limits and teardown for one process tree (one kernel)."""
+
+    def __init__(self, name: str, limits: Limits, *, token: str = "", use_cgroups: bool = True) -> None:
+        self.name, self.limits, self.token = name, limits, token
+        version, parents = cgroup_layout() if use_cgroups else ("none", {})
+        self.version = version
+        # The server's pid in the name lets a later server remove what a crashed one left behind.
+        self.dirs: dict[str, Path] = {c: p / f"{os.getpid()}-{name}" for c, p in parents.items()}
+        self.root_pid: int | None = None
+        self.session_id: int | None = None
+        self.network_isolated = False
+        self._user_processes = 0
+        self._unshare = _libc_unshare() if limits.network is False else None
+
+    @property
+    def mechanism(self) -> str:
+        base = "rlimit" if self.version == "none" else f"cgroup-{self.version}+rlimit"
+        return base + ("+netns" if self.network_isolated else "")
+
+    def _dir(self, ctrl: str) -> Path | None:
+        return self.dirs.get("" if self.version == "v2" else ctrl)
+
+    def create(self) -> None:
+        """Create the cgroups and write the limits; falls back to rlimits on any failure."""
+        if self.version == "none":
+            if self.limits.pids and os.geteuid() != 0:
+                self._user_processes = _count_user_processes()
+            logger.info("confinement %s: no usable cgroups, rlimits only", self.name)
+            return
+        lim = self.limits
+        sweep_stale()
+        try:
+            if self.version == "v2":
+                parent = self.dirs[""].parent
+                parent.mkdir(exist_ok=True)
+                _write(parent.parent / "cgroup.subtree_control", "+memory +pids +cpu")
+                if not _write(parent / "cgroup.subtree_control", "+memory +pids +cpu"):
+                    raise OSError("cannot enable controllers below " + str(parent))
+            for d in self.dirs.values():
+                d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            logger.warning("cgroups unavailable (%s); confining with rlimits only", exc)
+            self.destroy()
+            self.version, self.dirs = "none", {}
+            return self.create()
+        mem = lim.memory_mb * MB if lim.memory_mb else None
+        quota = max(1000, int(lim.cpus * 100000)) if lim.cpus else None
+        if self.version == "v1":
+            self._limit("memory", {"memory.limit_in_bytes": mem, "memory.memsw.limit_in_bytes": mem})
+            self._limit("pids", {"pids.max": lim.pids})
+            self._limit("cpu", {"cpu.cfs_period_us": 100000 if quota else None, "cpu.cfs_quota_us": quota})
+        else:
+            self._limit("", {"memory.max": mem, "memory.swap.max": 0 if mem else None, "pids.max": lim.pids,
+                             "cpu.max": f"{quota} 100000" if quota else None})
+        logger.debug("confinement %s: %s in %s", self.name, self.mechanism, sorted(map(str, self.dirs.values())))
+
+    def _limit(self, ctrl: str, values: dict[str, object]) -> None:
+        """Write limits; a v1 controller that refuses one is dropped, so its rlimit fallback applies."""
+        d = self._dir(ctrl)
+        if d is None:
+            return
+        for name, value in values.items():
+            if value is None or (name in OPTIONAL_FILES and not (d / name).exists()):
+                continue
+            if not _write(d / name, str(value)):
+                logger.warning("confinement %s: cannot set %s=%s; falling back to rlimits for %s",
+                               self.name, name, value, ctrl or "cgroup v2")
+                if self.version == "v1":
+                    with contextlib.suppress(OSError):
+                        self.dirs.pop(ctrl).rmdir()
+                return
+
+    def preexec(self) -> None:
+        """Runs in the child between fork and exec: join the cgroups, then set rlimits.
+
+        Must stay async-signal-safe in spirit: no logging, no locks, only os-level calls.
+        """
+        pid = str(os.getpid()).encode()
+        for d in self.dirs.values():
+            fd = os.open(d / "cgroup.procs", os.O_WRONLY)
+            try:
+                os.write(fd, pid)
+            finally:
+                os.close(fd)
+        try:
+            fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+            os.write(fd, b"500")  # if the host itself runs out of memory, go before the server
+            os.close(fd)
+        except OSError:
+            pass
+        if self._unshare is not None:
+            self._unshare(CLONE_NEWNET)  # no interface up, not even lo; failure leaves the network
+        lim = self.limits
+        settings = [(resource.RLIMIT_CORE, 0)]
+        if lim.file_size_mb:
+            settings.append((resource.RLIMIT_FSIZE, lim.file_size_mb * MB))
+        if lim.open_files:
+            settings.append((resource.RLIMIT_NOFILE, lim.open_files))
+        if lim.cpu_time_s:
+            settings.append((resource.RLIMIT_CPU, max(1, int(lim.cpu_time_s + 0.999))))
+        if lim.memory_mb and self._dir("memory") is None:
+            # RLIMIT_DATA (not RLIMIT_AS): counts only writable private memory, so the address
+            # space that threaded libraries reserve does not count against it.
+            settings.append((resource.RLIMIT_DATA, lim.memory_mb * MB))
+        if lim.pids and self._dir("pids") is None and os.geteuid() != 0:
+            # Per-uid count (root ignores it): leave room for the user's other processes.
+            settings.append((resource.RLIMIT_NPROC, lim.pids + self._user_processes))
+        for which, value in settings:
+            # RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL one second later.
+            soft, hard = value, value + 1 if which == resource.RLIMIT_CPU else value
+            _, old_hard = resource.getrlimit(which)
+            if old_hard != resource.RLIM_INFINITY:
+                soft, hard = min(soft, old_hard), min(hard, old_hard)
+            resource.setrlimit(which, (soft, hard))
+
+    def attach(self, pid: int) -> None:
+        """Record the tree's root process (the caller's child) for the rlimit-only teardown."""
+        self.root_pid = pid
+        try:
+            self.session_id = os.getsid(pid)
+            self.network_isolated = os.stat(f"/proc/{pid}/ns/net").st_ino != os.stat("/proc/self/ns/net").st_ino
+        except OSError:
+            self.session_id = None
+        if self.limits.network is False and not self.network_isolated:
+            logger.warning("confinement %s: could not isolate the network (not root?)", self.name)
+
+    def pids(self) -> set[int]:
+        """Every live process of the tree."""
+        if self.dirs:
+            found: set[int] = set()
+            for d in self.dirs.values():
+                try:
+                    found.update(int(p) for p in (d / "cgroup.procs").read_text().split())
+                except OSError:
+                    pass
+            return found
+        return _scan_proc(self.session_id, self.token.encode() if self.token else b"")
+
+    def kill_all(self, timeout_s: float = 3.0) -> bool:
+        """SIGKILL every process of the tree and wait until it is empty. Blocking (ms)."""
+        deadline = time.monotonic() + timeout_s
+        v2 = self._dir("") if self.version == "v2" else None
+        if v2 is not None and (v2 / "cgroup.kill").exists():
+            _write(v2 / "cgroup.kill", "1")
+        freezer = self._dir("freezer") if self.version == "v1" else None
+        frozen = freezer is not None and _write(freezer / "freezer.state", "FROZEN")
+        while True:
+            pids = self.pids()
+            if self.root_pid is not None and _alive(self.root_pid):
+                pids.add(self.root_pid)
+            pids.discard(os.getpid())
+            if not pids or time.monotonic() > deadline:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            if frozen:
+                _write(freezer / "freezer.state", "THAWED")  # type: ignore[operator]
+                frozen = False
+            time.sleep(0.005)
+        if frozen:
+            _write(freezer / "freezer.state", "THAWED")  # type: ignore[operator]
+        if pids:
+            logger.warning("confinement %s: %d processes survived SIGKILL", self.name, len(pids))
+        return not pids
+
+    # Measurements: the cgroup's counters (whole tree, dead children included); without cgroups,
+    # the root process's own figures from /proc (cheap enough to read on every step).
+
+    def memory_bytes(self) -> int | None:
+        if (d := self._dir("memory")) is not None:
+            return _read_int(d / ("memory.usage_in_bytes" if self.version == "v1" else "memory.current"))
+        return self._proc_status("VmRSS:")
+
+    def reset_peak(self) -> None:
+        if (d := self._dir("memory")) is not None:
+            _write(d / ("memory.max_usage_in_bytes" if self.version == "v1" else "memory.peak"), "0")
+        elif self.root_pid:
+            _write(Path(f"/proc/{self.root_pid}/clear_refs"), "5")  # resets VmHWM
+
+    def peak_memory_bytes(self) -> int | None:
+        if (d := self._dir("memory")) is not None:
+            return _read_int(d / ("memory.max_usage_in_bytes" if self.version == "v1" else "memory.peak"))
+        return self._proc_status("VmHWM:")
+
+    def cpu_time_s(self) -> float | None:
+        if self.version == "v1" and (d := self._dir("cpuacct")) is not None:
+            ns = _read_int(d / "cpuacct.usage")
+            return None if ns is None else ns / 1e9
+        if self.version == "v2":
+            us = _read_int(self.dirs[""] / "cpu.stat", "usage_usec")
+            return None if us is None else us / 1e6
+        try:  # utime + stime + cutime + cstime of the root (reaped children included)
+            with open(f"/proc/{self.root_pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _proc_status(self, key: str) -> int | None:
+        kib = _read_int(Path(f"/proc/{self.root_pid}/status"), key) if self.root_pid else None
+        return None if kib is None else kib * 1024
+
+    def oom_kills(self) -> int | None:
+        """How many processes the memory limit killed so far (None: unknown here)."""
+        d = self._dir("memory")
+        if d is None:
+            return None
+        if self.version == "v1":
+            return _read_int(d / "memory.oom_control", "oom_kill")
+        return _read_int(d / "memory.events", "oom_kill")
+
+    def destroy(self) -> None:
+        """Kill everything and remove the cgroups. Idempotent. Blocking (ms)."""
+        self.kill_all()
+        for d in self.dirs.values():
+            for _ in range(50):
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.01)
+            else:
+                logger.warning("could not remove cgroup %s", d)
+
+
+CLONE_NEWNET = 0x40000000
+
+
+@lru_cache(maxsize=1)
+def _libc_unshare() -> Callable[[int], int] | None:
+    """libc's unshare(2), loaded in the parent (never dlopen between fork and exec)."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).unshare  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+_swept = False
+
+
+def sweep_stale() -> None:
+    """Once per process: kill and remove cgroups whose server died without closing its kernels."""
+    global _swept
+    if _swept:
+        return
+    _swept = True
+    version, parents = cgroup_layout()
+    stale: dict[str, dict[str, Path]] = {}
+    for ctrl, parent in parents.items():
+        for d in parent.glob("*-*") if parent.is_dir() else []:
+            owner = d.name.split("-", 1)[0]
+            if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
+                stale.setdefault(d.name, {})[ctrl] = d
+    for name, dirs in stale.items():
+        logger.warning("removing cgroup %s left by a server that is gone", name)
+        leftover = Confinement(name, Limits(), use_cgroups=False)
+        leftover.version, leftover.dirs = version, dirs
+        leftover.destroy()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _scan_proc(session_id: int | None, token: bytes) -> set[int]:
+    """Processes in the session or carrying the token in their environment (no-cgroup fallback)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            if fields[0] == b"Z":
+                continue
+            if session_id is not None and int(fields[4]) == session_id:
+                found.add(int(entry))
+                continue
+            if token:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if token in f.read():
+                        found.add(int(entry))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def _count_user_processes() -> int:
+    uid = os.getuid()
+    count = 0
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and os.stat(f"/proc/{entry}").st_uid == uid:
+                count += 1
+        except OSError:
+            pass
+    return count

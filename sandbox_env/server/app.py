@@ -1,0 +1,141 @@
+"""The FastAPI application: `create_app()`, the lazily built module-level `app`, and `main()`.
+
+`uvicorn sandbox_env.server.app:app` works (the module builds `app` on first access from
+`SANDBOX_ENV_*` settings), and `main()` follows OpenEnv's `server = "<pkg>.server.app:main"`
+script convention. Everyone who runs uvicorn should pass `**uvicorn_kwargs(settings)` so that
+WebSocket frame limits and keepalives match what the protocol handler expects.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from sandbox_env._version import __version__
+from sandbox_env.errors import SandboxEnvError
+from sandbox_env.manager import SessionManager
+from sandbox_env.server import mcp, routes, ws
+from sandbox_env.server.metrics import ServerMetrics
+from sandbox_env.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# OpenAPI `info.version` is the OpenEnv HTTP contract version ("1.x" is the profile that
+# `openenv validate` recognises), not the package version; /metadata reports the latter.
+OPENENV_API_VERSION = "1.0.0"
+_MIN_WS_FRAME_BYTES = 64 << 20
+
+
+def uvicorn_kwargs(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for `uvicorn.run`/`uvicorn.Config` matching these settings.
+
+    The transport accepts frames far above `max_message_bytes`, so an oversized message gets a
+    VALIDATION_ERROR frame from the protocol handler instead of a dropped connection (1009).
+    """
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "ws_max_size": max(_MIN_WS_FRAME_BYTES, 4 * settings.max_message_bytes),
+        "ws_ping_interval": 20.0,
+        "ws_ping_timeout": 20.0,
+        "timeout_graceful_shutdown": 10,
+        "lifespan": "on",
+        "proxy_headers": False,
+    }
+
+
+class BodySizeLimit:
+    """Reject HTTP bodies announced larger than the limit with 413, before reading them."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for name, value in scope.get("headers", ()):
+                if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                    response = routes.JSONResponse(
+                        {"detail": {"message": f"request body larger than {self.max_bytes} bytes",
+                                    "code": "payload_too_large"}}, status_code=413)
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; its lifespan owns the SessionManager (kernel pools start there)."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        manager = SessionManager(settings)
+        try:
+            await manager.start()
+        except BaseException:
+            await manager.shutdown()  # a half-started backend must not leave kernels behind
+            raise
+        app.state.manager = manager
+        log.info("sandbox-env %s serving backend=%s policy=%s max_sessions=%d", __version__,
+                 settings.backend, settings.policy, settings.max_sessions)
+        try:
+            yield
+        finally:
+            await app.state.mcp_sessions.close_all(manager)
+            await manager.shutdown()
+            app.state.manager = None
+
+    extra: dict[str, Any] = {}
+    if "max_body_size" in inspect.signature(FastAPI.__init__).parameters:
+        extra["max_body_size"] = settings.max_message_bytes  # also bounds chunked bodies
+    app = FastAPI(
+        title="sandbox-env",
+        version=OPENENV_API_VERSION,
+        summary="Sandboxed Python episodes over OpenEnv's protocol",
+        description=(f"sandbox-env {__version__}. Stateful episodes over the `/ws` WebSocket "
+                     "(OpenEnv protocol); stateless `/reset` and `/step` over HTTP; MCP at `/mcp`."),
+        lifespan=lifespan,
+        **extra,
+    )
+    app.state.settings = settings
+    app.state.manager = None
+    app.state.metrics = ServerMetrics(lambda: app.state.manager)
+    app.state.mcp_sessions = mcp.McpSessions(idle_timeout_s=settings.session_timeout_s)
+    app.add_exception_handler(SandboxEnvError, routes.sandbox_error_handler)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_message_bytes)
+    app.include_router(routes.router)
+    app.include_router(mcp.router)
+    app.include_router(ws.router)
+    return app
+
+
+_app: FastAPI | None = None
+
+
+def __getattr__(name: str) -> Any:
+    # Built on first access so importing this module never starts anything.
+    global _app
+    if name == "app":
+        if _app is None:
+            _app = create_app()
+        return _app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def main() -> None:
+    """Serve with settings from `SANDBOX_ENV_*` (the CLI `sandbox-env serve` has flags)."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings()
+    uvicorn.run(create_app(settings), **uvicorn_kwargs(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""MCP over JSON-RPC 2.0: `POST /mcp` and the `{"type": "mcp"}` message on `/ws`.
+
+One handler serves both transports. Over HTTP a call runs in a throwaway episode unless it names
+a session opened with `openenv/session/create`; over `/ws` it runs in the connection's episode,
+as OpenEnv's session-scoped MCP does. Errors are JSON-RPC error objects, never HTTP errors, so
+`openenv validate` and MCP clients always get a JSON-RPC body.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from sandbox_env._version import __version__
+from sandbox_env.errors import SandboxEnvError
+from sandbox_env.models import CodeAction, CodeObservation, ExecStatus
+from sandbox_env.server.metrics import ServerMetrics, timed_step
+from sandbox_env.server.routes import JSONResponse
+
+if TYPE_CHECKING:
+    from sandbox_env.episode import Episode
+    from sandbox_env.manager import SessionManager
+
+log = logging.getLogger(__name__)
+
+PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, INTERNAL_ERROR = (
+    -32700, -32600, -32601, -32602, -32603)
+SERVER_ERROR = -32000
+PROTOCOL_VERSION = "2025-06-18"
+
+RUN_PYTHON_TOOL: dict[str, Any] = {
+    "name": "run_python",
+    "title": "Run Python",
+    "description": (
+        "Execute Python code in a sandboxed interpreter and return its stdout and stderr. "
+        "Over HTTP each call gets a fresh interpreter unless `session_id` names an open session; "
+        "over the /ws session the namespace persists between calls."
+    ),
+    "inputSchema": {
+        "type": "object",
+        "properties": {
+            "code": {"type": "string", "description": "Python source to execute"},
+            "timeout_s": {"type": "number", "exclusiveMinimum": 0,
+                          "description": "wall-time limit of this call (seconds)"},
+        },
+        "required": ["code"],
+        "additionalProperties": False,
+    },
+}
+
+
+class McpSessions:
+    """Episodes opened over HTTP with `openenv/session/create`; they count toward capacity."""
+
+    def __init__(self, idle_timeout_s: float | None = None) -> None:
+        self.idle_timeout_s = idle_timeout_s
+        self._episodes: dict[str, Episode] = {}
+        self._last_used: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._episodes)
+
+    async def create(self, manager: SessionManager) -> str:
+        episode = await manager.open_episode()
+        session_id = str(uuid.uuid4())
+        self._episodes[session_id] = episode
+        self._last_used[session_id] = time.monotonic()
+        return session_id
+
+    def get(self, session_id: str) -> Episode | None:
+        episode = self._episodes.get(session_id)
+        if episode is not None:
+            self._last_used[session_id] = time.monotonic()
+        return episode
+
+    async def close(self, manager: SessionManager, session_id: str) -> bool:
+        episode = self._episodes.pop(session_id, None)
+        self._last_used.pop(session_id, None)
+        if episode is None:
+            return False
+        await manager.close_episode(episode)
+        return True
+
+    async def reap(self, manager: SessionManager) -> None:
+        """Close sessions idle longer than the timeout; a forgotten session must not hold a slot."""
+        if self.idle_timeout_s is None:
+            return
+        deadline = time.monotonic() - self.idle_timeout_s
+        for session_id in [s for s, t in self._last_used.items() if t < deadline]:
+            log.info("closing idle MCP session %s", session_id)
+            await self.close(manager, session_id)
+
+    async def close_all(self, manager: SessionManager) -> None:
+        for session_id in list(self._episodes):
+            try:
+                await self.close(manager, session_id)
+            except Exception:
+                log.exception("closing MCP session %s failed", session_id)
+
+
+def _error(code: int, message: str, request_id: Any = None, data: Any = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if data is not None:
+        error["data"] = data
+    return {"jsonrpc": "2.0", "id": request_id, "error": error}
+
+
+def _result(result: Any, request_id: Any) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": request_id, "result": result}
+
+
+def tool_result(observation: CodeObservation) -> dict[str, Any]:
+    """MCP `CallToolResult`: the printed text, images as image content, details structured."""
+    text = observation.stdout
+    if observation.stderr:
+        text += ("\n" if text and not text.endswith("\n") else "") + observation.stderr
+    execution = observation.execution
+    content: list[dict[str, Any]] = []
+    if execution is not None and execution.status not in (ExecStatus.OK, ExecStatus.ERROR):
+        text += ("\n" if text and not text.endswith("\n") else "") + f"[{execution.status.value}]"
+    content.append({"type": "text", "text": text})
+    for display in execution.displays if execution is not None else []:
+        for mime, value in display.data.items():
+            if mime.startswith("image/") and isinstance(value, str) and mime != "image/svg+xml":
+                content.append({"type": "image", "data": value, "mimeType": mime})
+    return {"content": content, "isError": observation.exit_code != 0,
+            "structuredContent": observation.to_wire()["observation"]}
+
+
+def _parse_call(params: dict[str, Any]) -> tuple[CodeAction, float | None] | str:
+    """The action and timeout of a `tools/call`, or the reason it is invalid."""
+    name = params.get("name")
+    if not isinstance(name, str) or not name:
+        return "Missing 'name' in params"
+    if name != RUN_PYTHON_TOOL["name"]:
+        return f"Tool not found: {name}"
+    arguments = params.get("arguments") or {}
+    if not isinstance(arguments, dict):
+        return "'arguments' must be an object"
+    unknown = sorted(set(arguments) - {"code", "timeout_s"})
+    if unknown:
+        return f"unexpected arguments: {', '.join(unknown)}"
+    code, timeout_s = arguments.get("code"), arguments.get("timeout_s")
+    if not isinstance(code, str):
+        return "argument 'code' (string) is required"
+    if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float)
+                                  or not math.isfinite(timeout_s) or timeout_s <= 0):
+        return "argument 'timeout_s' must be a positive number"
+    return CodeAction(code=code), (float(timeout_s) if timeout_s is not None else None)
+
+
+async def handle_jsonrpc(payload: Any, *, manager: SessionManager, metrics: ServerMetrics,
+                         sessions: McpSessions | None = None,
+                         episode: Episode | None = None) -> dict[str, Any] | None:
+    """Answer one JSON-RPC request; None for a notification (which gets no response)."""
+    if isinstance(payload, list):
+        return _error(INVALID_REQUEST, "Invalid Request: batch requests are not supported")
+    if not isinstance(payload, dict):
+        return _error(INVALID_REQUEST, "Invalid Request: expected a JSON object")
+    request_id = payload.get("id")
+    if request_id is not None and (isinstance(request_id, bool) or not isinstance(request_id, str | int)):
+        return _error(INVALID_REQUEST, "Invalid Request: 'id' must be a string, a number or null")
+    method = payload.get("method")
+    if payload.get("jsonrpc") != "2.0" or not isinstance(method, str) or not method:
+        return _error(INVALID_REQUEST, "Invalid Request: need jsonrpc '2.0' and a method", request_id)
+    params = payload.get("params", {})
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        return _error(INVALID_PARAMS, "Params must be an object", request_id)
+    if "id" not in payload and method.startswith("notifications/"):
+        return None
+    try:
+        return await _dispatch(method, params, request_id, manager=manager, metrics=metrics,
+                               sessions=sessions, episode=episode)
+    except SandboxEnvError as exc:
+        metrics.observe_error(exc.code)
+        return _error(SERVER_ERROR, exc.message, request_id, data=exc.to_dict())
+    except Exception as exc:
+        log.exception("MCP %s failed", method)
+        return _error(INTERNAL_ERROR, f"Internal error: {exc}", request_id)
+
+
+async def _dispatch(method: str, params: dict[str, Any], request_id: Any, *,
+                    manager: SessionManager, metrics: ServerMetrics,
+                    sessions: McpSessions | None, episode: Episode | None) -> dict[str, Any]:
+    if method == "initialize":
+        return _result({
+            "protocolVersion": str(params.get("protocolVersion") or PROTOCOL_VERSION),
+            "capabilities": {"tools": {"listChanged": False}},
+            "serverInfo": {"name": "sandbox-env", "version": __version__},
+        }, request_id)
+    if method == "ping":
+        return _result({}, request_id)
+    if method == "tools/list":
+        return _result({"tools": [RUN_PYTHON_TOOL]}, request_id)
+    if method == "openenv/session/create":
+        if episode is not None:  # on /ws the connection already is the session
+            return _result({"session_id": episode.state.episode_id}, request_id)
+        if sessions is None:
+            return _error(METHOD_NOT_FOUND, f"Method not found: {method}", request_id)
+        return _result({"session_id": await sessions.create(manager)}, request_id)
+    if method == "openenv/session/close":
+        session_id = params.get("session_id")
+        if not isinstance(session_id, str) or not session_id:
+            return _error(INVALID_PARAMS, "Invalid params - 'session_id' is required", request_id)
+        if episode is not None or sessions is None:
+            return _error(INVALID_REQUEST, "Cannot close a WebSocket-managed session via MCP", request_id)
+        if not await sessions.close(manager, session_id):
+            return _error(INVALID_PARAMS, f"Unknown session_id: {session_id}", request_id)
+        return _result({"session_id": session_id, "closed": True}, request_id)
+    if method != "tools/call":
+        return _error(METHOD_NOT_FOUND, f"Method not found: {method}", request_id)
+
+    parsed = _parse_call(params)
+    if isinstance(parsed, str):
+        return _error(INVALID_PARAMS, parsed, request_id)
+    action, timeout_s = parsed
+    target = episode
+    session_id = params.get("session_id")
+    if target is None and session_id is not None:
+        target = sessions.get(str(session_id)) if sessions is not None else None
+        if target is None:
+            return _error(INVALID_PARAMS, f"Unknown session_id: {session_id}", request_id)
+    if target is not None:
+        observation = await timed_step(metrics, target, action, timeout_s=timeout_s)
+    else:
+        async with manager.stateless() as throwaway:
+            observation = await timed_step(metrics, throwaway, action, timeout_s=timeout_s)
+    return _result(tool_result(observation), request_id)
+
+
+router = APIRouter(tags=["MCP"])
+
+
+@router.post("/mcp", summary="MCP JSON-RPC 2.0 endpoint (tools/list, tools/call run_python)",
+             response_model=None)
+async def mcp_http(request: Request) -> Response:
+    """Always HTTP 200 with a JSON-RPC body (202 without body for MCP notifications)."""
+    state = request.app.state
+    body = await request.body()
+    try:
+        payload = json.loads(body) if body.strip() else None
+    except (ValueError, UnicodeDecodeError) as exc:
+        return JSONResponse(_error(PARSE_ERROR, f"Parse error: {exc}"))
+    if payload is None:
+        return JSONResponse(_error(INVALID_REQUEST, "Invalid Request: empty body"))
+    sessions: McpSessions = state.mcp_sessions
+    await sessions.reap(state.manager)
+    reply = await handle_jsonrpc(payload, manager=state.manager, metrics=state.metrics,
+                                 sessions=sessions)
+    if reply is None:
+        return Response(status_code=202)
+    return JSONResponse(reply)

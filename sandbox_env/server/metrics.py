@@ -1,0 +1,94 @@
+"""Prometheus metrics of one server instance, served at `/metrics`.
+
+Each app gets its own `CollectorRegistry`: several servers in one process (tests, embedded
+benchmarks) would otherwise collide on metric names in the global registry.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+if TYPE_CHECKING:
+    from sandbox_env.episode import Episode
+    from sandbox_env.manager import SessionManager
+    from sandbox_env.models import CodeAction, CodeObservation
+
+log = logging.getLogger(__name__)
+
+# Steps range from sub-millisecond prints to multi-minute evaluation runs.
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                30.0, 60.0, 300.0)
+
+
+class ServerMetrics:
+    """The server's counters; gauges read the manager at scrape time so they are never stale."""
+
+    def __init__(self, manager: Callable[[], SessionManager | None]) -> None:
+        self._manager = manager
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.episodes_active = Gauge(
+            "sandbox_env_episodes_active", "Episodes (sessions) currently open",
+            registry=self.registry)
+        self.episodes_active.set_function(lambda: self._read("active"))
+        self.capacity = Gauge(
+            "sandbox_env_capacity", "Maximum number of concurrent episodes",
+            registry=self.registry)
+        self.capacity.set_function(lambda: self._read("capacity"))
+        self.step_seconds = Histogram(
+            "sandbox_env_step_seconds", "Server-side duration of a step, kernel roundtrip included",
+            buckets=STEP_BUCKETS, registry=self.registry)
+        self.executions = Counter(
+            "sandbox_env_executions", "Executed steps by outcome status",
+            labelnames=("status",), registry=self.registry)
+        self.errors = Counter(
+            "sandbox_env_errors", "Service errors returned to clients, by error code",
+            labelnames=("code",), registry=self.registry)
+        self.capacity_rejections = Counter(
+            "sandbox_env_capacity_rejections", "Sessions refused because the server was full",
+            registry=self.registry)
+
+    def _read(self, attribute: str) -> float:
+        manager = self._manager()
+        if manager is None:
+            return 0.0
+        try:
+            return float(getattr(manager, attribute))
+        except Exception:  # a scrape must never fail because of the manager
+            log.debug("metrics: cannot read manager.%s", attribute, exc_info=True)
+            return 0.0
+
+    def observe_step(self, observation: CodeObservation, seconds: float) -> None:
+        """Record one finished step (any outcome the code produced)."""
+        self.step_seconds.observe(seconds)
+        status = observation.status
+        self.executions.labels(status=status.value if status is not None else "unknown").inc()
+
+    def observe_error(self, code: str) -> None:
+        self.errors.labels(code=code).inc()
+        if code == "capacity_reached":
+            self.capacity_rejections.inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+async def timed_step(metrics: ServerMetrics, episode: Episode, action: CodeAction, *,
+                     timeout_s: float | None = None) -> CodeObservation:
+    """Run one step and record its duration and outcome; every transport goes through here."""
+    started = time.perf_counter()
+    observation = await episode.step(action, timeout_s=timeout_s)
+    metrics.observe_step(observation, time.perf_counter() - started)
+    return observation

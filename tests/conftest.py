@@ -1,0 +1,94 @@
+"""Shared fixtures: a real uvicorn server on loopback, running `create_app(settings)` in a thread."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+STARTUP_DEADLINE_S = 120.0  # generous: a shared 2-core machine may be busy starting kernels
+
+
+@dataclass
+class LiveServer:
+    """A running server; `url` is its `http://127.0.0.1:<port>` root."""
+
+    url: str
+    settings: Any
+    app: Any
+    server: Any
+    thread: threading.Thread
+
+    @property
+    def manager(self) -> Any:
+        """The app's SessionManager, when the server exposes it on `app.state`."""
+        return getattr(self.app.state, "manager", None)
+
+
+@contextlib.contextmanager
+def run_live_server(**settings: Any) -> Iterator[LiveServer]:
+    """Start `sandbox_env.server.app.create_app(Settings(**settings))` under uvicorn; stop it after."""
+    pytest.importorskip("sandbox_env.server.app", reason="the server is not written yet")
+    import uvicorn
+
+    from sandbox_env.server.app import create_app, uvicorn_kwargs
+    from sandbox_env.settings import Settings
+
+    settings.setdefault("pool_size", 1)
+    config_settings = Settings(host="127.0.0.1", port=0, **settings)
+    app = create_app(config_settings)
+    # A socket bound here (port 0) removes the race of picking a "free" port and binding later.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    options = {**uvicorn_kwargs(config_settings), "timeout_graceful_shutdown": 5}
+    options.pop("host"), options.pop("port")  # the pre-bound socket decides both
+    config = uvicorn.Config(app, log_level="warning", **options)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
+                              name=f"uvicorn-{port}")
+    thread.start()
+    deadline = time.monotonic() + STARTUP_DEADLINE_S
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            sock.close()
+            pytest.fail("the test server did not start (see captured logs)")
+        time.sleep(0.05)
+    try:
+        yield LiveServer(f"http://127.0.0.1:{port}", config_settings, app, server, thread)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+        sock.close()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Anything that starts a server starts kernels: mark it slow, so `-m "not slow"` is quick.
+    for item in items:
+        if {"live_server", "live_server_factory"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="module")
+def live_server() -> Iterator[LiveServer]:
+    """One server per test module (starting kernels is the slow part).
+
+    The backend is `SANDBOX_ENV_BACKEND` (default: jupyter), so the suite can run on docker too.
+    """
+    with run_live_server(max_sessions=8) as server:
+        yield server
+
+
+@pytest.fixture
+def live_server_factory() -> Iterator[Callable[..., LiveServer]]:
+    """Start servers with custom settings (e.g. `max_sessions=1`); all stopped after the test."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **settings: stack.enter_context(run_live_server(**settings))
