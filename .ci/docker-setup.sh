@@ -10,7 +10,8 @@ PYTHON="${PYTHON:-python3}"
 export DOCKER_BUILDKIT=0  # no buildx plugin on these machines
 
 need_apt=()
-command -v docker >/dev/null 2>&1 || need_apt+=(docker.io)
+# The docker CLI alone may be present (a client without an engine): look for the daemon.
+command -v dockerd >/dev/null 2>&1 || [ -x /usr/sbin/dockerd ] || need_apt+=(docker.io)
 command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need_apt+=(debootstrap)
 if [ "${#need_apt[@]}" -gt 0 ]; then
     echo "docker-setup: installing ${need_apt[*]}"

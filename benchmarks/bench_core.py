@@ -35,6 +35,30 @@ def raw_kernel_roundtrips(n: int) -> list[float]:
         km.shutdown_kernel(now=True)
 
 
+async def raw_async_kernel_roundtrips(n: int) -> list[float]:
+    """A second floor: jupyter_client's asyncio client over ipc sockets, as our backend uses."""
+    import tempfile
+
+    from jupyter_client import AsyncKernelManager
+
+    with tempfile.TemporaryDirectory() as tmp:
+        km = AsyncKernelManager(transport="ipc", ip=f"{tmp}/k")
+        await km.start_kernel()
+        kc = km.client()
+        kc.start_channels()
+        try:
+            await kc.wait_for_ready(timeout=60)
+            samples = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                await kc.execute_interactive("print(1)", output_hook=lambda msg: None, timeout=10)
+                samples.append(time.perf_counter() - t0)
+            return samples
+        finally:
+            kc.stop_channels()
+            await km.shutdown_kernel(now=True)
+
+
 async def ws_step_roundtrips(url: str, n: int) -> list[float]:
     async with SandboxEnv(url) as env:
         await env.reset()
@@ -70,18 +94,113 @@ async def concurrent_steps(url: str, sessions: int, steps: int) -> float:
     return sessions * steps / (time.perf_counter() - t0)
 
 
+async def cold_resets(url: str, n: int) -> list[float]:
+    """Pool size 0: every reset starts its kernel (a container for docker) on the spot."""
+    samples = []
+    for _ in range(n):
+        async with SandboxEnv(url) as env:
+            t0 = time.perf_counter()
+            await env.reset()
+            samples.append(time.perf_counter() - t0)
+    return samples
+
+
+async def churn(url: str, episodes: int) -> float:
+    """Episodes per second, each a new session: reset, one step, close."""
+    t0 = time.perf_counter()
+    for _ in range(episodes):
+        async with SandboxEnv(url) as env:
+            await env.reset()
+            await env.step("print(1)")
+    return episodes / (time.perf_counter() - t0)
+
+
+def docker_floors(rounds: int) -> dict[str, list[float]]:
+    """`docker run --rm` and docker-py create+start of the sandbox image, same run."""
+    import subprocess
+
+    import docker
+
+    from sandbox_env.kernels.docker import default_image
+
+    client, image = docker.from_env(), default_image()
+    floors: dict[str, list[float]] = {"docker_run": [], "create_start": [], "docker_exec": []}
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        subprocess.run(["docker", "run", "--rm", "--network", "none", image, "python3", "-c", "print(1)"],
+                       check=True, capture_output=True)
+        floors["docker_run"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        container = client.containers.create(image, ["sleep", "60"], network_mode="none", init=True)
+        container.start()
+        floors["create_start"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        subprocess.run(["docker", "exec", container.id, "python3", "-c", "print(1)"], check=True,
+                       capture_output=True)
+        floors["docker_exec"].append(time.perf_counter() - t0)
+        container.remove(force=True)
+    return floors
+
+
+def leftover_containers() -> int:
+    import docker
+
+    return len(docker.from_env().containers.list(all=True, filters={"label": "sandbox-env.owner"}))
+
+
+def bench_docker_server(args: argparse.Namespace) -> dict[str, Any]:
+    floors = docker_floors(args.resets)
+    with ServerProcess("--backend", "docker", "--pool-size", "2") as server:
+        steps = asyncio.run(ws_step_roundtrips(server.url, args.steps))
+        resets = asyncio.run(warm_resets(server.url, args.resets, 0.5))
+        rate = asyncio.run(churn(server.url, args.churn))
+    with ServerProcess("--backend", "docker", "--pool-size", "0") as server:
+        cold = asyncio.run(cold_resets(server.url, args.resets))
+    deadline = time.monotonic() + 10  # auto-removal finishes a moment after close
+    while leftover_containers() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return {
+        "docker_ws_step_print1_ms": median_ms(steps),
+        "docker_warm_reset_ms": median_ms(resets),
+        "docker_run_print1_ms": median_ms(floors["docker_run"]),
+        "docker_exec_print1_ms": median_ms(floors["docker_exec"]),
+        "docker_exec_over_ws_step": round(median_ms(floors["docker_exec"]) / median_ms(steps), 1),
+        "docker_cold_reset_ms": median_ms(cold),
+        "docker_py_create_start_ms": median_ms(floors["create_start"]),
+        "docker_cold_reset_over_create_start": round(median_ms(cold) / median_ms(floors["create_start"]), 3),
+        "docker_churn_episodes_per_s": round(rate, 2),
+        "docker_churn_episodes": args.churn,
+        "docker_containers_left": leftover_containers(),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--resets", type=int, default=10)
+    parser.add_argument("--churn", type=int, default=100, help="episodes in the docker churn run")
+    parser.add_argument("--backends", default="jupyter,docker")
     args = parser.parse_args()
+    results: dict[str, Any] = {}
+    if "jupyter" in args.backends:
+        results.update(bench_jupyter_server(args))
+    if "docker" in args.backends:
+        results.update(bench_docker_server(args))
+    write_results("core", results)
+    print("| metric | value |\n|---|---|")
+    for key, value in results.items():
+        print(f"| {key} | {value} |")
 
+
+def bench_jupyter_server(args: argparse.Namespace) -> dict[str, Any]:
     raw_a = raw_kernel_roundtrips(args.steps)
     with ServerProcess("--backend", "jupyter", "--pool-size", "2", "--max-sessions", "16") as server:
         idle_rss = server.rss_mb()
         ws_a = asyncio.run(ws_step_roundtrips(server.url, args.steps))
         raw_b = raw_kernel_roundtrips(args.steps)  # interleaved: A B A B against drift
         ws_b = asyncio.run(ws_step_roundtrips(server.url, args.steps))
+        raw_async = asyncio.run(raw_async_kernel_roundtrips(args.steps))
+        ws_c = asyncio.run(ws_step_roundtrips(server.url, args.steps))
         resets = asyncio.run(warm_resets(server.url, args.resets, 1.5))
         t0 = time.perf_counter()
         sequential = asyncio.run(ws_step_roundtrips(server.url, args.steps))
@@ -90,11 +209,13 @@ def main() -> None:
         busy_rss = server.rss_mb()
         cold_start = server.cold_start_s
 
-    raw, ws = raw_a + raw_b, ws_a + ws_b
+    raw, ws = raw_a + raw_b, ws_a + ws_b + ws_c
+    floor = min(median_ms(raw), median_ms(raw_async))
     results: dict[str, Any] = {
         "raw_jupyter_print1_ms": median_ms(raw),
         "ws_step_print1_ms": median_ms(ws),
-        "ws_over_raw_ratio": round(median_ms(ws) / median_ms(raw), 3),
+        "raw_jupyter_async_ipc_print1_ms": median_ms(raw_async),
+        "ws_over_fastest_raw_ratio": round(median_ms(ws) / floor, 3),
         "warm_reset_ms": median_ms(resets),
         "sequential_steps_per_s": round(seq_rate, 1),
         "aggregate_steps_per_s_8_sessions": round(aggregate, 1),
@@ -103,10 +224,7 @@ def main() -> None:
         "server_rss_after_load_mb": busy_rss,
         "steps": args.steps,
     }
-    write_results("core", results)
-    print("| metric | value |\n|---|---|")
-    for key, value in results.items():
-        print(f"| {key} | {value} |")
+    return results
 
 
 if __name__ == "__main__":

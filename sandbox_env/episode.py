@@ -78,6 +78,8 @@ class Episode:
             self._ensure_open()
             self.last_active = time.monotonic()
             new_task = None
+            if task is not None and not isinstance(task, dict | Task):
+                options["task"], task = task, None  # a plain value (say, a name): kept as an option
             if task_id is not None or task is not None:
                 if self._resolve_task is None:
                     raise EpisodeError("this episode has no task source")

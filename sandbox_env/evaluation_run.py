@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from sandbox_env.errors import ConfigError, PolicyNotFoundError
 from sandbox_env.evaluation_io import Sample, result_row
 from sandbox_env.models import Grading
 
@@ -52,13 +52,13 @@ class Endpoint:
 
     label: str
     grade: Callable[[Task, str, str | None], Any]
-    droppable: bool = True  # a lone in-process manager is never dropped
+    droppable: bool = True  # the in-process manager is never dropped for failures in a row
     backoff_s: float = 0.5  # first wait after a failure; doubles with each failure in a row
     info: dict[str, Any] = field(default_factory=dict)
     failures: int = 0
     last_failure: float = float("-inf")
     resume_at: float = 0.0
-    dead: bool = False
+    dead: str | None = None  # why the endpoint was dropped for the rest of the run
     probe: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def failed(self, request_started: float, why: str) -> None:
@@ -68,15 +68,20 @@ class Endpoint:
         self.failures += 1
         self.last_failure = time.monotonic()
         if self.droppable and self.failures >= MAX_ENDPOINT_FAILURES:
-            self.dead = True
+            self.drop(why)
             log.error("dropping %s after %d failures in a row: %s", self.label, self.failures, why)
         else:
             self.resume_at = self.last_failure + min(8.0, self.backoff_s * 2 ** (self.failures - 1))
             log.warning("%s failed (%d in a row): %s", self.label, self.failures, why)
 
+    def drop(self, why: str) -> None:
+        self.dead = f"{self.label}: {why}"
+
 
 @dataclass
 class Job:
+    """One sample on its way to a verdict; `attempts` counts infrastructure failures."""
+
     sample: Sample
     task: Task
     submission: str
@@ -123,7 +128,7 @@ class Scheduler:
                     if task is not finished and not task.cancelled() and task.exception() is not None:
                         raise task.exception()  # type: ignore[misc]  # a bug of ours: surface it
             if not self.finished.is_set():  # every endpoint was dropped
-                why = "; ".join(f"{ep.label} unreachable" for ep in self.endpoints)
+                why = "no endpoint left: " + "; ".join(ep.dead or ep.label for ep in self.endpoints)
                 for index in list(self.outstanding):
                     job = self.jobs[index]
                     self._finish(job, None, job.last_error or why)
@@ -140,11 +145,10 @@ class Scheduler:
                     if ep.failures and not ep.dead:
                         await asyncio.sleep(max(0.0, ep.resume_at - time.monotonic()))
                         await self._attempt(ep, await self._next())
-                        continue
                 continue
             job = await self._next()
-            if ep.dead or ep.failures:
-                self.queue.put_nowait(job)  # the endpoint broke while we waited: let others take it
+            if ep.failures:
+                self.queue.put_nowait(job)  # the endpoint broke while we waited: probe first
                 await asyncio.sleep(0)
                 continue
             await self._attempt(ep, job)
@@ -156,6 +160,9 @@ class Scheduler:
                 return job
 
     async def _attempt(self, ep: Endpoint, job: Job) -> None:
+        if ep.dead:  # dropped while this worker waited for a job: let the others take it
+            self.queue.put_nowait(job)
+            return
         started = time.monotonic()
         try:
             grading = await ep.grade(job.task, job.submission, self.policy)
@@ -170,8 +177,8 @@ class Scheduler:
         except Rejected as exc:
             self._finish(job, None, str(exc))
             return
-        except asyncio.CancelledError:
-            raise
+        except (asyncio.CancelledError, ConfigError):
+            raise  # a bad option (e.g. a policy the server does not have): the whole run is moot
         except Exception as exc:  # noqa: BLE001 - EndpointDown, or any failure of the sandbox stack
             why = str(exc) or type(exc).__name__
             ep.failed(started, why)
@@ -181,7 +188,13 @@ class Scheduler:
             log.info("%s answers again", ep.label)
         ep.failures = 0
         if grading.status == "infra_error":
-            self._retry(job, f"{ep.label}: {grading.error or 'infrastructure error'}")
+            why = f"{ep.label}: {grading.error or 'infrastructure error'}"
+            if grading.retryable:
+                self._retry(job, why)
+            else:  # e.g. the backend cannot run programs, the image is missing: so will every sample
+                log.error("dropping %s: %s", ep.label, why)
+                ep.drop(grading.error or "infrastructure error")
+                self._finish(job, None, why)
         else:
             self._finish(job, grading, None)
 
@@ -211,11 +224,19 @@ class Scheduler:
 
 @contextlib.asynccontextmanager
 async def embedded_endpoint(backend: str, policy: str | None, workers: int) -> AsyncIterator[list[Endpoint]]:
-    """A `SessionManager` in this process, with `workers` warm kernels."""
+    """A `SessionManager` in this process, grading on at most `workers` kernels at once.
+
+    The manager keeps the kernels that graded in a stash and grades on them again (clean slate
+    guaranteed by `run_program`). While the stash holds every worker's kernel, a warm pool would
+    only boot containers that are never used, stealing CPU from the gradings: the first grading
+    of each worker boots its kernel instead. A bigger farm keeps a pool for the overflow.
+    """
+    from sandbox_env import manager as manager_module
     from sandbox_env.manager import SessionManager
     from sandbox_env.settings import Settings
 
-    settings = Settings(backend=backend, policy=policy or "default", pool_size=workers,
+    stash = int(getattr(manager_module, "GRADER_STASH", 0))
+    settings = Settings(backend=backend, policy=policy or "default", pool_size=0 if workers <= stash else workers,
                         max_sessions=max(32, 2 * workers))
     manager = SessionManager(settings)
     resolved = manager.policy(policy)  # an unknown policy fails here, before anything starts
@@ -273,52 +294,17 @@ def _remote_grade(client: Any, base: str) -> Callable[[Task, str, str | None], A
             raise EndpointBusy()
         if reply.status_code >= 500:
             raise EndpointDown(f"HTTP {reply.status_code}: {reply.text[:300]}")
+        detail = _detail(reply)
+        if detail.get("code") == PolicyNotFoundError.code:  # the same for every sample: stop the run
+            raise PolicyNotFoundError(f"{base}: {detail.get('message', 'unknown policy')}", policy=policy)
         raise Rejected(f"{base} refused the request: HTTP {reply.status_code}: {reply.text[:500]}")
 
     return grade
 
 
-class _Progress:
-    """A rich progress bar on stderr (rate, ETA, sandbox errors), or nothing."""
-
-    def __init__(self, total: int, enabled: bool | None) -> None:
-        self._bar: Any = None
-        if enabled is False or total == 0 or (enabled is None and not sys.stderr.isatty()):
-            return
-        try:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-        except ImportError:
-            return
-        self._bar = Progress(TextColumn("grading"), BarColumn(), MofNCompleteColumn(),
-                             TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                             TimeRemainingColumn(), TextColumn("{task.fields[errors]}"),
-                             console=Console(stderr=True), transient=False)
-        self._task = self._bar.add_task("grading", total=total, rate="", errors="")
-        self._errors = 0
-        self._bar.start()
-
-    def advance(self, status: str) -> None:
-        if self._bar is None:
-            return
-        self._errors += status == "sandbox_error"
-        task = self._bar.tasks[0]
-        rate = f"{task.speed:.1f}/s" if task.speed else ""
-        self._bar.update(self._task, advance=1, rate=rate,
-                         errors=f"[red]{self._errors} sandbox errors" if self._errors else "")
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
-
-
-def progress_reporter(total: int, *, enabled: bool | None) -> _Progress:
-    return _Progress(total, enabled)
+def _detail(reply: Any) -> dict[str, Any]:
+    try:
+        detail = reply.json().get("detail")
+    except (ValueError, AttributeError):
+        return {}
+    return detail if isinstance(detail, dict) else {}

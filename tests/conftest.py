@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -75,6 +76,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if {"live_server", "live_server_factory"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
+def require_docker() -> None:
+    """Skip without a Docker engine and the sandbox image; in CI (CI=true) that is a failure."""
+    try:
+        import docker
+
+        from sandbox_env.kernels.docker import default_image
+
+        docker.from_env(timeout=30).images.get(default_image())
+    except Exception as exc:  # noqa: BLE001 - any failure means "no usable engine"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"Docker is required in CI: {exc}", pytrace=False)
+        pytest.skip(f"no usable Docker engine: {exc}")
 
 
 @pytest.fixture(scope="module")

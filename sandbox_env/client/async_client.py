@@ -14,6 +14,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from sandbox_env.client._dual import DualMode, dual
 from sandbox_env.client._base import (
     ActionLike,
     StepResult,
@@ -34,7 +35,7 @@ _OPENENV_KWARGS = {"provider", "mode", "websocket_ping_interval_s", "websocket_p
 _REPLY_MARGIN_S = 15.0
 
 
-class SandboxEnv:
+class SandboxEnv(DualMode):
     """Async client: one WebSocket, one episode, strictly one request in flight.
 
     Args:
@@ -82,12 +83,14 @@ class SandboxEnv:
 
     # -- public API ---------------------------------------------------------------------------
 
+    @dual
     async def connect(self) -> SandboxEnv:
         """Open the WebSocket (done implicitly by the first request)."""
         async with self._lock:
             await self._ensure_connected(reconnect=True)
         return self
 
+    @dual
     async def reset(self, **kwargs: Any) -> StepResult:
         """Start a new episode with a clean interpreter; kwargs are reset options (e.g. `policy`).
 
@@ -97,6 +100,7 @@ class SandboxEnv:
         data = await self._request({"type": "reset", "data": kwargs}, "observation", reconnect=True)
         return StepResult.from_wire(data)
 
+    @dual
     async def step(self, action: ActionLike, *, timeout_s: float | None = None, **kwargs: Any) -> StepResult:
         """Run code in the episode's interpreter.
 
@@ -115,13 +119,31 @@ class SandboxEnv:
         data = await self._request(message, "observation", reply_timeout_s=reply_timeout_s)
         return StepResult.from_wire(data)
 
+    @dual
     async def state(self) -> EpisodeState:
         """The episode's id, step count, last exit code, backend and policy."""
         data = await self._request({"type": "state"}, "state")
         return EpisodeState.model_validate(data)
 
-    async def close(self) -> None:
-        """End the episode and close the connection; calling it twice is harmless."""
+    def close(self) -> Any:
+        """End the episode and close the connection; calling it twice is harmless.
+
+        Awaitable inside an event loop; blocking outside one (then it also stops the private
+        loop thread that blocking calls ran on).
+        """
+        coro = self._close()
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            if self._blocking_loop is None:
+                coro.close()  # never used in blocking mode: nothing to close from here
+                return None
+            self._run_blocking(coro)
+            self._stop_blocking_loop()
+            return None
+        return coro
+
+    async def _close(self) -> None:
         ws, self._ws, self._lost = self._ws, None, None
         if ws is None:
             return
@@ -133,6 +155,7 @@ class SandboxEnv:
         with contextlib.suppress(ConnectionClosed, OSError, TimeoutError):
             await ws.close()
 
+    @dual
     async def grade(self, submission: str, *, task: Any = None, task_id: str | None = None,
                     policy: str | None = None, reward: str | None = None,
                     timeout_s: float | None = None) -> Grading:
@@ -164,6 +187,7 @@ class SandboxEnv:
                               status=response.status_code)
         return Grading.model_validate(response.json())
 
+    @dual
     async def health(self) -> dict[str, Any]:
         """`GET /health` over HTTP; raises `ClientError` when the server is not healthy."""
         import httpx  # only this helper needs it
@@ -191,13 +215,17 @@ class SandboxEnv:
                         tb: TracebackType | None) -> None:
         await self.close()
 
-    def __enter__(self) -> None:
-        # Point sync callers (OpenEnv >= 0.4 habits) at the right API instead of a bare TypeError.
-        raise TypeError("SandboxEnv is async: use `async with SandboxEnv(...)`, "
+    def __enter__(self) -> SandboxEnv:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            self.connect()  # blocking outside an event loop, as OpenEnv >= 0.4 clients
+            return self
+        raise TypeError("inside an event loop use `async with SandboxEnv(...)`, "
                         "or `with SandboxEnv(...).sync()` for blocking calls")
 
     def __exit__(self, *exc_info: object) -> None:
-        return None
+        self.close()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r})"

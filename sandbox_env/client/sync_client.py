@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import inspect
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -44,6 +45,16 @@ class _LoopThread:
             return future.result()
         except concurrent.futures.CancelledError as exc:
             raise RuntimeError("the operation was cancelled") from exc
+
+    def call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Call `method` on the loop thread and wait for its coroutine's result.
+
+        Calling there, not here, matters: dual-mode methods return a coroutine only when a loop runs.
+        """
+        async def invoke() -> Any:
+            return await method(*args, **kwargs)
+
+        return self.run(invoke())
 
     def stop(self) -> None:
         if self.loop.is_closed():
@@ -79,27 +90,27 @@ class SyncSandboxEnv:
 
     def connect(self) -> SyncSandboxEnv:
         """Open the connection (or start the backend) now instead of at the first call."""
-        self._runner.run(self._env.connect())
+        self._runner.call(self._env.connect)
         return self
 
     def reset(self, **kwargs: Any) -> StepResult:
         """Start a new episode on a fresh interpreter; see the async env's `reset`."""
-        return self._runner.run(self._env.reset(**kwargs))
+        return self._runner.call(self._env.reset, **kwargs)
 
     def step(self, action: ActionLike, *, timeout_s: float | None = None, **kwargs: Any) -> StepResult:
         """Run code in the episode's interpreter; see the async env's `step`."""
-        return self._runner.run(self._env.step(action, timeout_s=timeout_s, **kwargs))
+        return self._runner.call(self._env.step, action, timeout_s=timeout_s, **kwargs)
 
     def state(self) -> EpisodeState:
         """Return the episode's state: id, step count, last exit code, backend and policy."""
-        return self._runner.run(self._env.state())
+        return self._runner.call(self._env.state)
 
     def close(self) -> None:
         """Close the env, then stop the loop thread; calling it twice is harmless."""
         if self._runner.loop.is_closed():
             return
         try:
-            self._runner.run(self._env.close())
+            self._runner.call(self._env.close)
         finally:
             self._runner.stop()
 
@@ -108,11 +119,11 @@ class SyncSandboxEnv:
         if name.startswith("_"):
             raise AttributeError(name)
         attr = getattr(self._env, name)
-        if not asyncio.iscoroutinefunction(attr):
+        if not asyncio.iscoroutinefunction(inspect.unwrap(attr)):  # unwrap: dual-mode methods
             return attr
 
         def blocking(*args: Any, **kwargs: Any) -> Any:
-            return self._runner.run(attr(*args, **kwargs))
+            return self._runner.call(attr, *args, **kwargs)
 
         return blocking
 

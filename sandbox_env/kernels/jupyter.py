@@ -150,6 +150,7 @@ class JupyterKernel(Kernel):
         self._teardowns: set[asyncio.Task[None]] = set()
         self._note = ""  # told to the next step (the kernel died between steps)
         self._started = self._closed = False
+        self._relaunch = False  # run_program stopped the kernel: the next step starts a fresh one
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -258,6 +259,9 @@ class JupyterKernel(Kernel):
         if self._restart is not None:
             task, self._restart = self._restart, None
             await task
+        if self._cur is None and self._relaunch:
+            self._relaunch = False
+            await self._launch()
         if self._cur is None or self._cur.exit_status() is not None:
             logger.warning("kernel %s died between steps; restarting", self.id)
             self._note = "[sandbox-env] the interpreter died after the previous step; its state is lost.\n"
@@ -293,7 +297,8 @@ class JupyterKernel(Kernel):
     def is_alive(self) -> bool:
         if self._closed or not self._started:
             return False
-        return self._restart is not None or (self._cur is not None and self._cur.exit_status() is None)
+        return self._restart is not None or self._relaunch or (
+            self._cur is not None and self._cur.exit_status() is None)
 
     # -- execution -------------------------------------------------------------------------------
 
@@ -386,6 +391,29 @@ class JupyterKernel(Kernel):
                            cpu=None if cpu0 is None or cpu1 is None else max(0.0, cpu1 - cpu0),
                            peak_mb=None if peak is None else peak / MB)
 
+    async def run_program(self, source: str, *, stdin: bytes = b"", timeout_s: float) -> ExecutionResult:
+        """`python3 -I -c source` as the only process of this kernel's confinement: the kernel's
+        whole tree is killed and its working directory and TMPDIR emptied first (and after); the
+        kernel itself is started again lazily, by the next step."""
+        async with self._lock:
+            await self._ready()
+            assert self.root is not None and self.workdir is not None
+            await self._teardown()  # every process of the kernel's cgroup/session, daemons included
+            self._relaunch = True
+            await asyncio.to_thread(_empty, self.workdir, self.root / "tmp")
+            self._generation += 1
+            conf = Confinement(f"{self.id}-p{self._generation}", Limits.from_policy(self.policy),
+                               token=f"{self.id}-p{self._generation}", use_cgroups=self.use_cgroups)
+            conf.create()
+            try:
+                return await _run_confined(conf, source, stdin, timeout_s, cwd=self.workdir,
+                                           env=_kernel_env(self.root, self.workdir, conf.token),
+                                           keep=self.policy.output_bytes, limit=self.policy.output_limit_bytes)
+            finally:
+                await asyncio.to_thread(conf.kill_all)
+                await asyncio.to_thread(conf.destroy)
+                await asyncio.to_thread(_empty, self.workdir, self.root / "tmp")
+
     async def _reply(self, kc: AsyncKernelClient, msg_id: str, end: float) -> dict[str, Any] | None:
         """The execute_reply of `msg_id` (stale replies of interrupted steps are skipped)."""
         loop = asyncio.get_running_loop()
@@ -410,3 +438,66 @@ class JupyterKernel(Kernel):
             return {"variables": _parse_variables(reply), "cpu_time_s": cur.conf.cpu_time_s(),
                     "memory_mb": None if memory is None else round(memory / MB, 1),
                     "pid": cur.proc.pid if cur.proc else None, "limits": cur.conf.mechanism}
+
+
+def _empty(*folders: Path) -> None:
+    """Delete what is inside `folders` (never following symlinks); the folders stay."""
+    for folder in folders:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        for entry in list(folder.iterdir()):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+
+
+async def _run_confined(conf: Confinement, source: str, stdin: bytes, timeout_s: float, *, cwd: Path,
+                        env: dict[str, str], keep: int, limit: int) -> ExecutionResult:
+    """Run one confined program; stdout is kept whole up to `limit` (a verdict must not be cut)."""
+    cpu0, oom0 = conf.cpu_time_s(), conf.oom_kills()
+    started = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-I", "-c", source, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, cwd=str(cwd), env=env, preexec_fn=conf.preexec)
+    conf.attach(proc.pid)
+    out, err = bytearray(), bytearray()
+    over = asyncio.Event()
+
+    async def pump(stream: asyncio.StreamReader, sink: bytearray, cap: int) -> None:
+        while chunk := await stream.read(1 << 16):
+            if len(out) + len(err) + len(chunk) > limit:
+                over.set()
+                return
+            sink += chunk[: max(0, cap - len(sink))]
+
+    async def feed() -> None:
+        assert proc.stdin is not None
+        with contextlib.suppress(OSError):  # the program may exit without reading
+            proc.stdin.write(stdin)
+            await proc.stdin.drain()
+        proc.stdin.close()
+
+    assert proc.stdout is not None and proc.stderr is not None
+    tasks = [asyncio.ensure_future(c) for c in (feed(), pump(proc.stdout, out, limit), pump(proc.stderr, err, keep))]
+    status: ExecStatus | None = None
+    waiter = asyncio.ensure_future(proc.wait())
+    overflow = asyncio.ensure_future(over.wait())
+    done, _ = await asyncio.wait({waiter, overflow}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    if overflow in done:
+        status = ExecStatus.OUTPUT_LIMIT
+    elif waiter not in done:
+        status = ExecStatus.TIMEOUT
+    await asyncio.to_thread(conf.kill_all)
+    code = await proc.wait()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    overflow.cancel()
+    if status is None:
+        oom = code < 0 and (conf.oom_kills() or 0) > (oom0 or 0)
+        status = (ExecStatus.OK if code == 0 else ExecStatus.OOM if oom else
+                  ExecStatus.KILLED if code < 0 else ExecStatus.ERROR)
+    cpu1 = conf.cpu_time_s()
+    return ExecutionResult(status=status, exit_code=128 - code if code < 0 else code,
+                           stdout=out.decode("utf-8", "replace"), stderr=err.decode("utf-8", "replace"),
+                           wall_time_s=time.perf_counter() - started,
+                           cpu_time_s=None if cpu0 is None or cpu1 is None else max(0.0, cpu1 - cpu0))

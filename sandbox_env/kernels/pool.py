@@ -11,6 +11,9 @@ from sandbox_env.errors import KernelError
 from sandbox_env.kernels.base import Kernel
 
 log = logging.getLogger(__name__)
+# Starting a kernel blocks the event loop for a few ms (fork/exec): wait this long after handing
+# one out, so the reply that needed it is sent first.
+REFILL_DELAY_S = 0.05
 
 
 class KernelPool:
@@ -37,7 +40,7 @@ class KernelPool:
         """Begin filling the pool; with `wait`, return once it is full."""
         if self._refill_task is None and self.size > 0:
             self._refill_task = asyncio.create_task(self._refill_loop(), name="kernel-pool-refill")
-        self._wakeup.set()
+            self._wakeup.set()
         while wait and self.size and self._ready.qsize() < self.size:
             if self._refill_task is not None and self._refill_task.done():
                 break
@@ -49,7 +52,7 @@ class KernelPool:
             raise KernelError("kernel pool is closed")
         while not self._ready.empty():
             kernel = self._ready.get_nowait()
-            self._wakeup.set()
+            asyncio.get_running_loop().call_later(REFILL_DELAY_S, self._wakeup.set)
             if kernel.is_alive():
                 return kernel
             await kernel.close()  # died while waiting (e.g. killed from outside)

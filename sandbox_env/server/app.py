@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from sandbox_env._version import __version__
 from sandbox_env.errors import SandboxEnvError
 from sandbox_env.manager import SessionManager
-from sandbox_env.server import mcp, routes, ws
+from sandbox_env.server import mcp, routes, web, ws
 from sandbox_env.server.metrics import ServerMetrics
 from sandbox_env.settings import Settings
 
@@ -112,6 +112,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes.router)
     app.include_router(mcp.router)
     app.include_router(ws.router)
+    app.include_router(web.router)
     return app
 
 

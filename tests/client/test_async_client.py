@@ -182,6 +182,27 @@ def test_constructor_takes_openenv_arguments_and_rejects_unknown_ones() -> None:
         SandboxEnv("http://127.0.0.1:9", bogus=1)
 
 
-def test_sync_with_on_the_async_client_points_to_sync() -> None:
-    with pytest.raises(TypeError, match=r"\.sync\(\)"), SandboxEnv("http://127.0.0.1:9"):
+async def test_plain_with_inside_an_event_loop_points_to_async_with() -> None:
+    with pytest.raises(TypeError, match=r"async with"), SandboxEnv("http://127.0.0.1:9"):
         pass
+
+
+def test_calls_without_await_block_outside_an_event_loop(live_server) -> None:
+    # OpenEnv >= 0.4 habit (and TRL examples): no await, no .sync()
+    with SandboxEnv(live_server.url) as env:
+        env.reset()
+        env.step("x = 20")
+        result = env.step("print(x * 2 + 2)")
+        assert result.observation.stdout == "42\n"
+        assert env.state().step_count == 2
+    assert env._blocking_loop is None  # close() stopped the private loop thread
+
+
+async def test_a_blocking_client_refuses_to_be_awaited_later(live_server) -> None:
+    import asyncio
+
+    env = SandboxEnv(live_server.url)
+    await asyncio.to_thread(env.reset)  # blocking use, from a thread without a loop
+    with pytest.raises(RuntimeError, match="blocking calls"):
+        await env.step("1")
+    await asyncio.to_thread(env.close)

@@ -117,6 +117,11 @@ def test_autoenv_discovers_and_returns_our_client(live_server) -> None:
     with env.sync() as client:
         client.reset()
         assert client.step("print('auto')").observation.stdout == "auto\n"
+    # openenv >= 0.4 style, as TRL's environment_factory examples write it: no await, no .sync()
+    plain = AutoEnv.from_env("sandbox", base_url=live_server.url)
+    plain.reset()
+    assert plain.step("print('plain')").observation.stdout == "plain\n"
+    plain.close()
 
 
 def test_autoenv_does_not_shadow_openenv_coding_key() -> None:

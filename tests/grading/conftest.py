@@ -33,7 +33,7 @@ def docker_client() -> Any:
         from sandbox_env.kernels.docker import default_image
 
         client.images.get(default_image())
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure means "no usable engine"
         _unavailable(f"no Docker engine or image: {exc}")
     return client
 

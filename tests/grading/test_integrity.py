@@ -50,6 +50,22 @@ HACKS = {
 }
 
 
+ABS_TASK = make_task({"kind": "function", "entry_point": "square",
+                      "check": "def check(candidate):\n    assert abs(candidate(3) - 9) < 1e-9\n"
+                               "    assert close(candidate(2), 4)\n"},
+                     prompt="def close(a, b):\n    return abs(a - b) < 1e-9\n\n"
+                            "def square(x):\n    \"\"\"x squared\"\"\"\n")
+
+
+async def test_submission_cannot_replace_builtins_or_the_tasks_helpers(grader_kernel: Any) -> None:
+    control = await grade(grader_kernel, ABS_TASK, ABS_TASK.prompt + "    return x * x\n")
+    assert control.reward == 1.0, control
+    for hack in ("def abs(x):\n    return 0\ndef close(a, b):\n    return True\n" + WRONG,
+                 "import os as abs\nclose = 0\n" + WRONG):
+        result = await grade(grader_kernel, ABS_TASK, hack)
+        assert result.status == "graded" and result.reward == 0.0, result
+
+
 @pytest.mark.parametrize("hack", sorted(HACKS))
 async def test_reward_hack_earns_zero(grader_kernel: Any, hack: str) -> None:
     control = await grade(grader_kernel, SQUARE, GOOD_SQUARE)

@@ -107,6 +107,11 @@ async def test_grade_endpoint_and_clients(server: Any) -> None:
     async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
         ok = await http.post("/grade", json={"task_id": "sq", "submission": GOOD_SQUARE})
         assert ok.status_code == 200 and ok.json()["reward"] == 1.0, ok.text
+        stashed = [k for kernels in server.manager._graders.values() for k in kernels]
+        again = await http.post("/grade", json={"task_id": "sq", "submission": GOOD_SQUARE})
+        assert again.json()["reward"] == 1.0
+        # the warm kernel that graded is reused (run_program's clean slate makes that safe)
+        assert stashed and stashed[0] in [k for kernels in server.manager._graders.values() for k in kernels]
         inline = await http.post("/grade", json={"task": {**TASK, "id": "x"}, "submission": "def square(x): return 1",
                                                  "reward": "fraction"})
         assert inline.status_code == 200 and inline.json()["reward"] == 0.0

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from kernel_helpers import BACKENDS, KernelFactory, jupyter_leftovers, require_docker, test_policy
+from kernel_helpers import BACKENDS, KernelFactory, jupyter_leftovers, test_policy
 
 from sandbox_env.kernels import load_kernel_class
 from sandbox_env.kernels.base import Kernel
@@ -20,10 +20,10 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest_asyncio.fixture
-async def make_kernel(backend: str) -> AsyncIterator[KernelFactory]:
+async def make_kernel(backend: str, request: pytest.FixtureRequest) -> AsyncIterator[KernelFactory]:
     """Start kernels of the parametrized backend; all are closed at the end of the test."""
     if backend == "docker":
-        require_docker()
+        request.getfixturevalue("require_docker")
     cls = load_kernel_class(backend)
     kernels: list[Kernel] = []
 

@@ -77,17 +77,3 @@ def wait_present(needle: str, timeout_s: float = 5.0) -> list[psutil.Process]:
         time.sleep(0.05)
     return found
 
-
-def require_docker() -> None:
-    """Skip without a Docker engine and the sandbox image; in CI (CI=true) that is a failure."""
-    try:
-        import docker
-
-        from sandbox_env.kernels.docker import default_image
-
-        client = docker.from_env(timeout=30)
-        client.images.get(default_image())
-    except Exception as exc:  # noqa: BLE001 - any failure means "no usable engine"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"Docker is required in CI: {exc}", pytrace=False)
-        pytest.skip(f"no usable Docker engine: {exc}")

@@ -76,7 +76,7 @@ async def test_schema_metadata_docs(http) -> None:
     assert set(schema) == {"action", "observation", "state"}
     assert schema["action"]["required"] == ["code"]
     assert schema["action"]["additionalProperties"] is False
-    assert set(schema["action"]["properties"]) == {"code", "metadata"}
+    assert set(schema["action"]["properties"]) == {"code", "metadata", "submit"}  # submit: issue 4
     assert {"stdout", "stderr", "exit_code"} <= set(schema["observation"]["properties"])
     assert {"episode_id", "step_count", "last_exit_code"} <= set(schema["state"]["properties"])
     assert schema["action"] == CodeAction.model_json_schema()
