@@ -12,6 +12,7 @@ from typing import Any
 from sandbox_env.errors import (
     EpisodeClosedError,
     EpisodeError,
+    InvalidRequestError,
     KernelDiedError,
     KernelError,
 )
@@ -32,6 +33,8 @@ KernelSource = Callable[[str | None], Awaitable[Kernel]]
 # (task_id, inline task) -> the task; raises TaskNotFoundError / TaskError
 TaskResolver = Callable[[str | None, Any], Task]
 HISTORY_LIMIT = 100
+# State fields a reset option must not overwrite (a client could otherwise plant a fake grading).
+RESERVED_STATE_KEYS = frozenset(EpisodeState.model_fields) | {"task_id", "grading", "seed"}
 
 
 class Episode:
@@ -50,6 +53,7 @@ class Episode:
         self._kernel_lost = False
         self._closed = False
         self._closing: set[asyncio.Task[None]] = set()
+        self._done = False
         self.created_at = time.time()
         self.last_active = time.monotonic()
         self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_LIMIT)
@@ -84,21 +88,29 @@ class Episode:
                 if self._resolve_task is None:
                     raise EpisodeError("this episode has no task source")
                 new_task = self._resolve_task(task_id, task)
+            reserved = RESERVED_STATE_KEYS & set(options)
+            if reserved:
+                raise InvalidRequestError(f"reset options may not set {', '.join(sorted(reserved))}",
+                                          options=sorted(reserved))
+            task_fields = {} if new_task is None else {"task_id": new_task.id, "grading": None}
             # Acquire first: a reset that fails (say, an unknown policy) keeps the old episode.
             kernel = await self._acquire(policy)
+            if self._closed:  # closed while the kernel was starting: nobody would ever close it
+                await kernel.close()
+                raise EpisodeClosedError("episode is closed")
             old, self._kernel = self._kernel, kernel
             if old is not None:  # closing can take tens of ms (container removal): not on the reset path
                 self._closing.add(asyncio.create_task(old.close()))
                 self._closing = {t for t in self._closing if not t.done()}
             self._kernel_lost = False
+            self._done = False
             self.task = new_task
-            task_fields = {} if new_task is None else {"task_id": new_task.id, "grading": None}
             self._state = EpisodeState(
                 episode_id=episode_id or str(uuid.uuid4()),
                 step_count=0,
                 last_exit_code=0,
                 backend=self.backend,
-                policy=self._kernel.policy.name,
+                policy=kernel.policy.name,
                 seed=seed,
                 **options,
                 **task_fields,
@@ -127,6 +139,8 @@ class Episode:
             kernel = self._kernel
             if kernel is None:
                 raise KernelDiedError("this episode's interpreter was lost; call reset")
+            if self._done:  # graded: the feedback may quote hidden tests, so no second attempt
+                raise EpisodeClosedError("the episode is done (its submission was graded): call reset")
             self.last_active = time.monotonic()
             if action.submit:
                 return await self._submit(kernel, action)
@@ -159,7 +173,7 @@ class Episode:
         self._state.grading = grading.model_dump(mode="json")  # type: ignore[attr-defined]
         self.last_active = time.monotonic()
         # An infrastructure failure is not the end: the same submission can be graded again.
-        done = grading.status == "graded"
+        done = self._done = grading.status == "graded"
         return CodeObservation(stdout=summary(grading), exit_code=0 if grading.reward == 1.0 else 1,
                                reward=grading.reward, done=done,
                                metadata={GRADING_KEY: grading.model_dump(mode="json"), TASK_KEY: {"id": self.task.id}})

@@ -72,6 +72,13 @@ class KernelDiedError(KernelError):
     code = "kernel_died"
 
 
+class InvalidRequestError(SandboxEnvError):
+    """A request's options are not acceptable."""
+
+    code = "invalid_request"
+    http_status = 422
+
+
 class EpisodeError(SandboxEnvError):
     """Misuse of an episode."""
 
@@ -120,7 +127,7 @@ _BY_CODE: dict[str, type[SandboxEnvError]] = {
     for cls in (
         SandboxEnvError, ConfigError, PolicyNotFoundError, UnknownKernelError, KernelError,
         KernelUnavailableError, KernelStartError, KernelDiedError, EpisodeError,
-        EpisodeNotFoundError, EpisodeClosedError, ClientError,
+        EpisodeNotFoundError, EpisodeClosedError, ClientError, InvalidRequestError,
     )
 }
 

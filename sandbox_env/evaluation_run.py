@@ -226,17 +226,15 @@ class Scheduler:
 async def embedded_endpoint(backend: str, policy: str | None, workers: int) -> AsyncIterator[list[Endpoint]]:
     """A `SessionManager` in this process, grading on at most `workers` kernels at once.
 
-    The manager keeps the kernels that graded in a stash and grades on them again (clean slate
-    guaranteed by `run_program`). While the stash holds every worker's kernel, a warm pool would
-    only boot containers that are never used, stealing CPU from the gradings: the first grading
-    of each worker boots its kernel instead. A bigger farm keeps a pool for the overflow.
+    The manager keeps the kernels that graded in a stash (one per worker) and grades on them
+    again (clean slate guaranteed by `run_program`). A warm pool would only boot containers that
+    are never used, stealing CPU from the gradings: the first grading of each worker boots its
+    kernel instead.
     """
-    from sandbox_env import manager as manager_module
     from sandbox_env.manager import SessionManager
     from sandbox_env.settings import Settings
 
-    stash = int(getattr(manager_module, "GRADER_STASH", 0))
-    settings = Settings(backend=backend, policy=policy or "default", pool_size=0 if workers <= stash else workers,
+    settings = Settings(backend=backend, policy=policy or "default", pool_size=0, grader_stash=workers,
                         max_sessions=max(32, 2 * workers))
     manager = SessionManager(settings)
     resolved = manager.policy(policy)  # an unknown policy fails here, before anything starts

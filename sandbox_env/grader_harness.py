@@ -1,8 +1,8 @@
 """The trusted grader program: runs inside the sandbox as `python3 -I -c <prelude>`.
 
 Stdlib only; it is sent, never installed. The program is this file's prelude (up to PRELUDE_END);
-stdin brings, as length-prefixed sections, the child's source (CODEC + HOST, or nothing), the
-rest of this file (source, plus the server's bytecode magic and marshalled code of it), and the
+stdin brings, as length-prefixed sections, CODEC and the child's HOST (`grader_child.py`; no HOST
+for stdio tests), the rest of this file (source, plus the server's bytecode magic and marshalled code of it), and the
 job (tests + submission), which only exists at grade time. The
 prelude starts the child's interpreter at once, so that its start-up overlaps compiling the rest.
 It writes one JSON verdict to its own stdout. It makes itself
@@ -15,7 +15,7 @@ test, whatever the test code catches.
 """
 
 
-# ruff: noqa: S102, BLE001, S110
+# ruff: noqa: S102, BLE001
 # (a grader execs task code and must survive anything that code raises)
 from __future__ import annotations
 
@@ -48,19 +48,29 @@ def pipe() -> tuple[int, int]:
     return ends[0], ends[1]
 
 
-def spawn(args: list, fds: dict) -> int:
+def spawn(args: list, fds: dict, home: str) -> int:
     """`python3 -I <args>` in its own session with exactly `fds` (target: source) and /dev/null
     elsewhere on 0-2; everything else this process holds is close-on-exec. posix_spawn: no
     subprocess import (milliseconds per grading)."""
     actions = [(os.POSIX_SPAWN_OPEN, n, os.devnull, os.O_RDWR, 0) for n in (0, 1, 2) if n not in fds]
     actions += [(os.POSIX_SPAWN_DUP2, source, target) for target, source in fds.items()]
-    return os.posix_spawn(sys.executable, [sys.executable, "-I", *args], child_env(), file_actions=actions,
+    return os.posix_spawn(sys.executable, [sys.executable, "-I", *args], child_env(home), file_actions=actions,
                           setsid=True)
 
 
-def child_env() -> dict:
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": os.getcwd(),
-            "TMPDIR": TMP}
+def child_env(home: str) -> dict:
+    """The child's HOME and TMPDIR are its own scratch folder, never the grader's directory."""
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": home, "TMPDIR": home}
+
+
+def spawn_host(codec_host: str) -> tuple:
+    """(pid, request fd, reply fd) of a child running HOST, which waits for the submission."""
+    r1, w1 = pipe()
+    r2, w2 = pipe()
+    home = scratch()
+    pid = spawn(["-S", "-c", codec_host, "3", "4", home, os.pathsep.join(sys.path)], {3: r1, 4: w2}, home)
+    os.close(r1), os.close(w2)
+    return pid, w1, r2
 
 
 def sections(data: bytes, count: int = 3) -> list:
@@ -74,15 +84,15 @@ def sections(data: bytes, count: int = 3) -> list:
 
 
 def boot() -> None:
-    host, rest, job, magic, code = sections(sys.stdin.buffer.read(), 5)
+    # The grader's own directory: "/" is read-only in the sandbox (the submission writes only to
+    # its scratch folders), so nothing the grader does relative to its cwd meets planted files.
+    os.chdir("/")
+    codec, host, rest, job, magic, code = sections(sys.stdin.buffer.read(), 6)
     early = None
     if host:  # the child only runs our HOST code until main() sends it the submission, hardened
-        r1, w1 = pipe()
-        r2, w2 = pipe()
-        pid = spawn(["-S", "-c", host.decode(), "3", "4", scratch(), os.pathsep.join(sys.path)], {3: r1, 4: w2})
-        os.close(r1), os.close(w2)
-        early = (pid, w1, r2)
+        early = spawn_host((codec + host).decode())
     namespace = globals()
+    namespace["CODEC"], namespace["HOST"] = codec.decode(), host.decode()
     # The server may send the rest precompiled (trusted data): used when this interpreter's
     # bytecode magic matches, which saves compiling it at every grading.
     if code and magic == sys.modules["_frozen_importlib_external"].MAGIC_NUMBER:
@@ -98,7 +108,6 @@ if __name__ == "__main__":
     boot()
 # ---- PRELUDE_END: everything below travels on stdin ----
 import _signal as signal  # the C module: `signal` imports `enum` (milliseconds)
-import binascii
 import builtins
 import select
 import struct
@@ -108,113 +117,17 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    CODEC = HOST = ""  # set by boot()
+
 HEADER = struct.Struct(">I")
 MAX_FRAME = 64 << 20
 TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 OOM_FILES = ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control")
 
-# The untrusted side: loads the submission, then answers calls with type-tagged JSON.
-HOST = r'''
-import os, sys, types, struct
-R, W = int(sys.argv[1]), int(sys.argv[2])
-os.chdir(sys.argv[3])
-sys.path[:] = sys.argv[4].split(os.pathsep)  # the grader's own path: no `site` import here (-S)
-def rd(n):
-    b = b""
-    while len(b) < n:
-        c = os.read(R, n - len(b))
-        if not c: os._exit(0)
-        b += c
-    return b
-def recv(): return loads(rd(struct.unpack(">I", rd(4))[0]).decode())
-def send(o):
-    d = dumps(o).encode(); d = struct.pack(">I", len(d)) + d
-    while d: d = d[os.write(W, d):]
-def enc(v):
-    t = type(v)
-    if v is None or t is bool or t is int or t is float or t is str: return v
-    if t is list: return {"l": [enc(i) for i in v]}
-    if t is tuple: return {"t": [enc(i) for i in v]}
-    if t is dict: return {"d": [[enc(k), enc(x)] for k, x in v.items()]}
-    if t is set: return {"s": [enc(i) for i in v]}
-    if t is frozenset: return {"f": [enc(i) for i in v]}
-    if t is bytes: return {"b": binascii.b2a_base64(v, newline=False).decode()}
-    raise TypeError("cannot return a %s to the grader (plain builtin data only)" % t.__name__)
-try:
-    with open("/proc/self/oom_score_adj", "w") as f: f.write("1000")
-except OSError: pass
-job = recv()
-mod = types.ModuleType("__main__"); sys.modules["__main__"] = mod
-try:
-    exec(compile(job["source"], "<submission>", "exec"), mod.__dict__)
-except BaseException as e:
-    send({"error": [type(e).__name__, str(e)[:2000]]}); os._exit(0)
-names = {"functions": [], "modules": {}, "values": {}}
-for k, v in list(mod.__dict__.items()):
-    if k.startswith("__"): continue
-    if isinstance(v, types.ModuleType): names["modules"][k] = v.__name__
-    elif callable(v): names["functions"].append(k)
-    else:
-        try: names["values"][k] = enc(v)
-        except Exception: pass
-send({"ok": names})
-while True:
-    req = recv()
-    try:
-        fn = mod.__dict__[req["name"]]
-        value = fn(*dec(req["args"]), **dec(req["kwargs"]))
-    except BaseException as e:
-        try: reply = {"error": [type(e).__name__, str(e)[:2000]]}
-        except BaseException: reply = {"error": ["Exception", "<unprintable>"]}
-    else:
-        try: reply = {"value": enc(value)}
-        except BaseException as e: reply = {"unserializable": str(e)[:2000]}
-    send(reply)
-'''
-
-# Shared by the grader and the child. JSON through the C accelerator only: importing `json` (and
-# with it `re`) costs milliseconds in each of the two interpreters of every grading.
-CODEC = r'''
-import _json, binascii
-class _Ctx:
-    strict, object_hook, object_pairs_hook, memo = True, None, None, {}
-    parse_float, parse_int = float, int
-    parse_constant = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}.__getitem__
-_scan = _json.make_scanner(_Ctx())
-def loads(text):
-    try:
-        value, end = _scan(text, 0)
-    except StopIteration:
-        raise ValueError("not JSON") from None
-    if end != len(text): raise ValueError("trailing data after JSON")
-    return value
-def _no_default(o): raise TypeError("not JSON serializable: %s" % type(o).__name__)
-_encode = _json.make_encoder(None, _no_default, _json.encode_basestring_ascii, None, ":", ",", False, False, True)
-def dumps(value): return "".join(_encode(value, 0))
-def dec(x, depth=0):
-    if depth > 200: raise ValueError("value nested too deeply")
-    t = type(x)
-    if x is None or t is bool or t is int or t is float or t is str: return x
-    if t is dict and len(x) == 1:
-        (k, v), = x.items()
-        if k == "b" and type(v) is str: return binascii.a2b_base64(v, strict_mode=True)
-        if type(v) is list:
-            items = [dec(i, depth + 1) for i in v] if k != "d" else None
-            if k == "l": return items
-            if k == "t": return tuple(items)
-            if k == "s": return set(items)
-            if k == "f": return frozenset(items)
-            if k == "d":
-                out = {}
-                for pair in v:
-                    if type(pair) is not list or len(pair) != 2: raise ValueError("bad dict item")
-                    out[dec(pair[0], depth + 1)] = dec(pair[1], depth + 1)
-                return out
-    raise ValueError("undecodable value from the submission")
-'''
+# CODEC and HOST (`grader_child.py`) are put in this namespace by boot(), from stdin.
 _CODEC: dict = {}
 exec(CODEC, _CODEC)
-loads, dumps, dec = _CODEC["loads"], _CODEC["dumps"], _CODEC["dec"]
+loads, dumps, dec, encode = _CODEC["loads"], _CODEC["dumps"], _CODEC["dec"], _CODEC["enc"]
 
 
 class Poison(BaseException):
@@ -226,7 +139,35 @@ class Poison(BaseException):
 
 
 class SubmissionError(Exception):
-    """The submission raised an exception that is not a builtin one."""
+    """The submission raised an exception the grader does not re-raise as itself."""
+
+
+# Exceptions of the submission that tests may expect (`pytest.raises(ValueError)`) are raised as
+# themselves; any other name becomes SubmissionError. The child must not choose control flow:
+# StopIteration would end `all(map(f, xs))` early (a pass), GeneratorExit/KeyboardInterrupt worse.
+RERAISED = {cls.__name__: cls for cls in (
+    ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, AttributeError, RuntimeError,
+    NotImplementedError, ArithmeticError, OverflowError, RecursionError, LookupError, NameError)}
+
+
+def write_back(args: tuple, changed: Any) -> None:
+    """Apply the child's in-place changes of mutable arguments to the grader's own objects."""
+    if changed is None:
+        return
+    if type(changed) is not list:
+        raise ValueError("malformed argument changes")
+    for item in changed:
+        if type(item) is not list or len(item) != 2 or type(item[0]) is not int or not 0 <= item[0] < len(args):
+            raise ValueError("malformed argument changes")
+        old, new = args[item[0]], dec(item[1])
+        if isinstance(old, list) and type(new) is list:
+            old[:] = new
+        elif isinstance(old, dict) and type(new) is dict:
+            old.clear()
+            old.update(new)
+        elif isinstance(old, set) and type(new) is set:
+            old.clear()
+            old |= new
 
 
 def oom_kills() -> int:
@@ -255,12 +196,7 @@ class Child:
         if early is not None:
             self.proc, self.w, self.r = early
             return
-        r1, w1 = pipe()
-        r2, w2 = pipe()
-        self.proc = spawn(["-S", "-c", CODEC + HOST, "3", "4", scratch(), os.pathsep.join(sys.path)],
-                          {3: r1, 4: w2})
-        os.close(r1), os.close(w2)
-        self.w, self.r = w1, r2
+        self.proc, self.w, self.r = spawn_host(CODEC + HOST)
 
     def start(self, deadline: float) -> None:
         self.begin()
@@ -336,14 +272,13 @@ class Child:
                 if type(error) is not list or len(error) != 2 or not all(type(x) is str for x in error):
                     raise Poison("error", "malformed reply from the submission")
                 kind, message = error
-                cls = getattr(builtins, str(kind), None)
-                if isinstance(cls, type) and issubclass(cls, Exception) and cls is not AssertionError:
-                    raise cls(message)
-                raise SubmissionError(f"{kind}: {message}")
+                raise RERAISED.get(kind, SubmissionError)(message if kind in RERAISED else f"{kind}: {message}")
             try:
-                return dec(reply.get("value"))
-            except (ValueError, TypeError, RecursionError) as exc:
+                value = dec(reply.get("value"))
+                write_back(args, reply.get("args"))
+            except (ValueError, TypeError, RecursionError, IndexError) as exc:
                 raise Poison("error", f"{name} returned something that is not plain data: {exc}") from None
+            return value
         except Poison as exc:
             self.poison = exc
             raise
@@ -381,19 +316,6 @@ class Child:
         return code
 
 
-def encode(v: Any) -> Any:
-    t = type(v)
-    if v is None or t in (bool, int, float, str):
-        return v
-    if t in (list, tuple, set, frozenset):
-        return {{list: "l", tuple: "t", set: "s", frozenset: "f"}[t]: [encode(i) for i in v]}
-    if t is dict:
-        return {"d": [[encode(k), encode(x)] for k, x in v.items()]}
-    if t is bytes:
-        return {"b": binascii.b2a_base64(v, newline=False).decode()}
-    raise TypeError(f"cannot pass a {t.__name__} to the submission")
-
-
 def proxy(child: Child, name: str, state: dict) -> Any:
     def call(*args: Any, **kwargs: Any) -> Any:
         return child.call(name, args, kwargs, state["deadline"])
@@ -401,8 +323,12 @@ def proxy(child: Child, name: str, state: dict) -> Any:
     return call
 
 
-NO_IMPORT = frozenset({"antigravity", "this", "__hello__", "__phello__", "idlelib", "tkinter", "turtle",
-                       "turtledemo", "webbrowser", "pydoc", "ensurepip", "venv", "lib2to3", "test"})
+# The only modules imported here because the submission names them: pure stdlib modules that
+# neither run code on import nor read files (a `__main__` module would, e.g. unittest's discovery).
+IMPORTABLE = frozenset({
+    "math", "re", "string", "itertools", "functools", "collections", "heapq", "bisect", "operator",
+    "statistics", "fractions", "decimal", "random", "datetime", "copy", "typing", "dataclasses", "enum",
+    "json", "hashlib", "textwrap", "unicodedata", "array", "cmath", "numbers"})
 
 
 def namespace(child: Child, state: dict, trusted: dict | None = None, entry: str | None = None) -> dict:
@@ -413,12 +339,11 @@ def namespace(child: Child, state: dict, trusted: dict | None = None, entry: str
     exports = child.exports or {}
     reserved = set(dir(builtins))
     for alias, module in dict(exports.get("modules") or {}).items():
-        # only standard-library modules, and none that act on import: the names come from the child
-        if str(alias) not in reserved and str(module).split(".")[0] in sys.stdlib_module_names \
-                and str(module).split(".")[0] not in NO_IMPORT:
+        # the names come from the child: exact members of the allowlist only
+        if type(module) is str and module in IMPORTABLE and str(alias) not in reserved:
             try:
-                ns[str(alias)] = __import__(str(module), fromlist=["_"])
-            except Exception:  # the test fails with a NameError if it needs the module
+                ns[str(alias)] = __import__(module)
+            except ImportError:  # the test fails with a NameError if it needs the module
                 pass
     for key, value in dict(exports.get("values") or {}).items():
         try:
@@ -502,7 +427,7 @@ def grade_calls(job: dict, timeout: float, child: Child) -> list:
                 raise Poison("error", f"malformed reply from the submission: {exc!r}"[:2000]) from None
         except Poison as exc:
             ns, load_error = None, exc
-        names = ["check"] if spec["kind"] == "function" else [f"assert {i}" for i in range(len(spec["asserts"]))]
+        names = job["names"]  # the server's list: the one it checks the verdict against
         if ns is None:
             return [{"name": n, "status": load_error.status, "message": str(load_error)} for n in names]
         if spec["kind"] == "function":
@@ -535,7 +460,8 @@ def run_stdio(source: str, stdin: bytes, timeout: float, limit: int) -> tuple[st
     out_r, out_w = pipe()
     err_r, err_w = pipe()
     oom0 = oom_kills()
-    pid = spawn(["-c", RUNNER, "3", scratch()], {0: in_r, 1: out_w, 2: err_w, 3: src_r})
+    home = scratch()
+    pid = spawn(["-c", RUNNER, "3", home], {0: in_r, 1: out_w, 2: err_w, 3: src_r}, home)
     for fd in (src_r, in_r, out_w, err_w):
         os.close(fd)
     closers = {src_w: lambda: os.close(src_w), in_w: lambda: os.close(in_w)}
@@ -592,11 +518,19 @@ def run_stdio(source: str, stdin: bytes, timeout: float, limit: int) -> tuple[st
     os.close(out_r)
     os.close(err_r)
     if status is None and code != 0:
-        tail = err[-2000:].decode("utf-8", "replace")
         status = "oom" if oom_kills() > oom0 else "error"
-        return status, "exit code {}{}".format(code, ": " + tail if tail else ""), bytes(out), cpu
+        kind = exception_type(err)
+        return status, "exit code {}{}".format(code, ": " + kind if kind else ""), bytes(out), cpu
     messages = {"timeout": "time limit exceeded", "output_limit": f"output passed {limit} bytes"}
     return status or "ok", messages.get(status or "", ""), bytes(out), cpu
+
+
+def exception_type(stderr: bytes | bytearray) -> str:
+    """The exception type on a traceback's last line, nothing else of it: the submission's stderr
+    may echo the hidden input back."""
+    lines = stderr[-4096:].decode("utf-8", "replace").strip().splitlines()
+    kind = lines[-1].split(":", 1)[0].strip() if lines else ""
+    return kind if len(kind) <= 80 and kind.replace(".", "").replace("_", "").isalnum() else ""
 
 
 def check_output(spec: dict, case: dict, output: str, ns: dict) -> tuple[bool, str]:
@@ -621,22 +555,23 @@ def check_output(spec: dict, case: dict, output: str, ns: dict) -> tuple[bool, s
     got_t, want_t = " ".join(got).split(), " ".join(want).split()
     if len(got_t) != len(want_t):
         return False, f"expected {len(want_t)} tokens, got {len(got_t)}"
-    for a, b in zip(got_t, want_t):
+    for i, (a, b) in enumerate(zip(got_t, want_t)):
         if a == b:
             continue
         try:
             x, y = float(a), float(b)
         except ValueError:
-            return False, f"token {a!r} differs from {b!r}"
+            return False, f"token {i + 1} differs"
         if not (abs(x - y) <= spec["abs_tol"] or abs(x - y) <= spec["rel_tol"] * abs(y)):
-            return False, f"{a!r} is not within tolerance of {b!r}"
+            return False, f"token {i + 1} is not within tolerance"
     return True, ""
 
 
 def first_difference(got: list, want: list) -> str:
+    """Where the output first differs, never what it holds (it may be the echoed hidden input)."""
     for i, (a, b) in enumerate(zip(got, want)):
         if a != b:
-            return f"line {i + 1}: expected {b[:200]!r}, got {a[:200]!r}"
+            return f"line {i + 1} differs"
     return f"expected {len(want)} lines, got {len(got)}"
 
 
@@ -652,18 +587,60 @@ def grade_stdio(job: dict, timeout: float, child: None = None) -> list:
         if status == "ok":
             try:
                 ok, why = check_output(spec, case, out.decode("utf-8", "replace"), ns)
-                status, message = ("passed", "") if ok else ("failed", why)
-            except BaseException as exc:  # a broken custom checker fails the case
-                status, message = "error", f"checker raised {type(exc).__name__}: {exc}"
-        results.append({"name": case.get("name") or f"case {i}", "status": status, "message": message[:2000],
+                status, message = ("passed", "") if ok else ("failed", f"wrong answer on case {i}: {why[:200]}")
+            except BaseException as exc:  # a broken custom checker fails the case; its text may quote the output
+                status, message = "error", f"checker raised {type(exc).__name__}"
+        results.append({"name": job["names"][i], "status": status, "message": message[:300],
                         "wall_time_s": round(time.monotonic() - start, 6), "cpu_time_s": cpu})
     return results
 
 
 # -- pytest files -----------------------------------------------------------------------------
+def memory_files(files: dict) -> dict:
+    """{path: (name, source)}: each test file in a memfd, reached as /proc/<grader>/fd/N, a folder
+    no other process can list, open or write (the grader is non-dumpable). Nothing on disk."""
+    paths = {}
+    for name, source in files.items():
+        fd = os.memfd_create(name)  # close-on-exec
+        os.write(fd, source.encode())
+        paths[f"/proc/{os.getpid()}/fd/{fd}"] = (name, source)
+    return paths
+
+
+def memory_plugin(pytest: Any, paths: dict) -> Any:
+    """Collects exactly the task's files, compiled from the grader's memory: no path, conftest or
+    ini file of the filesystem takes part."""
+    import types
+
+    class MemoryModule(pytest.Module):
+        def _getobj(self) -> Any:
+            name, source = paths[str(self.path)]
+            module = types.ModuleType(name.removesuffix(".py").replace("/", "."))
+            module.__file__ = str(self.path)  # tracebacks read the lines back from the memfd
+            exec(compile(source, str(self.path), "exec"), module.__dict__)
+            self.config.pluginmanager.consider_module(module)
+            return module
+
+    class Memory:
+        @pytest.hookimpl(tryfirst=True)
+        def pytest_collect_file(self, file_path: Any, parent: Any) -> Any:
+            if str(file_path) not in paths:
+                return None
+            return MemoryModule.from_parent(parent, path=file_path, nodeid=paths[str(file_path)][0])
+
+    return Memory()
+
+
+def pytest_args(paths: dict) -> list:
+    """Only our files; no ini file (-c /dev/null), no conftest, no cache; rootdir and confcutdir
+    are the grader's own fd folder."""
+    private = f"/proc/{os.getpid()}/fd"
+    return [*paths, "-q", "-c", os.devnull, "--rootdir", private, "--confcutdir", private, "--noconftest",
+            "-p", "no:cacheprovider", "-p", "no:randomly", "--tb=short", "--assert=plain"]
+
+
 def grade_pytest(job: dict, timeout: float, child: Child) -> list:
-    """pytest runs here with `sys.modules[module]` a module of proxies. Test files live in memfds
-    reached through this process's own /proc/self/fd, which the submission cannot open."""
+    """pytest runs here with `sys.modules[module]` a module of proxies, on the task's files only."""
     import types
 
     try:
@@ -679,11 +656,7 @@ def grade_pytest(job: dict, timeout: float, child: Child) -> list:
     trusted = trusted_definitions(job.get("prelude") or "")
     module.__dict__.update({k: v for k, v in namespace(child, state, trusted).items() if not k.startswith("__")})
     sys.modules[spec["module"]] = module
-    folder = scratch()
-    for name, source in spec["files"].items():
-        fd = os.memfd_create(name)
-        os.write(fd, source.encode())
-        os.symlink(f"/proc/{os.getpid()}/fd/{fd}", os.path.join(folder, name))
+    paths = memory_files(spec["files"])
     results: list = []
 
     class Collector:
@@ -698,6 +671,8 @@ def grade_pytest(job: dict, timeout: float, child: Child) -> list:
                 if report.when != "call" and status == "failed":
                     status = "error"
                 message = str(report.longreprtext or "")[-2000:]
+                for path, (name, _) in paths.items():  # the memfd's path means nothing to a reader
+                    message = message.replace(path.lstrip("/"), name)
                 if child.poison is not None:
                     status, message = child.poison.status, str(child.poison)
                 results.append({"name": report.nodeid.split("::", 1)[-1], "status": status, "message": message,
@@ -706,13 +681,21 @@ def grade_pytest(job: dict, timeout: float, child: Child) -> list:
 
     sys.dont_write_bytecode = True
     try:
-        code = pytest.main([folder, "-q", "-p", "no:cacheprovider", "-p", "no:randomly", "--rootdir", folder,
-                            "-o", "python_files=*.py", "--assert=plain"], plugins=[Collector()])
+        code = pytest.main(pytest_args(paths), plugins=[memory_plugin(pytest, paths), Collector()])
     finally:
         child.kill()
     if not results:
         return [{"name": "pytest", "status": "error", "message": f"no test ran (pytest exit code {int(code)})"}]
     return results
+
+
+def asserts_enabled() -> bool:
+    """False under -O: then no test could fail, so the grader refuses to grade."""
+    try:
+        assert False
+    except AssertionError:
+        return True
+    return False
 
 
 def main(job_data: bytes, early: tuple | None = None) -> None:
@@ -730,10 +713,8 @@ def main(job_data: bytes, early: tuple | None = None) -> None:
         hardened = ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) == 0  # PR_SET_DUMPABLE, 0
     except Exception:  # no ctypes: weaker, reported in the verdict
         hardened = False
-    try:
-        assert False  # refuse to grade without asserts (never run under -O)
-        verdict = {"error": "the grader runs without asserts"}
-    except AssertionError:
+    verdict = {"error": "the grader runs without asserts"}
+    if asserts_enabled():  # graded outside the except block: test errors must not chain to it
         grade = grade_stdio if kind == "stdio" else grade_pytest if kind == "pytest" else grade_calls
         try:
             verdict = {"tests": grade(job, float(job["timeout_s"]), child), "hardened": hardened}

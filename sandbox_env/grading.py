@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from sandbox_env.errors import KernelError, KernelUnavailableError
-from sandbox_env.grader_harness import CODEC, HOST
+from sandbox_env.grader_child import CODEC, HOST
 from sandbox_env.kernels.base import Kernel
 from sandbox_env.models import ExecStatus, Grading, TestResult, TestStatus
 from sandbox_env.rewards import reward_policy
@@ -54,11 +54,11 @@ def harness_code() -> tuple[bytes, bytes]:
 
 
 def grader_input(job: dict[str, Any]) -> bytes:
-    """The grader's stdin: the child's source (none for stdio tests), the rest of the grader as
-    source and as code, and the job."""
-    host = b"" if job["spec"]["kind"] == "stdio" else (CODEC + HOST).encode()
+    """The grader's stdin: the codec, the child's source (none for stdio tests), the rest of the
+    grader as source and as code, and the job. The server only reads the grader's text, never runs it."""
+    host = b"" if job["spec"]["kind"] == "stdio" else HOST.encode()
     magic, code = harness_code()
-    parts = (host, harness_parts()[1], json.dumps(job).encode(), magic, code)
+    parts = (CODEC.encode(), host, harness_parts()[1], json.dumps(job).encode(), magic, code)
     return b"".join(b"%012d" % len(part) + part for part in parts)
 
 
@@ -72,7 +72,8 @@ async def grade(kernel: Kernel, task: Task, submission: str, *, reward: str | No
     per_test = per_test_timeout(kernel, task)
     expected = test_count(task)
     budget = min(MAX_PROGRAM_S, per_test * (expected or PYTEST_BUDGET_TESTS) + STARTUP_S)
-    job = {"spec": task.tests.model_dump(mode="json"), "submission": submission, "timeout_s": per_test,
+    job = {"spec": task.tests.model_dump(mode="json"), "names": _test_names(task),  # one list, used on both sides
+           "submission": submission, "timeout_s": per_test,
            "output_limit": kernel.policy.output_limit_bytes,
            "prelude": task.prompt}  # a Python prompt's helpers run trusted, in the grader
     try:
@@ -84,12 +85,11 @@ async def grade(kernel: Kernel, task: Task, submission: str, *, reward: str | No
                        wall_time_s=time.perf_counter() - started)
     tests, problem = _verdict(result.stdout, task, expected)
     if problem is not None:
-        detail = f"{problem} (grader {result.status.value}, exit code {result.exit_code})"
+        message = f"{problem} (grader {result.status.value}, exit code {result.exit_code})"
         if result.status is ExecStatus.TIMEOUT:
-            detail = f"grading ran past its {budget:g} s budget"
-        tail = result.stderr.strip()[-1000:]
-        message = f"{detail}{': ' + tail if tail else ''}"
-        log.info("grading %s: no usable verdict: %s", task.id, message)
+            message = f"grading ran past its {budget:g} s budget"
+        # the grader's stderr holds test output (hidden sources): logged, never returned
+        log.info("grading %s: no usable verdict: %s: %s", task.id, message, result.stderr.strip()[-1000:])
         names = _test_names(task)
         tests = [TestResult(name=n, status=TestStatus.ERROR, message=message) for n in names]
     value = reward_policy(reward or task.reward)(tests, task.weights)
@@ -126,8 +126,9 @@ def _verdict(stdout: str, task: Task, expected: int | None) -> tuple[list[TestRe
         return [], "the grader reported no verdict"
     if not isinstance(data, dict) or not isinstance(data.get("tests"), list):
         return [], "the grader's verdict is malformed"
-    if data.get("hardened") is False:  # no ctypes in the sandbox: same-uid processes could read it
+    if data.get("hardened") is not True:  # dumpable: the submission could have read or driven it
         log.warning("grading %s: the grader could not make itself non-dumpable", task.id)
+        return [], "the grader could not make itself non-dumpable"
     try:
         tests = [TestResult.model_validate(t) for t in data["tests"]]
     except ValidationError:

@@ -29,7 +29,9 @@ from sandbox_env.tasks import (
 )
 
 log = logging.getLogger(__name__)
-GRADER_STASH = 2  # warm kernels kept per policy for the next one-shot grading
+# Managers alive per backend in this process: backend-wide setup and teardown (orphan sweeps)
+# run for the first and the last only, so one manager never removes another's sandboxes.
+_LIVE_MANAGERS: dict[type[Kernel], int] = {}
 
 
 class SessionManager:
@@ -51,6 +53,7 @@ class SessionManager:
             reward_policy(self.settings.reward)  # a bad server default fails at start, not mid-episode
         self._graders: dict[str, list[Kernel]] = {}
         self.grading = 0
+        self._counted = False
 
     @property
     def active(self) -> int:
@@ -64,7 +67,11 @@ class SessionManager:
         return not self.draining and self.active < self.capacity
 
     async def start(self) -> None:
-        self.runtime_report = await self.kernel_class.setup_backend()
+        first = _LIVE_MANAGERS.get(self.kernel_class, 0) == 0
+        _LIVE_MANAGERS[self.kernel_class] = _LIVE_MANAGERS.get(self.kernel_class, 0) + 1
+        self._counted = True
+        if first:
+            self.runtime_report = await self.kernel_class.setup_backend()
         if self.runtime_report:
             log.info("backend %s: %s", self.settings.backend, self.runtime_report)
         await self._pool(self.default_policy.name).start()
@@ -82,7 +89,11 @@ class SessionManager:
         self._graders.clear()
         await asyncio.gather(*(k.close() for k in stashed), return_exceptions=True)
         await asyncio.gather(*(pool.close() for pool in self._pools.values()), return_exceptions=True)
-        await self.kernel_class.teardown_backend()
+        if self._counted:
+            self._counted = False
+            _LIVE_MANAGERS[self.kernel_class] -= 1
+            if _LIVE_MANAGERS[self.kernel_class] == 0:
+                await self.kernel_class.teardown_backend()
 
     async def open_episode(self) -> Episode:
         """Take a session slot; the episode gets its kernel at its first reset."""
@@ -160,7 +171,7 @@ class SessionManager:
         finally:
             self.grading -= 1
         # run_program leaves a clean slate (no process, no file), so the kernel may grade again.
-        if result.status == "graded" and kernel.is_alive() and len(stash) < GRADER_STASH and not self.draining:
+        if result.status == "graded" and kernel.is_alive() and len(stash) < self.settings.grader_stash and not self.draining:
             stash.append(kernel)
         else:
             await kernel.close()
@@ -207,4 +218,7 @@ class SessionManager:
                 if episode.last_active < cutoff and not episode.busy:
                     log.info("closing idle episode %s", episode.id)
                     self.episodes.pop(key, None)
-                    await episode.close()
+                    try:
+                        await episode.close()
+                    except Exception:  # one bad close must not end reaping for good
+                        log.exception("closing idle episode %s failed", episode.id)

@@ -18,6 +18,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     max_sessions: int = Field(32, ge=1, description="concurrent episodes (WebSocket sessions)")
     pool_size: int = Field(2, ge=0, description="warm kernels kept ready per policy")
+    grader_stash: int = Field(2, ge=0, description="kernels kept for the next one-shot grading, per policy")
     session_timeout_s: float | None = Field(None, gt=0, description="close idle sessions after this")
     max_message_bytes: int = Field(16 << 20, ge=1024, description="largest accepted WS/HTTP message")
     allowed_policies: list[str] | None = Field(None, description="policies a reset may ask for")

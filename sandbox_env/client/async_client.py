@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 _OPENENV_KWARGS = {"provider", "mode", "websocket_ping_interval_s", "websocket_ping_timeout_s"}
 # How much longer than a step's own time limit its reply may take (kernel restart, transport).
 _REPLY_MARGIN_S = 15.0
+_GRADING_REPLY_TIMEOUT_S = 3600.0
 
 
 class SandboxEnv(DualMode):
@@ -116,6 +117,10 @@ class SandboxEnv(DualMode):
         if timeout_s is not None:
             message["timeout_s"] = timeout_s  # our extension of OpenEnv's step frame
             reply_timeout_s = max(reply_timeout_s, timeout_s + _REPLY_MARGIN_S)
+        if payload.get("submit"):
+            # Grading runs every test under its own limit: minutes for a large suite. Keepalive
+            # pings still notice a dead server; giving up early would lose the episode.
+            reply_timeout_s = max(reply_timeout_s, _GRADING_REPLY_TIMEOUT_S)
         data = await self._request(message, "observation", reply_timeout_s=reply_timeout_s)
         return StepResult.from_wire(data)
 

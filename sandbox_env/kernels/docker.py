@@ -323,8 +323,12 @@ class DockerKernel(Kernel):
                     reply = await self._request(request)
                 result = ExecutionResult.model_validate({k: v for k, v in reply.items() if k not in ("op", "id")})
             except TimeoutError as exc:
-                self._schedule_boot()
-                raise KernelDiedError("the sandbox did not answer while running a program") from exc
+                # The program can stop its own supervisor (same uid: kill(-1, SIGSTOP)); unless the
+                # daemon logged a kill/stop from outside, the silence is the program's timeout.
+                if not await self._silenced_from_inside(since):
+                    self._schedule_boot()
+                    raise KernelDiedError("the sandbox did not answer while running a program") from exc
+                result = await self._lost(ExecStatus.TIMEOUT, 124, "the program stopped the sandbox from answering")
             except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError, ValidationError) as exc:
                 # Killed from outside (docker kill/rm, daemon trouble): the service's failure. The
                 # program killing its own supervisor: the program's failure, reported as a result.
@@ -338,6 +342,17 @@ class DockerKernel(Kernel):
                 raise
             result.wall_time_s = time.perf_counter() - started
             return result
+
+    async def _silenced_from_inside(self, since: float) -> bool:
+        """The container still runs, unpaused, and the daemon logged no kill/stop/pause: then only
+        the program itself can have silenced the supervisor."""
+        if await self._killed_from_outside(since):
+            return False
+        try:
+            state = (await _call((self._client or get_client()).api.inspect_container, self.container_id))["State"]
+        except Exception:  # noqa: BLE001 - gone, or the daemon is in trouble: infrastructure
+            return False
+        return bool(state.get("Running")) and not state.get("Paused")
 
     async def _killed_from_outside(self, since: float) -> bool:
         container = self.container_id

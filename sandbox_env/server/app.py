@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sandbox_env._version import __version__
 from sandbox_env.errors import SandboxEnvError
@@ -50,23 +50,47 @@ def uvicorn_kwargs(settings: Settings) -> dict[str, Any]:
     }
 
 
+class _BodyTooLarge(Exception):
+    pass
+
+
 class BodySizeLimit:
-    """Reject HTTP bodies announced larger than the limit with 413, before reading them."""
+    """Reject HTTP bodies larger than the limit with 413: announced ones before reading them,
+    chunked ones as soon as the bytes received pass the limit."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            for name, value in scope.get("headers", ()):
-                if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                    response = routes.JSONResponse(
-                        {"detail": {"message": f"request body larger than {self.max_bytes} bytes",
-                                    "code": "payload_too_large"}}, status_code=413)
-                    await response(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await self._reject(scope, receive, send)
+                return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except _BodyTooLarge:  # raised while the app reads the body, before it answers
+            await self._reject(scope, receive, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = routes.JSONResponse(
+            {"detail": {"message": f"request body larger than {self.max_bytes} bytes",
+                        "code": "payload_too_large"}}, status_code=413)
+        await response(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -141,9 +141,14 @@ class WsSession:
         if isinstance(message, McpMessage):
             reply = await handle_jsonrpc(message.data, manager=self.manager, metrics=self.metrics,
                                          episode=self.episode)
-            return {"type": "mcp", "data": reply} if reply is not None else None
+            # A JSON-RPC notification has no response, but every frame here gets exactly one reply:
+            # a client pairing replies by order must not fall out of step.
+            return {"type": "mcp", "data": reply}
         self.closing = True
         return None
+
+
+MAX_QUEUED = 64
 
 
 class _Inbox:
@@ -151,7 +156,9 @@ class _Inbox:
 
     def __init__(self, websocket: WebSocket) -> None:
         self._websocket = websocket
-        self._frames: asyncio.Queue[str] = asyncio.Queue(maxsize=4)
+        # Unbounded, so the reader never blocks and always sees a disconnect; a client that
+        # pipelines more than MAX_QUEUED frames is cut off instead.
+        self._frames: asyncio.Queue[str] = asyncio.Queue()
         self.gone = asyncio.Event()
         self._task = asyncio.create_task(self._read(), name="ws-reader")
 
@@ -164,7 +171,10 @@ class _Inbox:
                 text = message.get("text")
                 if text is None:  # a binary frame: read it as UTF-8 JSON
                     text = (message.get("bytes") or b"").decode("utf-8", "replace")
-                await self._frames.put(str(text))
+                if self._frames.qsize() >= MAX_QUEUED:
+                    log.warning("closing /ws session: more than %d frames sent ahead", MAX_QUEUED)
+                    return
+                self._frames.put_nowait(str(text))
         except (WebSocketDisconnect, RuntimeError, OSError):
             return
         finally:

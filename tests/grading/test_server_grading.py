@@ -62,7 +62,11 @@ async def test_task_episode_over_ws(server: Any) -> None:
         assert grading["status"] == "graded" and grading["tests"][0]["status"] == "passed"
         state = (await ws.request("state"))["data"]
         assert state["grading"]["reward"] == 1.0 and state["step_count"] == 4
-        # the given code is graded when there is some
+        # a graded episode takes no second attempt (its feedback may quote hidden tests)
+        again = await ws.request("step", {"code": GOOD_SQUARE, "submit": True})
+        assert again["type"] == "error" and again["data"]["error_code"] == "episode_closed", again
+        # after a reset, the given code is graded when there is some
+        await ws.request("reset", {"task_id": "sq"})
         wrong = (await ws.request("step", {"code": "def square(x):\n    return 0\n", "submit": True}))["data"]
         assert wrong["reward"] == 0.0 and wrong["done"] is True
 

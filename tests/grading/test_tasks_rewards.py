@@ -131,3 +131,44 @@ def test_submit_flag_keeps_code_required() -> None:
     assert CodeAction(code="", submit=True).submit
     with pytest.raises(ValueError):
         CodeAction.model_validate({"submit": True})
+
+
+class _ForgedVerdictKernel:
+    """A kernel whose grader reports a pass; only the `hardened` flag differs."""
+
+    def __init__(self, hardened: object) -> None:
+        from sandbox_env.policy import Policy
+
+        self.policy, self.hardened = Policy(name="t"), hardened
+
+    async def run_program(self, source: str, *, stdin: bytes = b"", timeout_s: float) -> object:
+        from sandbox_env.models import ExecStatus, ExecutionResult
+
+        verdict: dict[str, object] = {"tests": [{"name": "check", "status": "passed"}]}
+        if self.hardened is not None:
+            verdict["hardened"] = self.hardened
+        return ExecutionResult(status=ExecStatus.OK, exit_code=0, stdout=json.dumps(verdict))
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("hardened", [False, None, "yes"])
+async def test_a_grader_that_stayed_dumpable_earns_zero(hardened: object) -> None:
+    from sandbox_env.grading import grade
+
+    task = Task.model_validate(FUNCTION)
+    control = await grade(_ForgedVerdictKernel(True), task, "def square(x): return x * x")  # type: ignore[arg-type]
+    assert control.reward == 1.0, control
+    result = await grade(_ForgedVerdictKernel(hardened), task, "def square(x): return x * x")  # type: ignore[arg-type]
+    assert result.status == "graded" and result.reward == 0.0 and "dumpable" in (result.error or ""), result
+    assert [t.status for t in result.tests] == [TestStatus.ERROR]
+
+
+def test_the_server_never_runs_grader_code() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, sandbox_env.grading as g\n"
+            "g.grader_input({'spec': {'kind': 'function'}, 'names': ['check']})\n"
+            "print('sandbox_env.grader_harness' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
