@@ -45,6 +45,20 @@ class UnknownKernelError(ConfigError):
     http_status = 422
 
 
+class TaskError(ConfigError):
+    """The task data is invalid (the message names the field)."""
+
+    code = "invalid_task"
+    http_status = 422
+
+
+class TaskNotFoundError(SandboxEnvError):
+    """No task with that id on this server."""
+
+    code = "task_not_found"
+    http_status = 404
+
+
 class KernelError(SandboxEnvError):
     """The execution backend failed; the episode's interpreter is lost."""
 
@@ -127,7 +141,8 @@ _BY_CODE: dict[str, type[SandboxEnvError]] = {
     for cls in (
         SandboxEnvError, ConfigError, PolicyNotFoundError, UnknownKernelError, KernelError,
         KernelUnavailableError, KernelStartError, KernelDiedError, EpisodeError,
-        EpisodeNotFoundError, EpisodeClosedError, ClientError, InvalidRequestError,
+        EpisodeNotFoundError, EpisodeClosedError, ClientError, InvalidRequestError, TaskError,
+        TaskNotFoundError,
     )
 }
 

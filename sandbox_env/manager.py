@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from sandbox_env.episode import Episode
-from sandbox_env.errors import CapacityError, ConfigError, PolicyNotFoundError
+from sandbox_env.errors import CapacityError, ConfigError, PolicyNotFoundError, TaskError, TaskNotFoundError
 from sandbox_env.grading import choose_reward, grade
 from sandbox_env.kernels.base import Kernel
 from sandbox_env.kernels.pool import KernelPool
@@ -21,8 +21,6 @@ from sandbox_env.rewards import reward_policy
 from sandbox_env.settings import Settings
 from sandbox_env.tasks import (
     Task,
-    TaskError,
-    TaskNotFoundError,
     humaneval_tasks,
     load_tasks,
     parse_task,

@@ -22,27 +22,13 @@ from pydantic import (
     model_validator,
 )
 
-from sandbox_env.errors import ConfigError, SandboxEnvError
+from sandbox_env.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 _ID = r"^[A-Za-z0-9_./:+-]{1,200}$"
 _IDENT = r"^[A-Za-z_][A-Za-z0-9_]*$"
 REWARD_POLICIES = ("binary", "fraction", "weighted")
-
-
-class TaskNotFoundError(SandboxEnvError):
-    """No task with that id on this server."""
-
-    code = "task_not_found"
-    http_status = 404
-
-
-class TaskError(ConfigError):
-    """The task data is invalid (the message names the field)."""
-
-    code = "invalid_task"
-    http_status = 422
 
 
 class _Spec(BaseModel):
