@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import threading
 import time
@@ -78,19 +79,41 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+def missing(reason: str) -> None:
+    """Skip a test whose requirement is missing here; in CI (CI=true) that is a failure."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"required in CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
-def require_docker() -> None:
-    """Skip without a Docker engine and the sandbox image; in CI (CI=true) that is a failure."""
+def docker_client() -> Any:
+    """A docker-py client for an engine that answers and has the sandbox image."""
     try:
         import docker
 
         from sandbox_env.kernels.docker import default_image
 
-        docker.from_env(timeout=30).images.get(default_image())
+        client = docker.from_env(timeout=60)
+        client.ping()
+        client.images.get(default_image())
     except Exception as exc:  # noqa: BLE001 - any failure means "no usable engine"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(f"Docker is required in CI: {exc}", pytrace=False)
-        pytest.skip(f"no usable Docker engine: {exc}")
+        missing(f"no Docker engine or sandbox image ({exc}): run .ci/docker-setup.sh")
+    return client
+
+
+@pytest.fixture(scope="session")
+def require_docker(docker_client: Any) -> None:
+    """For tests that need the engine but not the client itself."""
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Headless Chromium for the web page's tests (scripts/test installs it)."""
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        missing("chromium is not installed")
+    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -61,7 +61,11 @@ class Kernel(abc.ABC):
         """Once per server shutdown, after every kernel is closed: remove what is left."""
 
     async def inspect(self) -> dict[str, Any]:
-        """Variables and resource use, for the inspection API; backends may override."""
+        """Variables and resource use, for the inspection API; backends may override.
+
+        Keys every backend uses: `variables` (a list of `{"name", "type", "repr"}`),
+        `memory_mb`, `cpu_time_s`.
+        """
         return {}
 
     async def __aenter__(self) -> Self:

@@ -369,15 +369,17 @@ class DockerKernel(Kernel):
                                 "container_id": self.container_id, "policy": self.policy.name,
                                 "execution_count": self.execution_count, "probe": self.probe}
         if self._lock.locked() or not self.is_alive() or self._boot_task is not None:
-            return {**info, "variables": {}, "busy": self._lock.locked()}
+            return {**info, "variables": [], "busy": self._lock.locked()}
         async with self._lock:
             try:
                 reply = await asyncio.wait_for(self._request({"op": "inspect", "id": 0}), 5.0)
             except (TimeoutError, asyncio.IncompleteReadError, OSError, ValueError):
                 self._schedule_boot()
-                return {**info, "variables": {}}
+                return {**info, "variables": []}
         reply.pop("op", None), reply.pop("id", None)
-        return {**info, **reply}
+        variables = reply.pop("variables", None) or {}
+        reply["cpu_time_s"] = reply.pop("cpu_time_used_s", None)
+        return {**info, **reply, "variables": [{"name": name, **row} for name, row in variables.items()]}
 
     async def _ensure_running(self) -> None:
         if self._closed:

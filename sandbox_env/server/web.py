@@ -41,14 +41,6 @@ def _summary(episode: Episode) -> dict[str, Any]:
     }
 
 
-def _variables(kernel: dict[str, Any]) -> list[dict[str, str]]:
-    """Backends report variables as a list of rows or a name -> row mapping; show one shape."""
-    found = kernel.get("variables") or []
-    if isinstance(found, dict):
-        return [{"name": name, **row} for name, row in found.items()]
-    return list(found)
-
-
 @router.get("/episodes", tags=["Inspection"], summary="Live episodes")
 async def list_episodes(request: Request) -> dict[str, Any]:
     manager = _manager(request)
@@ -67,8 +59,7 @@ async def show_episode(episode_id: str, request: Request) -> dict[str, Any]:
             details = await asyncio.wait_for(episode.inspect(), INSPECT_TIMEOUT_S)
         except (TimeoutError, Exception):  # noqa: BLE001 - inspection is best effort
             pass
-    kernel = dict(details.get("kernel") or {})
-    kernel["variables"] = _variables(kernel)
+    kernel = {"variables": [], **(details.get("kernel") or {})}
     return {**details, "kernel": kernel, "summary": _summary(episode)}
 
 
@@ -134,7 +125,7 @@ async function renderDetail(root) {
   const data = await resp.json(), k = data.kernel || {}, s = data.summary;
   document.getElementById("title").textContent = "episode " + EPISODE;
   const parts = [el("h2", "State"), table([s], ["backend","policy","step_count","last_status","busy","age_s","idle_s"]),
-    el("h2", "Resources"), table([{memory_mb: k.memory_mb, cpu_time_s: k.cpu_time_s ?? k.cpu_time_used_s,
+    el("h2", "Resources"), table([{memory_mb: k.memory_mb, cpu_time_s: k.cpu_time_s,
       processes: k.processes, limits: k.limits}], ["memory_mb","cpu_time_s","processes","limits"]),
     el("h2", "Variables"), table(k.variables || [], ["name","type","repr"]), el("h2", "History")];
   (data.history || []).forEach(h => { const r = h.result || {}, box = el("div", null, "step " + r.status);

@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import tempfile
 
 import httpx
-import pytest
 
 from sandbox_env import SandboxEnv
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail("chromium is required in CI (scripts/test installs it)", pytrace=False)
-        pytest.skip("chromium is not installed")
-    return path
 
 
 def rendered_dom(chromium: str, url: str) -> str:
