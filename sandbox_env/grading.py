@@ -15,6 +15,7 @@ import json
 import logging
 import marshal
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -45,21 +46,27 @@ def harness_parts() -> tuple[str, bytes]:
     return text[:cut], text[cut:].encode()
 
 
-@functools.lru_cache(maxsize=1)
-def harness_code() -> tuple[bytes, bytes]:
-    """(bytecode magic, marshalled code of the rest): the grader uses it when its magic matches."""
-    rest = harness_parts()[1].decode()
-    code = compile("from __future__ import annotations\n" + rest, "<grader>", "exec")
-    return importlib.util.MAGIC_NUMBER, marshal.dumps(code)
+def _section(data: bytes) -> bytes:
+    return b"%012d" % len(data) + data
+
+
+@functools.lru_cache(maxsize=2)
+def grader_preamble(stdio: bool) -> bytes:
+    """The constant first section of the grader's stdin, compressed: CODEC, the child's HOST (none
+    for stdio tests), the rest of the grader, and the bytecode magic with (rest, CODEC, CODEC +
+    HOST) compiled, which the grader uses when its own magic matches."""
+    rest = harness_parts()[1]
+    host = "" if stdio else HOST
+    codes = marshal.dumps((compile("from __future__ import annotations\n" + rest.decode(), "<grader>", "exec"),
+                           compile(CODEC, "<codec>", "exec"), compile(CODEC + host, "<child>", "exec")))
+    parts = (CODEC.encode(), host.encode(), importlib.util.MAGIC_NUMBER, codes, rest)
+    return _section(zlib.compress(b"".join(map(_section, parts)), 1))
 
 
 def grader_input(job: dict[str, Any]) -> bytes:
-    """The grader's stdin: the codec, the child's source (none for stdio tests), the rest of the
-    grader as source and as code, and the job. The server only reads the grader's text, never runs it."""
-    host = b"" if job["spec"]["kind"] == "stdio" else HOST.encode()
-    magic, code = harness_code()
-    parts = (CODEC.encode(), host, harness_parts()[1], json.dumps(job).encode(), magic, code)
-    return b"".join(b"%012d" % len(part) + part for part in parts)
+    """The grader's stdin: the preamble, then the job. The server only reads the grader's text,
+    never runs it."""
+    return grader_preamble(job["spec"]["kind"] == "stdio") + _section(json.dumps(job).encode())
 
 
 def per_test_timeout(kernel: Kernel, task: Task) -> float:

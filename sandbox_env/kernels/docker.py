@@ -64,8 +64,10 @@ _EXECUTOR = ThreadPoolExecutor(max_workers=16, thread_name_prefix="sandbox-docke
 
 
 @functools.lru_cache(maxsize=1)
-def _sources() -> tuple[bytes, str]:
-    return (_HERE / "docker_runner.py").read_bytes(), (_HERE / "docker_worker.py").read_text()
+def _sources() -> tuple[bytes, str, str]:
+    """The runner (sent first, raw), and the worker and zygote it execs (sent in its config)."""
+    return ((_HERE / "docker_runner.py").read_bytes(), (_HERE / "docker_worker.py").read_text(),
+            (_HERE / "docker_zygote.py").read_text())
 
 
 def default_image() -> str:
@@ -248,11 +250,11 @@ class DockerKernel(Kernel):
             await _call(client.api.start, self.container_id)
             self._pending.clear()
             self._reader, self._writer = await asyncio.open_connection(sock=raw)
-            runner, worker = _sources()
+            runner, worker, zygote = _sources()
             self._send_bytes(runner)
             self._send({"op": "config", "output_bytes": self.policy.output_bytes,
                         "output_limit_bytes": self.policy.output_limit_bytes,
-                        "cpu_time_s": self.policy.cpu_time_s, "worker_source": worker,
+                        "cpu_time_s": self.policy.cpu_time_s, "worker_source": worker, "zygote_source": zygote,
                         "truncation_mark": _truncation_mark()})
             ready = await asyncio.wait_for(self._read_frame(), START_TIMEOUT_S)
         except docker.errors.ImageNotFound as exc:

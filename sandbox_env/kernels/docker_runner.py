@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 HEADER = struct.Struct(">I")
 CHUNK = 1 << 16
 WORKER_FILE = "<sandbox-worker>"
+ZYGOTE_FILE = "<sandbox-zygote>"
 IGNORED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGTSTP",
            "SIGTTIN", "SIGTTOU")
 EXIT_ERROR, EXIT_TIMEOUT, EXIT_OUTPUT = 1, 124, 1
@@ -39,7 +40,6 @@ MEMORY_FILES = (("/sys/fs/cgroup/memory/memory.oom_control", "oom_kill"),
                 ("/sys/fs/cgroup/memory.events", "oom_kill"))
 WORKSPACE = "/workspace"
 SCRATCH_DIRS = (WORKSPACE, "/tmp", "/dev/shm")
-PROGRAM_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": WORKSPACE, "LANG": "C.UTF-8", "TMPDIR": "/tmp"}
 USAGE_FILES = ("/sys/fs/cgroup/memory/memory.usage_in_bytes", "/sys/fs/cgroup/memory.current")
 
 
@@ -138,8 +138,9 @@ def probe() -> dict[str, Any]:
 class Supervisor:
     """Owns the channel and the worker; one request at a time."""
 
-    def __init__(self, config: dict[str, Any], bounded: type, worker: type, closing: tuple[int, ...]) -> None:
-        self.bounded, self.worker_class, self.closing = bounded, worker, closing
+    def __init__(self, config: dict[str, Any], bounded: type, worker: type, closing: tuple[int, ...],
+                 zygote: Any) -> None:
+        self.bounded, self.worker_class, self.closing, self.zygote = bounded, worker, closing, zygote
         self.keep = int(config["output_bytes"])
         self.limit = int(config["output_limit_bytes"])
         self.kill_all = bool(config.get("kill_all", True))
@@ -166,7 +167,7 @@ class Supervisor:
         if pid == 0:
             code = 70
             try:
-                for fd in (*self.closing, cmd_w, res_r, out_r, err_r):
+                for fd in (*self.closing, *self.zygote.fds(), cmd_w, res_r, out_r, err_r):
                     os.close(fd)
                 os.dup2(out_w, 1)
                 os.dup2(err_w, 2)
@@ -218,35 +219,53 @@ class Supervisor:
             self.exited = (os.waitstatus_to_exitcode(status), 0)
         return self.exited
 
+    def ensure_worker(self) -> None:
+        """Programs leave no worker behind (a grading sandbox may never need one): fork it now."""
+        if not self.worker:
+            self.spawn()
+
     def restart(self) -> None:
-        """Kill every process but init and this one, wait until they are gone, fork a new worker."""
+        """Kill every process but init, this one and the zygote; fork a new worker."""
         self.kill_everything()
         self.spawn()
 
     def kill_everything(self) -> None:
         """Close the worker's pipes and SIGKILL every other process until none is left."""
-        for fd in (self.cmd, self.res, self.out, self.err, self.pidfd):
-            if fd is not None:
+        if self.worker:
+            for fd in (self.cmd, self.res, self.out, self.err):
                 os.close(fd)
-        self.pidfd = None
         self.kill_others()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+        self.worker, self.pidfd = 0, None
 
     def kill_others(self) -> None:
+        """SIGKILL every process but init, this one and the zygote, until none is left."""
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
+            spare = self.zygote.pid
             try:
-                os.kill(-1, signal.SIGKILL) if self.kill_all else os.killpg(self.worker, signal.SIGKILL)
+                if not self.kill_all:
+                    os.killpg(self.worker, signal.SIGKILL) if self.worker else None
+                elif spare:
+                    kill_all_but(spare)
+                else:
+                    os.kill(-1, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-            if self.reap() is None:
-                time.sleep(0.002)
+            if self.worker and self.reap() is None:
+                if self.pidfd is None:
+                    time.sleep(0.002)
+                else:  # readable once the worker has exited
+                    select.select([self.pidfd], [], [], 0.05)
                 continue
-            if not self.kill_all or not others_alive():
+            if not self.kill_all or not others_alive(spare):
                 break
-            time.sleep(0.002)
+            time.sleep(0.001)
 
     def execute(self, code: str, timeout: float) -> dict[str, Any]:
         out, err = self.bounded(self.keep), self.bounded(self.keep)
+        self.ensure_worker()
         if (ended := self.reap()) is not None:  # died between steps (a daemon killed it, say)
             err.write(f"[sandbox-env] the interpreter had died since the last step (exit code {ended[0]}); "
                       "this step runs in a fresh one\n")
@@ -333,33 +352,50 @@ class Supervisor:
                 "stdout_truncated": out.truncated, "stderr_truncated": err.truncated, **extra}
 
     def run_program(self, source: str, stdin: bytes, timeout: float) -> dict[str, Any]:
-        """`python3 -I -c source` as the only process: every other one killed, workspace and /tmp
-        wiped before (and after), stdin fed then closed, output bounded, the deadline enforced."""
-        import subprocess  # only here: it costs milliseconds at every container start
-
+        """`python3 -I -c source` as the only process (a fork of the zygote): every other one
+        killed, workspace and /tmp wiped before (and after), stdin fed then closed, output
+        bounded, the deadline enforced."""
         self.kill_everything()
         wipe(SCRATCH_DIRS)
         started = time.monotonic()
         out, err = self.bounded(self.limit), self.bounded(self.keep)
         oom_before = self.oom_kills()
-        proc = subprocess.Popen([sys.executable, "-I", "-c", source], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=WORKSPACE, env=PROGRAM_ENV,
-                                close_fds=True, start_new_session=True)
-        status, usage, code = pump(proc, stdin, out, err, started + timeout, self.limit)
-        self.kill_others()
-        if usage is None:  # killed above (timeout, flood): reap it now
-            _, wstatus, usage = os.wait4(proc.pid, 0)
-            code = os.waitstatus_to_exitcode(wstatus)
+        status, (code, cpu), note = self.launch(source, stdin, out, err, started + timeout)
         wipe(SCRATCH_DIRS)
-        self.spawn()
         if status is None:
             oom = code < 0 and (self.oom_kills() or 0) > (oom_before or 0)
             status = "ok" if code == 0 else "oom" if oom else "killed" if code < 0 else "error"
-        exit_code = 128 - code if code < 0 else code
-        return {**self.result(status, exit_code, out, err), "wall_time_s": time.monotonic() - started,
-                "cpu_time_s": round(usage.ru_utime + usage.ru_stime, 6)}
+        return {**self.result(status, 128 - code if code < 0 else code, out, err, note=note),
+                "wall_time_s": time.monotonic() - started, "cpu_time_s": round(cpu, 6)}
+
+    def launch(self, source: str, stdin: bytes, out: Bounded, err: Bounded,
+               deadline: float) -> tuple[str | None, tuple[int, float], str]:
+        """Run a program through the zygote and stop whatever is left of it: (why it was stopped
+        or None, (exit code, negative for a signal; CPU seconds), a note)."""
+        ends = [os.pipe() for _ in range(4)]  # stdin, stdout, stderr, source
+        theirs = [ends[0][0], ends[1][1], ends[2][1], ends[3][0]]
+        ours = [ends[0][1], ends[1][0], ends[2][0], ends[3][1]]
+        pid = self.zygote.launch(theirs, 5.0) if self.zygote.ensure() else 0
+        for fd in theirs:
+            os.close(fd)
+        if not pid:
+            for fd in ours:
+                os.close(fd)
+            return "error", (126, 0.0), "the program could not be started"
+        status = pump({ours[3]: source.encode(), ours[0]: stdin}, {ours[1]: out, ours[2]: err}, deadline, self.limit)
+        ended = self.zygote.wait(deadline - time.monotonic()) if status is None else None
+        if status is None and ended is None and self.zygote.pid:
+            status = "timeout"  # it closed its output but ran on
+        self.kill_others()
+        if ended is None and self.zygote.pid:
+            ended = self.zygote.wait(5.0)
+        if ended is None:
+            self.zygote.kill()
+            return status, (-signal.SIGKILL, 0.0), "the program's exit status was lost (it killed the zygote)"
+        return status, ended, ""
 
     def inspect(self) -> dict[str, Any]:
+        self.ensure_worker()
         write_frame(self.cmd, {"op": "inspect"})
         reply, _ = self.wait(time.monotonic() + 2.0, self.bounded(self.keep), self.bounded(self.keep))
         if reply is None:
@@ -370,15 +406,17 @@ class Supervisor:
                 "cpu_time_used_s": self.cpu_used, "processes": count_processes()}
 
 
-def pump(proc: Any, stdin: bytes, out: Bounded, err: Bounded, deadline: float,
-         limit: int) -> tuple[str | None, Any, int]:
-    """Feed stdin, collect output until the program ends; (status if it was stopped, rusage, code)."""
-    files = {f.fileno(): f for f in (proc.stdin, proc.stdout, proc.stderr)}  # closed once, by their owner
-    pending = {proc.stdin.fileno(): stdin}
-    streams = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
-    for fd in (*pending, *streams):
+def pump(pending: dict[int, bytes], streams: dict[int, Bounded], deadline: float, limit: int) -> str | None:
+    """Feed each `pending` fd its bytes then close it; collect `streams` until all of them end.
+    Closes every fd given; returns why it stopped early ("timeout", "output_limit"), else None."""
+    owned = [*pending, *streams]
+    for fd in owned:
         os.set_blocking(fd, False)
-    status = None
+    streams, sinks, status = dict(streams), list(streams.values()), None
+    for fd in [fd for fd, data in pending.items() if not data]:
+        del pending[fd]
+        os.close(fd)
+        owned.remove(fd)
     while streams:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -394,30 +432,20 @@ def pump(proc: Any, stdin: bytes, out: Bounded, err: Bounded, deadline: float,
                 pending[fd] = b""
             if not pending[fd]:
                 del pending[fd]
-                files[fd].close()
-        if not stdin and pending:
-            for fd in list(pending):
-                del pending[fd]
-                files[fd].close()
+                os.close(fd)
+                owned.remove(fd)
         for fd in readable:
             data = read_some(fd)
             if data == b"":
                 del streams[fd]
             elif data:
                 streams[fd].write(data)
-        if out.total + err.total > limit:
+        if sum(sink.total for sink in sinks) > limit:
             status = "output_limit"
             break
-    for f in files.values():
-        f.close()
-    while status is None:
-        pid, wstatus, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            return None, usage, os.waitstatus_to_exitcode(wstatus)
-        if time.monotonic() >= deadline:
-            status = "timeout"
-        time.sleep(0.001)
-    return status, None, -9
+    for fd in owned:
+        os.close(fd)
+    return status
 
 
 def wipe(paths: tuple[str, ...]) -> None:
@@ -499,8 +527,21 @@ def live_pids() -> list[int]:
     return pids
 
 
-def others_alive() -> bool:
-    return any(pid not in (1, os.getpid()) for pid in live_pids())
+def others_alive(spare: int = 0) -> bool:
+    return any(pid not in (1, os.getpid(), spare) for pid in live_pids())
+
+
+def kill_all_but(spare: int) -> None:
+    """SIGKILL every process but init, this one and `spare`. Everything is stopped at once first,
+    so nothing forks between the listing and the kill; `spare` is then resumed."""
+    os.kill(-1, signal.SIGSTOP)
+    os.kill(spare, signal.SIGCONT)
+    for pid in live_pids():
+        if pid not in (1, os.getpid(), spare):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def count_processes() -> int:
@@ -522,7 +563,11 @@ def main() -> None:
     Bounded.mark = str(config.get("truncation_mark", Bounded.mark))
     worker_ns: dict[str, Any] = {"__name__": "sandbox_worker"}
     exec(compile(config["worker_source"], WORKER_FILE, "exec"), worker_ns)  # noqa: S102 - our own worker source
-    supervisor = Supervisor(config, Bounded, worker_ns["Worker"], (chan_in, chan_out))
+    # The zygote first: forked now, its memory holds no request, no step and no program.
+    zygote_ns: dict[str, Any] = {"__name__": "sandbox_zygote"}
+    exec(compile(config["zygote_source"], ZYGOTE_FILE, "exec"), zygote_ns)  # noqa: S102 - our own source
+    zygote = zygote_ns["Zygote"](config["zygote_source"], (chan_in, chan_out))
+    supervisor = Supervisor(config, Bounded, worker_ns["Worker"], (chan_in, chan_out), zygote)
     write_frame(chan_out, {"op": "ready", "probe": probe()})
     serve(chan_in, chan_out, supervisor)
 

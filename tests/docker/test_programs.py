@@ -1,0 +1,128 @@
+"""`DockerKernel.run_program`: each program is a fork of the container's zygote, and must behave as
+a fresh `python3 -I -c` that nothing of the episode reaches, whatever the episode did to the zygote."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import pytest
+from docker_helpers import MEMORY_PROBE, reversed_needles
+
+pytestmark = pytest.mark.docker
+
+REPORT = """
+import json, os, sys
+def processes():
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if stat.rsplit(")", 1)[1].split()[0] != "Z":
+                found.append(stat[stat.index("(") + 1:stat.rindex(")")])
+    return sorted(found)
+try:
+    import pytest
+    site_packages = True
+except ImportError:
+    site_packages = False
+print(json.dumps({
+    "argv": sys.argv, "cwd": os.getcwd(), "env": sorted(os.environ), "isolated": sys.flags.isolated,
+    "site_packages": site_packages, "exit_builtin": callable(exit), "fds": sorted(os.listdir("/proc/self/fd")),
+    "own_session": os.getsid(0) == os.getpid(), "stdin": sys.stdin.read(), "main": __name__,
+    "processes": processes(), "workspace": os.listdir("/workspace"), "tmp": os.listdir("/tmp"),
+    "asserts": __debug__,
+}))
+"""
+
+
+async def test_a_program_runs_as_a_fresh_python3_isolated_would(kernel: Any) -> None:
+    result = await kernel.run_program(REPORT, stdin=b"fed on stdin", timeout_s=10)
+    assert result.status == "ok" and result.exit_code == 0, result
+    seen = json.loads(result.stdout)
+    assert seen["argv"] == ["-c"] and seen["main"] == "__main__" and seen["cwd"] == "/workspace"
+    assert seen["env"] == ["HOME", "LANG", "PATH", "TMPDIR"]
+    assert seen["isolated"] == 1 and seen["asserts"] is True
+    assert seen["site_packages"] and seen["exit_builtin"]  # what `-S` would have taken away
+    assert seen["fds"] == ["0", "1", "2", "3"]  # 3: listdir's own handle on /proc/self/fd
+    assert seen["own_session"] and seen["stdin"] == "fed on stdin"
+    # init, the supervisor, the zygote and the program itself: nothing else
+    assert len(seen["processes"]) == 4 and seen["processes"].count("python3") == 3, seen["processes"]
+
+
+@pytest.mark.parametrize(("source", "status", "exit_code", "stderr"), [
+    ("raise SystemExit(3)", "error", 3, ""),
+    ("import sys; sys.exit('bye')", "error", 1, "bye"),
+    ("exit()", "ok", 0, ""),
+    ("raise ValueError('broken')", "error", 1, "ValueError: broken"),
+    ("import os; os.kill(os.getpid(), 9)", "killed", 137, ""),
+    ("import atexit; atexit.register(print, 'at exit')", "ok", 0, ""),
+])
+async def test_exit_status_and_errors_as_python3_reports_them(kernel: Any, source: str, status: str,
+                                                             exit_code: int, stderr: str) -> None:
+    result = await kernel.run_program(source, timeout_s=10)
+    assert (result.status.value, result.exit_code) == (status, exit_code), result
+    assert stderr in result.stderr
+    if "atexit" in source:
+        assert result.stdout == "at exit\n"
+
+
+async def test_nothing_of_the_episode_reaches_a_program(kernel: Any) -> None:
+    secret = f"EPISODE-SECRET-{uuid.uuid4().hex}"
+    step = await kernel.execute(
+        f"import subprocess\nsecret = {secret!r}\nprint(secret)\n"
+        "open('/workspace/left.txt', 'w').write(secret)\nopen('/tmp/left.txt', 'w').write(secret)\n"
+        "subprocess.Popen(['sleep', '1000'], start_new_session=True)\n")
+    assert step.status == "ok", step
+    probe = MEMORY_PROBE + (f"print(memory_counts({reversed_needles(secret=secret, none=f'ABSENT-{uuid.uuid4().hex}')!r}))\n")
+    result = await kernel.run_program(REPORT + probe, timeout_s=20)
+    assert result.status == "ok", result
+    report, counts = result.stdout.splitlines()
+    seen = json.loads(report)
+    assert seen["workspace"] == [] and seen["tmp"] == []
+    assert "sleep" not in seen["processes"] and len(seen["processes"]) == 4, seen["processes"]
+    counts = eval(counts)  # noqa: S307 - a dict of ints printed by our own probe
+    assert counts["secret"] == counts["none"], counts  # the zygote was forked before any step
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGSTOP"])
+async def test_programs_run_after_episode_code_kills_or_stops_the_zygote(kernel: Any, signal_name: str) -> None:
+    # The worker's parent is the supervisor; every other python3 but itself is the zygote.
+    hit = await kernel.execute(
+        "import os, signal\nhit = []\n"
+        "for pid in map(int, filter(str.isdigit, os.listdir('/proc'))):\n"
+        "    if pid not in (1, os.getpid(), os.getppid()):\n"
+        f"        os.kill(pid, signal.{signal_name}); hit.append(pid)\n"
+        "print(len(hit))\n")
+    assert hit.status == "ok" and hit.stdout == "1\n", hit
+    for _ in range(2):
+        result = await kernel.run_program("print(6 * 7)", timeout_s=10)
+        assert result.status == "ok" and result.stdout == "42\n", result
+    after = await kernel.execute("print(1)")  # the episode goes on, with a fresh interpreter
+    assert after.status == "ok" and after.stdout == "1\n", after
+
+
+async def test_a_program_that_kills_its_zygote_gets_a_clear_status(kernel: Any) -> None:
+    result = await kernel.run_program("import os\nprint('before')\nos.kill(os.getppid(), 9)\n", timeout_s=10)
+    assert result.stdout == "before\n"
+    assert result.status.value == "killed" and "exit status was lost" in result.stderr, result
+    again = await kernel.run_program(REPORT, timeout_s=10)
+    assert again.status == "ok" and len(json.loads(again.stdout)["processes"]) == 4, again
+
+
+@pytest.mark.parametrize(("source", "status"), [
+    ("while True: pass", "timeout"),
+    ("import os\nos.close(1); os.close(2)\nwhile True: pass", "timeout"),
+    ("import sys\nwhile True: sys.stdout.write('x' * 65536)", "output_limit"),
+])
+async def test_a_program_past_its_limits_is_stopped_and_the_next_one_runs(kernel: Any, source: str,
+                                                                         status: str) -> None:
+    result = await kernel.run_program(source, timeout_s=1)
+    assert result.status.value == status, result
+    again = await kernel.run_program(REPORT, timeout_s=10)
+    assert again.status == "ok" and len(json.loads(again.stdout)["processes"]) == 4, again
