@@ -41,7 +41,8 @@ class Kernel(abc.ABC):
         """Whether the interpreter can take `execute` calls."""
 
     async def run_program(self, source: str, *, stdin: bytes = b"", timeout_s: float) -> ExecutionResult:
-        """Run `python3 -I -c source` as a fresh process in this kernel's sandbox.
+        """Run `source` as `python3 -I -c source` would, as a fresh process in this kernel's sandbox
+        (it may be forked from a pre-warmed interpreter that never ran anything of the episode).
 
         Every process of the agent is stopped first; the working directory (and /tmp where the
         sandbox has its own) is empty, the environment minimal, the policy's limits apply, `stdin`

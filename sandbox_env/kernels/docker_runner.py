@@ -7,9 +7,10 @@ Stdlib only. Frames are 4-byte big-endian lengths + JSON.
 Why two processes: the user's code runs in the worker, whose fd 1/2 are capture pipes and which
 never holds the channel fds, so nothing it prints or writes can forge a result frame. The
 supervisor enforces the step deadline and the output cap, and after a timeout, a crash or a flood
-it SIGKILLs every process in the container (kill(-1): all but itself and init) and forks a fresh
+it SIGKILLs every process in the container (all but itself, init and the zygote) and forks a fresh
 worker, so the episode goes on with an empty namespace and no stray daemon. The server keeps its own
 deadline as a backstop and replaces the whole container when the supervisor stops answering.
+Programs (`run` frames: the grader) are forks of the zygote (`docker_zygote.py`), on a clean slate.
 """
 
 from __future__ import annotations
@@ -143,7 +144,6 @@ class Supervisor:
         self.bounded, self.worker_class, self.closing, self.zygote = bounded, worker, closing, zygote
         self.keep = int(config["output_bytes"])
         self.limit = int(config["output_limit_bytes"])
-        self.kill_all = bool(config.get("kill_all", True))
         self.cpu_budget = config.get("cpu_time_s")
         self.cpu_used = 0.0
         self.worker = 0
@@ -245,12 +245,7 @@ class Supervisor:
         while time.monotonic() < deadline:
             spare = self.zygote.pid
             try:
-                if not self.kill_all:
-                    os.killpg(self.worker, signal.SIGKILL) if self.worker else None
-                elif spare:
-                    kill_all_but(spare)
-                else:
-                    os.kill(-1, signal.SIGKILL)
+                kill_all_but(spare) if spare else os.kill(-1, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
             if self.worker and self.reap() is None:
@@ -259,7 +254,7 @@ class Supervisor:
                 else:  # readable once the worker has exited
                     select.select([self.pidfd], [], [], 0.05)
                 continue
-            if not self.kill_all or not others_alive(spare):
+            if not others_alive(spare):
                 break
             time.sleep(0.001)
 
@@ -586,8 +581,7 @@ def serve(chan_in: int, chan_out: int, supervisor: Supervisor) -> None:
             reply.update(supervisor.run_program(str(request["source"]), base64.b64decode(request.get("stdin") or ""),
                                                 float(request["timeout"])))
         write_frame(chan_out, reply)
-    if supervisor.kill_all:
-        os.kill(-1, signal.SIGKILL)
+    os.kill(-1, signal.SIGKILL)
 
 
 if __name__ == "__main__":
