@@ -1,19 +1,19 @@
-"""The trusted grader program: runs inside the sandbox as `python3 -I -c <prelude>`.
+"""The trusted grader program: runs inside the sandbox, loaded by `grading.LOADER`.
 
-Stdlib only; it is sent, never installed. The program is this file's prelude (up to PRELUDE_END);
-stdin brings two length-prefixed sections, read one at a time. First a compressed preamble, the
-same at every grading: CODEC and the child's HOST (`grader_child.py`; no HOST for stdio tests),
-the rest of this file, and the server's bytecode magic with all three precompiled. Then the job
-(tests + submission), which only exists at grade time. Before reading the job, the prelude forks
-the UNTRUSTED child, which then holds no byte of it and runs only HOST until it is sent the
-submission. The
-grader writes one JSON verdict to its own stdout. It makes itself non-dumpable (same-uid
-processes cannot ptrace it or read its memory or fds) before the child gets the submission
-(pipes only; a child needed later is a fresh `python3 -I -S -c HOST`). Tests execute here, in the
-grader: the submission's functions are proxies that forward calls to the child and get back plain
-builtin data, strictly decoded, so nothing the submission returns or patches takes part in the
-comparison. A call that times out, kills the child or returns something undecodable poisons its
-test, whatever the test code catches.
+Stdlib only; it is sent, never installed. The program run is the short LOADER. Its stdin holds
+two length-prefixed sections, read one at a time and exactly. First a compressed preamble, the
+same at every grading: this file's source, the child's CODEC and HOST (`grader_child.py`; no
+HOST for stdio tests), and the server's bytecode magic with all of them compiled (used when the
+magic matches; else the loader compiles the sources). The loader runs this module and calls
+`boot()`, which forks the UNTRUSTED child, makes the grader non-dumpable (same-uid processes
+cannot ptrace it or read its memory or fds), and only then reads the second section: the job
+(tests + submission), which exists in the sandbox only from that moment. The child, holding no
+byte of the job, runs only HOST until it is sent the submission (pipes only; a child needed
+later is a fresh `python3 -I -S -c HOST`). The grader writes one JSON verdict to its own stdout.
+Tests execute here, in the grader: the submission's functions are proxies that forward calls to
+the child and get back plain builtin data, strictly decoded, so nothing the submission returns
+or patches takes part in the comparison. A call that times out, kills the child or returns
+something undecodable poisons its test, whatever the test code catches.
 """
 
 
@@ -21,9 +21,27 @@ test, whatever the test code catches.
 # (a grader execs task code and must survive anything that code raises)
 from __future__ import annotations
 
+import _signal as signal  # the C module: `signal` imports `enum` (milliseconds)
+import builtins
 import fcntl
 import os
+import select
+import struct
 import sys
+import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    # Put in this namespace by the loader (`grading.LOADER`): the sources of CODEC and HOST
+    # (`grader_child.py`), CODEC compiled, CODEC + HOST compiled (None for stdio tests), and the
+    # reader of the next stdin section.
+    CODEC = HOST = ""
+    CODEC_CODE: Any = None
+    CHILD_CODE: Any = None
+    section: Callable[[], bytes]
 
 TMP = os.environ.get("TMPDIR") or "/tmp"
 _SCRATCH = [0]
@@ -75,34 +93,9 @@ def spawn_host(codec_host: str) -> tuple:
     return pid, w1, r2
 
 
-def section() -> bytes:
-    """The next stdin section (a 12-digit length, then the bytes), read exactly: nothing past it
-    enters this process, so a child forked now holds none of the later sections."""
-    def read(n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            chunk = os.read(0, n - len(buf))
-            if not chunk:
-                raise SystemExit("the grader's input ended early")
-            buf += chunk
-        return buf
-    return read(int(read(12)))
-
-
-def split(data: bytes, count: int) -> list:
-    parts, at = [], 0
-    for _ in range(count):
-        size = int(data[at:at + 12])
-        parts.append(data[at + 12:at + 12 + size])
-        at += 12 + size
-    return parts
-
-
 def fork_host(code: object) -> tuple:
     """spawn_host as a fork of this process: a millisecond instead of an interpreter start. Only
     before the job is read (the child gets a copy of this memory); later children are spawned."""
-    import builtins
-
     r1, w1 = pipe()
     r2, w2 = pipe()
     home = scratch()
@@ -138,53 +131,22 @@ def harden() -> bool:
 
 
 def boot() -> None:
+    """Called by the loader once this module is loaded, before any byte of the job is read."""
     # The grader's own directory: "/" is read-only in the sandbox (the submission writes only to
     # its scratch folders), so nothing the grader does relative to its cwd meets planted files.
     os.chdir("/")
-    import marshal
-    import zlib
-
-    # First the preamble (public, the same at every grading), then the job.
-    codec, host, magic, codes, rest = split(zlib.decompress(section()), 5)
-    # The server sends our code precompiled too (trusted data), used when this interpreter's
-    # bytecode magic matches: compiling it would cost milliseconds at every grading.
-    compiled = marshal.loads(codes) if magic == sys.modules["_frozen_importlib_external"].MAGIC_NUMBER else None
-    early = None
-    if host:  # the child only runs our HOST code until main() sends it the submission
-        early = fork_host(compiled[2] if compiled else compile((codec + host).decode(), "<child>", "exec"))
+    # The child only runs our HOST code until main() sends it the submission; forked now, it
+    # holds none of the job. Children needed later are spawned afresh.
+    early = fork_host(CHILD_CODE) if HOST else None
     hardened = harden()  # before the job enters this process
-    job = section()
-    namespace = globals()
-    namespace["CODEC"], namespace["HOST"] = codec.decode(), host.decode()
-    namespace["CODEC_CODE"] = compiled[1] if compiled else compile(codec.decode(), "<codec>", "exec")
-    rest_code = compiled[0] if compiled else compile(
-        "from __future__ import annotations\n" + rest.decode(), "<grader>", "exec")
-    exec(rest_code, namespace)
-    namespace["main"](job, early, hardened)
+    main(section(), early, hardened)
 
-
-if __name__ == "__main__":
-    boot()
-# ---- PRELUDE_END: everything below travels on stdin ----
-import _signal as signal  # the C module: `signal` imports `enum` (milliseconds)
-import builtins
-import select
-import struct
-import time
-
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Any
-
-    CODEC = HOST = ""  # set by boot()
-    CODEC_CODE: Any = None
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 64 << 20
 TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 OOM_FILES = ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control")
 
-# CODEC and HOST (`grader_child.py`) are put in this namespace by boot(), from stdin.
 _CODEC: dict = {}
 exec(CODEC_CODE, _CODEC)
 loads, dumps, dec, encode = _CODEC["loads"], _CODEC["dumps"], _CODEC["dec"], _CODEC["enc"]

@@ -35,38 +35,52 @@ MAX_PROGRAM_S = 3600.0
 PYTEST_BUDGET_TESTS = 50  # pytest files: the count is unknown before collection
 
 
-MARKER = "# ---- PRELUDE_END"
-
-
-@functools.lru_cache(maxsize=1)
-def harness_parts() -> tuple[str, bytes]:
-    """(the program: the grader's prelude, the rest of the grader sent on stdin)."""
-    text = (Path(__file__).resolve().parent / "grader_harness.py").read_text()
-    cut = text.index(MARKER)
-    return text[:cut], text[cut:].encode()
-
-
-def _section(data: bytes) -> bytes:
-    return b"%012d" % len(data) + data
+# The program each grading runs. It reads the preamble (see `grader_preamble`), runs the grader
+# module from it, and hands over to its boot(), which reads the job. Exact reads: no byte past a
+# section enters the process before boot() has forked the child.
+LOADER = """
+import marshal, os, sys, zlib
+def read(n):
+    data = b""
+    while len(data) < n:
+        chunk = os.read(0, n - len(data))
+        if not chunk:
+            raise SystemExit("the grader's input ended early")
+        data += chunk
+    return data
+def section():
+    return read(int(read(12)))
+magic, codes, grader, codec, host = marshal.loads(zlib.decompress(section()))
+if magic == sys.modules["_frozen_importlib_external"].MAGIC_NUMBER:
+    grader, codec_code, child_code = marshal.loads(codes)
+else:
+    grader, codec_code = compile(grader, "<grader>", "exec"), compile(codec, "<codec>", "exec")
+    child_code = compile(codec + host, "<child>", "exec") if host else None
+namespace = {"__name__": "__grader__", "__builtins__": __builtins__, "CODEC": codec, "HOST": host,
+             "CODEC_CODE": codec_code, "CHILD_CODE": child_code, "section": section}
+exec(grader, namespace)
+namespace["boot"]()
+"""
 
 
 @functools.lru_cache(maxsize=2)
 def grader_preamble(stdio: bool) -> bytes:
-    """The constant first section of the grader's stdin, compressed: CODEC, the child's HOST (none
-    for stdio tests), the rest of the grader, and the bytecode magic with (rest, CODEC, CODEC +
-    HOST) compiled, which the grader uses when its own magic matches."""
-    rest = harness_parts()[1]
+    """The grader's first stdin section, the same at every grading, compressed: the bytecode magic,
+    (grader, CODEC, CODEC + HOST) compiled, and the sources of the grader, CODEC and HOST (none
+    for stdio tests) for an interpreter whose magic differs. The server compiles the grader's
+    text; it never imports or runs it."""
+    grader = (Path(__file__).resolve().parent / "grader_harness.py").read_text()
     host = "" if stdio else HOST
-    codes = marshal.dumps((compile("from __future__ import annotations\n" + rest.decode(), "<grader>", "exec"),
-                           compile(CODEC, "<codec>", "exec"), compile(CODEC + host, "<child>", "exec")))
-    parts = (CODEC.encode(), host.encode(), importlib.util.MAGIC_NUMBER, codes, rest)
-    return _section(zlib.compress(b"".join(map(_section, parts)), 1))
+    codes = marshal.dumps((compile(grader, "<grader>", "exec"), compile(CODEC, "<codec>", "exec"),
+                           compile(CODEC + host, "<child>", "exec") if host else None))
+    data = zlib.compress(marshal.dumps((importlib.util.MAGIC_NUMBER, codes, grader, CODEC, host)), 1)
+    return b"%012d" % len(data) + data
 
 
 def grader_input(job: dict[str, Any]) -> bytes:
-    """The grader's stdin: the preamble, then the job. The server only reads the grader's text,
-    never runs it."""
-    return grader_preamble(job["spec"]["kind"] == "stdio") + _section(json.dumps(job).encode())
+    """The grader's stdin: the preamble, then the job."""
+    data = json.dumps(job).encode()
+    return grader_preamble(job["spec"]["kind"] == "stdio") + b"%012d" % len(data) + data
 
 
 def per_test_timeout(kernel: Kernel, task: Task) -> float:
@@ -84,7 +98,7 @@ async def grade(kernel: Kernel, task: Task, submission: str, *, reward: str | No
            "output_limit": kernel.policy.output_limit_bytes,
            "prelude": task.prompt}  # a Python prompt's helpers run trusted, in the grader
     try:
-        result = await kernel.run_program(harness_parts()[0], stdin=grader_input(job), timeout_s=budget)
+        result = await kernel.run_program(LOADER, stdin=grader_input(job), timeout_s=budget)
     except KernelError as exc:
         log.warning("grading %s: infrastructure failure: %s", task.id, exc)
         return Grading(task_id=task.id, status="infra_error", reward=None, error=str(exc),
