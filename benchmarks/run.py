@@ -93,9 +93,8 @@ def rows_grading(grading: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     rows = []
     if "cost" in grading:
         cost = grading["cost"]
-        rows.append(("grading one HumanEval submission (warm)", f"{cost['median_ms']['grade']} ms",
-                     f"{cost['ratio_grade_over_python3']} x a bare `python3 -I prog.py` run "
-                     f"({cost['median_ms']['python3']} ms)",
+        baseline = f"{cost['ratio_grade_over_python3']} x a bare `python3 -I prog.py` run ({cost['median_ms']['python3']} ms)"
+        rows.append(("grading one HumanEval submission (warm)", f"{cost['median_ms']['grade']} ms", baseline,
                      verdict(cost["ratio_grade_over_python3"] <= 2) + " (<= 2 x)"))
         rows.append(("the same program as a forked `run_program` (no interpreter start)",
                      f"{cost['median_ms']['bare']} ms", f"grading = {cost['ratio_grade_over_bare']} x this",

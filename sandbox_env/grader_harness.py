@@ -32,7 +32,6 @@ import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
     from typing import Any
 
     # Put in this namespace by the loader (`grading.LOADER`): the sources of CODEC and HOST
@@ -41,7 +40,8 @@ if TYPE_CHECKING:
     CODEC = HOST = ""
     CODEC_CODE: Any = None
     CHILD_CODE: Any = None
-    section: Callable[[], bytes]
+
+    def section() -> bytes: ...
 
 TMP = os.environ.get("TMPDIR") or "/tmp"
 _SCRATCH = [0]

@@ -221,7 +221,7 @@ class Zygote:
         try:
             actions = [(os.POSIX_SPAWN_OPEN, n, os.devnull, os.O_RDWR, 0) for n in (0, 1, 2)]
             actions.append((os.POSIX_SPAWN_DUP2, there.fileno(), SOCKET_FD))
-            program = self.source + "\nserve(_socket.socket(fileno=%d))\n" % SOCKET_FD
+            program = f"{self.source}\nserve(_socket.socket(fileno={SOCKET_FD}))\n"
             self.pid = os.posix_spawn(sys.executable, [sys.executable, "-I", "-c", program], PROGRAM_ENV,
                                       file_actions=actions, setsid=True)
         except OSError:

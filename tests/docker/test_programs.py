@@ -86,7 +86,7 @@ async def test_nothing_of_the_episode_reaches_a_program(kernel: Any) -> None:
     seen = json.loads(report)
     assert seen["workspace"] == [] and seen["tmp"] == []
     assert "sleep" not in seen["processes"] and len(seen["processes"]) == 4, seen["processes"]
-    counts = eval(counts)  # noqa: S307 - a dict of ints printed by our own probe
+    counts = eval(counts)  # a dict of ints printed by our own probe
     assert counts["secret"] == counts["none"], counts  # the zygote was forked before any step
 
 
