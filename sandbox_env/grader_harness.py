@@ -35,11 +35,12 @@ if TYPE_CHECKING:
     from typing import Any
 
     # Put in this namespace by the loader (`grading.LOADER`): the sources of CODEC and HOST
-    # (`grader_child.py`), CODEC compiled, CODEC + HOST compiled (None for stdio tests), and the
-    # reader of the next stdin section.
+    # (`grader_child.py`), CODEC compiled, CODEC + HOST compiled (None for stdio tests), whether
+    # the loader made this process non-dumpable, and the reader of the next stdin section.
     CODEC = HOST = ""
     CODEC_CODE: Any = None
     CHILD_CODE: Any = None
+    HARDENED = False
 
     def section() -> bytes: ...
 
@@ -112,6 +113,9 @@ def fork_host(code: object) -> tuple:
             os.environ.clear()
             os.environ.update(child_env(home))
             sys.argv[:] = ["-c", "3", "4", home, os.pathsep.join(sys.path)]
+            import ctypes
+
+            ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # dumpable again: the grader's protection, not its own
             exec(code, {"__name__": "__main__", "__builtins__": builtins})
         finally:
             os._exit(0)
@@ -119,27 +123,17 @@ def fork_host(code: object) -> tuple:
     return pid, w1, r2
 
 
-def harden() -> bool:
-    """PR_SET_DUMPABLE 0: same-uid processes can no longer ptrace this one or read its memory and
-    fds. False when it cannot be done (no ctypes): then the verdict says so, and earns nothing."""
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) == 0
-    except Exception:
-        return False
-
-
 def boot() -> None:
     """Called by the loader once this module is loaded, before any byte of the job is read."""
+    if not HARDENED:  # dumpable: same-uid processes could read the job out of this one
+        emit({"tests": [], "hardened": False})
     # The grader's own directory: "/" is read-only in the sandbox (the submission writes only to
     # its scratch folders), so nothing the grader does relative to its cwd meets planted files.
     os.chdir("/")
     # The child only runs our HOST code until main() sends it the submission; forked now, it
     # holds none of the job. Children needed later are spawned afresh.
     early = fork_host(CHILD_CODE) if HOST else None
-    hardened = harden()  # before the job enters this process
-    main(section(), early, hardened)
+    main(section(), early)
 
 
 HEADER = struct.Struct(">I")
@@ -720,7 +714,7 @@ def asserts_enabled() -> bool:
     return False
 
 
-def main(job_data: bytes, early: tuple | None, hardened: bool) -> None:
+def main(job_data: bytes, early: tuple | None) -> None:
     verdict_fd = os.dup(1)  # the verdict channel: only this process ever writes to it
     os.dup2(2, 1)
     sys.stdout = sys.stderr
@@ -733,15 +727,19 @@ def main(job_data: bytes, early: tuple | None, hardened: bool) -> None:
     if asserts_enabled():  # graded outside the except block: test errors must not chain to it
         grade = grade_stdio if kind == "stdio" else grade_pytest if kind == "pytest" else grade_calls
         try:
-            verdict = {"tests": grade(job, float(job["timeout_s"]), child), "hardened": hardened}
+            verdict = {"tests": grade(job, float(job["timeout_s"]), child), "hardened": HARDENED}
         finally:
             if child is not None:
                 child.kill()
+    emit(verdict, verdict_fd)
+
+
+def emit(verdict: dict, fd: int = 1) -> None:
+    """Write the verdict and end at once: no interpreter teardown the sandbox would wait for."""
     data = dumps(verdict).encode()
     while data:
-        data = data[os.write(verdict_fd, data):]
+        data = data[os.write(fd, data):]
     try:
         sys.stderr.flush()
     finally:
-        os._exit(0)  # no interpreter teardown: milliseconds the sandbox would wait for
-
+        os._exit(0)

@@ -39,7 +39,8 @@ PYTEST_BUDGET_TESTS = 50  # pytest files: the count is unknown before collection
 # module from it, and hands over to its boot(), which reads the job. Exact reads: no byte past a
 # section enters the process before boot() has forked the child.
 LOADER = """
-import marshal, os, sys, zlib
+import ctypes, marshal, os, sys, zlib
+hardened = ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) == 0  # PR_SET_DUMPABLE 0, first
 def read(n):
     data = b""
     while len(data) < n:
@@ -57,7 +58,7 @@ else:
     grader, codec_code = compile(grader, "<grader>", "exec"), compile(codec, "<codec>", "exec")
     child_code = compile(codec + host, "<child>", "exec") if host else None
 namespace = {"__name__": "__grader__", "__builtins__": __builtins__, "CODEC": codec, "HOST": host,
-             "CODEC_CODE": codec_code, "CHILD_CODE": child_code, "section": section}
+             "CODEC_CODE": codec_code, "CHILD_CODE": child_code, "section": section, "HARDENED": hardened}
 exec(grader, namespace)
 namespace["boot"]()
 """
@@ -104,7 +105,10 @@ async def grade(kernel: Kernel, task: Task, submission: str, *, reward: str | No
         return Grading(task_id=task.id, status="infra_error", reward=None, error=str(exc),
                        retryable=not isinstance(exc, KernelUnavailableError) and exc.retryable,
                        wall_time_s=time.perf_counter() - started)
-    tests, problem = _verdict(result.stdout, task, expected)
+    if result.status is ExecStatus.OK and result.exit_code == 0:
+        tests, problem = _verdict(result.stdout, task, expected)
+    else:  # a verdict counts only from a grader that finished: never from one stopped or killed
+        tests, problem = [], "the grader did not finish"
     if problem is not None:
         message = f"{problem} (grader {result.status.value}, exit code {result.exit_code})"
         if result.status is ExecStatus.TIMEOUT:

@@ -104,7 +104,6 @@ def run_program(sock: Any, stdin: int, stdout: int, stderr: int, source_fd: int)
     code = 1
     try:
         os.setsid()
-        set_dumpable(True)  # as after exec; the zygote's own protection is not the program's
         for target, fd in ((0, stdin), (1, stdout), (2, stderr)):
             os.dup2(fd, target)
         chunks = []
@@ -112,6 +111,7 @@ def run_program(sock: Any, stdin: int, stdout: int, stderr: int, source_fd: int)
             chunks.append(chunk)
         sock.close()
         os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        set_dumpable(True)  # as after exec, once nothing of the zygote is left in this process
         os.chdir(WORKSPACE)
         os.environ.clear()
         os.environ.update(PROGRAM_ENV)

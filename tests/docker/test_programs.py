@@ -15,16 +15,18 @@ pytestmark = pytest.mark.docker
 REPORT = """
 import json, os, sys
 def processes():
+    # Every thread is looked at: a process whose main thread exited shows "Z" but may run on.
     found = []
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            if stat.rsplit(")", 1)[1].split()[0] != "Z":
-                found.append(stat[stat.index("(") + 1:stat.rindex(")")])
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stats = []
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    stats.append(f.read())
+        except OSError:
+            continue
+        if any(stat.rsplit(")", 1)[1].split()[0] not in "ZX" for stat in stats):
+            found.append(stats[0][stats[0].index("(") + 1:stats[0].rindex(")")])
     return sorted(found)
 try:
     import pytest
@@ -126,3 +128,19 @@ async def test_a_program_past_its_limits_is_stopped_and_the_next_one_runs(kernel
     assert result.status.value == status, result
     again = await kernel.run_program(REPORT, timeout_s=10)
     assert again.status == "ok" and len(json.loads(again.stdout)["processes"]) == 4, again
+
+
+async def test_a_process_whose_main_thread_exited_does_not_outlive_the_episode(kernel: Any) -> None:
+    # Its own /proc stat says "Z" (zombie) while its second thread runs on.
+    step = await kernel.execute(
+        "import subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import ctypes, threading, time\\n"
+        "threading.Thread(target=time.sleep, args=(1000,)).start()\\n"
+        "ctypes.CDLL(None).pthread_exit(None)'], start_new_session=True)\n"
+        "time.sleep(1)\n"
+        "status = dict(line.split(':', 1) for line in open(f'/proc/{p.pid}/status'))\n"
+        "print(status['State'].split()[0], status['Threads'].strip())\n")
+    assert step.status == "ok" and step.stdout == "Z 2\n", step  # the escape is in place
+    result = await kernel.run_program(REPORT, timeout_s=10)
+    assert result.status == "ok", result
+    assert len(json.loads(result.stdout)["processes"]) == 4, result.stdout
