@@ -323,7 +323,11 @@ class DockerKernel(Kernel):
             try:
                 async with asyncio.timeout(timeout_s + HOST_GRACE_S + PROGRAM_MARGIN_S):
                     reply = await self._request(request)
+                tampered = reply.pop("tampered", None)
                 result = ExecutionResult.model_validate({k: v for k, v in reply.items() if k not in ("op", "id")})
+                if tampered:  # this program's result stands; nothing runs in that container again
+                    logger.warning("container %s replaced: %s", (self.container_id or "")[:12], tampered)
+                    self._schedule_boot()
             except TimeoutError as exc:
                 # The program can stop its own supervisor (same uid: kill(-1, SIGSTOP)); unless the
                 # daemon logged a kill/stop from outside, the silence is the program's timeout.

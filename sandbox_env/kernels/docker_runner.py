@@ -40,7 +40,8 @@ WORKER_FIELDS = ("exception", "displays", "cpu_time_s", "peak_memory_mb")
 MEMORY_FILES = (("/sys/fs/cgroup/memory/memory.oom_control", "oom_kill"),
                 ("/sys/fs/cgroup/memory.events", "oom_kill"))
 WORKSPACE = "/workspace"
-SCRATCH_DIRS = (WORKSPACE, "/tmp", "/dev/shm")
+SCRATCH_DIRS = (WORKSPACE, "/tmp", "/dev/shm", "/dev/mqueue")
+SYSV_IPC = (("shm", "shmctl"), ("sem", "semctl"), ("msg", "msgctl"))  # /proc/sysvipc/<kind>, remover
 USAGE_FILES = ("/sys/fs/cgroup/memory/memory.usage_in_bytes", "/sys/fs/cgroup/memory.current")
 
 
@@ -143,6 +144,7 @@ class Supervisor:
                  zygote: Any) -> None:
         self.bounded, self.worker_class, self.closing, self.zygote = bounded, worker, closing, zygote
         self.worker_source = str(config["worker_source"])
+        self.baseline = process_state(os.getpid())  # limits, nice, CPUs: what every program must get
         self.programs_ran = False  # once true, workers are new interpreters, never forks of this one
         self.keep = int(config["output_bytes"])
         self.limit = int(config["output_limit_bytes"])
@@ -356,16 +358,23 @@ class Supervisor:
         bounded, the deadline enforced."""
         self.kill_everything()
         wipe(SCRATCH_DIRS)
+        wipe_ipc()
+        if self.zygote.pid and process_state(self.zygote.pid) != self.baseline:
+            self.zygote.kill()  # limits lowered, niced, pinned: a fresh one inherits ours
         started = time.monotonic()
         out, err = self.bounded(self.limit), self.bounded(self.keep)
         oom_before = self.oom_kills()
         status, (code, cpu), note = self.launch(source, stdin, out, err, started + timeout)
         wipe(SCRATCH_DIRS)
+        wipe_ipc()
         if status is None:
             oom = code < 0 and (self.oom_kills() or 0) > (oom_before or 0)
             status = "ok" if code == 0 else "oom" if oom else "killed" if code < 0 else "error"
-        return {**self.result(status, 128 - code if code < 0 else code, out, err, note=note),
-                "wall_time_s": time.monotonic() - started, "cpu_time_s": round(cpu, 6)}
+        reply = {**self.result(status, 128 - code if code < 0 else code, out, err, note=note),
+                 "wall_time_s": time.monotonic() - started, "cpu_time_s": round(cpu, 6)}
+        if process_state(os.getpid()) != self.baseline:  # cannot be undone from inside: replace us
+            reply["tampered"] = "the sandbox's own limits, priority or CPUs were changed"
+        return reply
 
     def launch(self, source: str, stdin: bytes, out: Bounded, err: Bounded,
                deadline: float) -> tuple[str | None, tuple[int, float], str]:
@@ -483,6 +492,39 @@ def wipe(paths: tuple[str, ...]) -> None:
                     os.unlink(entry.path)
             except OSError:
                 pass
+
+
+def process_state(pid: int) -> tuple[Any, ...] | None:
+    """What same-uid code can change in another process and its forks inherit, but cannot always
+    undo (a lowered hard limit, a higher nice value): the rlimits, the nice value, the CPUs."""
+    try:
+        with open(f"/proc/{pid}/limits") as f:
+            limits = f.read()
+        return limits, os.getpriority(os.PRIO_PROCESS, pid), sorted(os.sched_getaffinity(pid))
+    except OSError:
+        return None
+
+
+def wipe_ipc() -> None:
+    """Remove every System V shared memory segment, semaphore set and message queue (the
+    container has its own IPC namespace): what one program leaves there, the next could read."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+    except (ImportError, OSError):
+        return
+    for kind, remover in SYSV_IPC:
+        try:
+            with open(f"/proc/sysvipc/{kind}") as f:
+                ids = [int(line.split()[1]) for line in f.read().splitlines()[1:] if line.strip()]
+        except (OSError, ValueError, IndexError):
+            continue
+        for ipc_id in ids:
+            if kind == "sem":
+                libc.semctl(ipc_id, 0, 0)  # IPC_RMID
+            else:
+                getattr(libc, remover)(ipc_id, 0, None)
 
 
 def set_dumpable(flag: bool) -> None:

@@ -144,3 +144,47 @@ async def test_a_process_whose_main_thread_exited_does_not_outlive_the_episode(k
     result = await kernel.run_program(REPORT, timeout_s=10)
     assert result.status == "ok", result
     assert len(json.loads(result.stdout)["processes"]) == 4, result.stdout
+
+
+LIMITS = "import os, resource\nprint(resource.getrlimit(resource.RLIMIT_NOFILE), os.getpriority(os.PRIO_PROCESS, 0))\n"
+
+
+async def test_limits_episode_code_set_on_the_zygote_do_not_reach_programs(kernel: Any) -> None:
+    expected = f"({kernel.policy.open_files}, {kernel.policy.open_files}) 0\n"
+    assert (await kernel.run_program(LIMITS, timeout_s=10)).stdout == expected
+    step = await kernel.execute(
+        "import os, resource\nhit = 0\n"
+        "for pid in map(int, filter(str.isdigit, os.listdir('/proc'))):\n"
+        "    if pid not in (1, os.getpid(), os.getppid()):\n"
+        "        resource.prlimit(pid, resource.RLIMIT_NOFILE, (16, 16)); os.setpriority(os.PRIO_PROCESS, pid, 10)\n"
+        "        hit += 1\n"
+        "print(hit)\n")
+    assert step.status == "ok" and step.stdout == "1\n", step  # the zygote, lowered and niced
+    assert (await kernel.run_program(LIMITS, timeout_s=10)).stdout == expected
+
+
+async def test_a_program_that_changes_the_runners_priority_leaves_no_trace_in_the_next(kernel: Any) -> None:
+    # A program's parent is the zygote, whose parent is the supervisor that owns the container.
+    result = await kernel.run_program(
+        "import os\nwith open(f'/proc/{os.getppid()}/stat') as f:\n"
+        "    supervisor = int(f.read().rsplit(')', 1)[1].split()[1])\n"
+        "os.setpriority(os.PRIO_PROCESS, supervisor, 10)\nprint(os.getpriority(os.PRIO_PROCESS, supervisor))\n",
+        timeout_s=10)
+    assert result.status == "ok" and result.stdout == "10\n", result
+    container = kernel.container_id
+    after = await kernel.run_program(LIMITS, timeout_s=10)
+    assert after.stdout == f"({kernel.policy.open_files}, {kernel.policy.open_files}) 0\n", after
+    assert kernel.container_id != container  # a nice value cannot be lowered from inside: replaced
+
+
+async def test_system_v_ipc_and_message_queues_do_not_reach_the_next_program(kernel: Any) -> None:
+    made = await kernel.run_program(
+        "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "print(libc.shmget(0x5EC, 4096, 0o1600) >= 0, libc.msgget(0x5ED, 0o1600) >= 0)\n"
+        "fd = libc.mq_open(b'/left', os.O_CREAT | os.O_RDWR, 0o600, None)\nprint(fd >= 0)\n", timeout_s=10)
+    assert made.stdout == "True True\nTrue\n", made  # 0o1000 = IPC_CREAT
+    seen = await kernel.run_program(
+        "import os\nfor kind in ('shm', 'msg', 'sem'):\n"
+        "    print(kind, len(open(f'/proc/sysvipc/{kind}').read().splitlines()) - 1)\n"
+        "print(os.listdir('/dev/mqueue'))\n", timeout_s=10)
+    assert seen.stdout == "shm 0\nmsg 0\nsem 0\n[]\n", seen
