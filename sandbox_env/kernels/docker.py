@@ -329,9 +329,10 @@ class DockerKernel(Kernel):
                     logger.warning("container %s replaced: %s", (self.container_id or "")[:12], tampered)
                     self._schedule_boot()
             except TimeoutError as exc:
-                # The program can stop its own supervisor (same uid: kill(-1, SIGSTOP)); unless the
-                # daemon logged a kill/stop from outside, the silence is the program's timeout.
-                if not await self._silenced_from_inside(since):
+                # The program can stop its own supervisor (same uid: kill(-1, SIGSTOP)), and kill it
+                # too once the deadline passed; unless the daemon logged a kill/stop/pause from
+                # outside, the silence is the program's timeout, as an EOF is its failure below.
+                if await self._killed_from_outside(since):
                     self._schedule_boot()
                     raise KernelDiedError("the sandbox did not answer while running a program") from exc
                 result = await self._lost(ExecStatus.TIMEOUT, 124, "the program stopped the sandbox from answering")
@@ -349,18 +350,9 @@ class DockerKernel(Kernel):
             result.wall_time_s = time.perf_counter() - started
             return result
 
-    async def _silenced_from_inside(self, since: float) -> bool:
-        """The container still runs, unpaused, and the daemon logged no kill/stop/pause: then only
-        the program itself can have silenced the supervisor."""
-        if await self._killed_from_outside(since):
-            return False
-        try:
-            state = (await _call((self._client or get_client()).api.inspect_container, self.container_id))["State"]
-        except Exception:  # noqa: BLE001 - gone, or the daemon is in trouble: infrastructure
-            return False
-        return bool(state.get("Running")) and not state.get("Paused")
-
     async def _killed_from_outside(self, since: float) -> bool:
+        """The daemon logged a kill, stop or pause of the container (or cannot say): the service's
+        failure. Otherwise only the program can have silenced or killed its supervisor."""
         container = self.container_id
         if self._closed or container is None:
             return True

@@ -364,7 +364,10 @@ class Supervisor:
         started = time.monotonic()
         out, err = self.bounded(self.limit), self.bounded(self.keep)
         oom_before = self.oom_kills()
-        status, (code, cpu), note = self.launch(source, stdin, out, err, started + timeout)
+        if others_alive(self.zygote.pid):  # a process the kills could not end: nothing runs beside it
+            status, (code, cpu), note = "error", (126, 0.0), "a process of the sandbox could not be killed"
+        else:
+            status, (code, cpu), note = self.launch(source, stdin, out, err, started + timeout)
         wipe(SCRATCH_DIRS)
         wipe_ipc()
         if status is None:
@@ -374,6 +377,8 @@ class Supervisor:
                  "wall_time_s": time.monotonic() - started, "cpu_time_s": round(cpu, 6)}
         if process_state(os.getpid()) != self.baseline:  # cannot be undone from inside: replace us
             reply["tampered"] = "the sandbox's own limits, priority or CPUs were changed"
+        elif others_alive(self.zygote.pid):
+            reply["tampered"] = "a process of the sandbox could not be killed"
         return reply
 
     def launch(self, source: str, stdin: bytes, out: Bounded, err: Bounded,
@@ -398,12 +403,18 @@ class Supervisor:
             pidfd = None
         status = pump({ours[3]: source.encode(), ours[0]: stdin}, {ours[1]: out, ours[2]: err}, deadline, self.limit)
         # Its exit is watched on a pidfd, not on the zygote's report: the program may stop the zygote.
-        if status is None and pidfd is not None and not select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))[0]:
-            status = "timeout"  # it closed its output but ran on
+        ended = None
+        if status is None and pidfd is not None:
+            if not select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                status = "timeout"  # it closed its output but ran on
+        elif status is None:  # no pidfd here: the zygote's report it is
+            ended = self.zygote.wait(deadline - time.monotonic())
+            status = None if ended is not None or not self.zygote.pid else "timeout"
         if pidfd is not None:
             os.close(pidfd)
         self.kill_others()  # also resumes a stopped zygote
-        ended = self.zygote.wait(5.0) if self.zygote.pid else None
+        if ended is None and self.zygote.pid:
+            ended = self.zygote.wait(5.0)
         if ended is None:
             self.zygote.kill()
             return status, (-signal.SIGKILL, 0.0), "the program's exit status was lost (it killed the zygote)"
@@ -496,11 +507,13 @@ def wipe(paths: tuple[str, ...]) -> None:
 
 def process_state(pid: int) -> tuple[Any, ...] | None:
     """What same-uid code can change in another process and its forks inherit, but cannot always
-    undo (a lowered hard limit, a higher nice value): the rlimits, the nice value, the CPUs."""
+    undo (a lowered hard limit, a higher nice value, SCHED_IDLE): the rlimits, the nice value, the
+    CPUs, the scheduling policy and priority."""
     try:
         with open(f"/proc/{pid}/limits") as f:
             limits = f.read()
-        return limits, os.getpriority(os.PRIO_PROCESS, pid), sorted(os.sched_getaffinity(pid))
+        return (limits, os.getpriority(os.PRIO_PROCESS, pid), sorted(os.sched_getaffinity(pid)),
+                os.sched_getscheduler(pid), os.sched_getparam(pid).sched_priority)
     except OSError:
         return None
 
@@ -606,7 +619,8 @@ def exec_worker(source: str, fds: tuple[int, int, int, int], keep: int, cpu_left
     the supervisor's memory may still hold its input (a grading's hidden tests), which a worker
     forked from it would inherit. Never returns."""
     cmd, res, out, err = fds
-    boot = ("import sys\nns = {'__name__': 'sandbox_worker'}\n"
+    boot = ("import os, sys\nos.set_inheritable(3, False)\nos.set_inheritable(4, False)\n"
+            "ns = {'__name__': 'sandbox_worker'}\n"
             f"exec(compile(sys.argv[1], {WORKER_FILE!r}, 'exec'), ns)\n"
             f"ns['Worker'](3, 4, {keep}, {cpu_left!r}).loop()\n")
     try:

@@ -146,20 +146,27 @@ async def test_a_process_whose_main_thread_exited_does_not_outlive_the_episode(k
     assert len(json.loads(result.stdout)["processes"]) == 4, result.stdout
 
 
-LIMITS = "import os, resource\nprint(resource.getrlimit(resource.RLIMIT_NOFILE), os.getpriority(os.PRIO_PROCESS, 0))\n"
+LIMITS = ("import os, resource\n"
+          "print(resource.getrlimit(resource.RLIMIT_NOFILE), os.getpriority(os.PRIO_PROCESS, 0), os.sched_getscheduler(0))\n")
+UNTOUCHED = "({n}, {n}) 0 0\n"  # the policy's open files, nice 0, SCHED_OTHER
 
 
-async def test_limits_episode_code_set_on_the_zygote_do_not_reach_programs(kernel: Any) -> None:
-    expected = f"({kernel.policy.open_files}, {kernel.policy.open_files}) 0\n"
+@pytest.mark.parametrize("tamper", [
+    "resource.prlimit(pid, resource.RLIMIT_NOFILE, (16, 16))",  # a hard limit cannot be raised again
+    "os.setpriority(os.PRIO_PROCESS, pid, 10)",  # nor a nice value lowered
+    "os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))",  # nor SCHED_IDLE left
+])
+async def test_limits_episode_code_set_on_the_zygote_do_not_reach_programs(kernel: Any, tamper: str) -> None:
+    expected = UNTOUCHED.format(n=kernel.policy.open_files)
     assert (await kernel.run_program(LIMITS, timeout_s=10)).stdout == expected
     step = await kernel.execute(
         "import os, resource\nhit = 0\n"
         "for pid in map(int, filter(str.isdigit, os.listdir('/proc'))):\n"
         "    if pid not in (1, os.getpid(), os.getppid()):\n"
-        "        resource.prlimit(pid, resource.RLIMIT_NOFILE, (16, 16)); os.setpriority(os.PRIO_PROCESS, pid, 10)\n"
+        f"        {tamper}\n"
         "        hit += 1\n"
         "print(hit)\n")
-    assert step.status == "ok" and step.stdout == "1\n", step  # the zygote, lowered and niced
+    assert step.status == "ok" and step.stdout == "1\n", step  # the zygote, changed
     assert (await kernel.run_program(LIMITS, timeout_s=10)).stdout == expected
 
 
@@ -173,7 +180,7 @@ async def test_a_program_that_changes_the_runners_priority_leaves_no_trace_in_th
     assert result.status == "ok" and result.stdout == "10\n", result
     container = kernel.container_id
     after = await kernel.run_program(LIMITS, timeout_s=10)
-    assert after.stdout == f"({kernel.policy.open_files}, {kernel.policy.open_files}) 0\n", after
+    assert after.stdout == UNTOUCHED.format(n=kernel.policy.open_files), after
     assert kernel.container_id != container  # a nice value cannot be lowered from inside: replaced
 
 
