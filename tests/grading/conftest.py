@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytest_asyncio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "docker"))
@@ -19,6 +20,18 @@ async def grader_kernel(docker_client: Any) -> AsyncIterator[Any]:
     from sandbox_env.kernels.docker import DockerKernel
 
     kernel = DockerKernel(sandbox_policy(timeout_s=5), owner="pytest-grading")
+    await kernel.start()
+    yield kernel
+    await kernel.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def jupyter_kernel() -> AsyncIterator[Any]:
+    """ONE jupyter kernel per module, graded on again and again (the grading tests' other backend)."""
+    pytest.importorskip("ipykernel")
+    from sandbox_env.kernels.jupyter import JupyterKernel
+
+    kernel = JupyterKernel(sandbox_policy(timeout_s=5))
     await kernel.start()
     yield kernel
     await kernel.close()

@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import pytest_asyncio
-from docker_helpers import sandbox_policy
 from grading_helpers import GOOD_SQUARE, SQUARE, make_task
 
 from sandbox_env.grading import grade
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
-
-
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def jupyter_kernel() -> AsyncIterator[Any]:
-    pytest.importorskip("ipykernel")
-    from sandbox_env.kernels.jupyter import JupyterKernel
-
-    kernel = JupyterKernel(sandbox_policy(timeout_s=5))
-    await kernel.start()
-    yield kernel
-    await kernel.close()
 
 
 async def test_forms_and_a_hack_on_jupyter(jupyter_kernel: Any) -> None:

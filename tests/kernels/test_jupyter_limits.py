@@ -6,13 +6,11 @@ import asyncio
 import os
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from kernel_helpers import (
-    jupyter_leftovers,
+    KernelFactory,
     processes_with,
     test_policy,
     token,
@@ -25,30 +23,18 @@ from sandbox_env.kernels.jupyter import KERNEL_FDS, KERNEL_TASKS, JupyterKernel
 from sandbox_env.kernels.limits import MB, cgroup_layout
 from sandbox_env.models import ExecStatus
 
-Start = Callable[..., Awaitable[JupyterKernel]]
 needs_cgroups = pytest.mark.skipif(cgroup_layout()[0] == "none", reason="no writable cgroups here")
 
 
 @pytest.fixture
-async def jk() -> AsyncIterator[Callable[..., Awaitable[JupyterKernel]]]:
-    """Start JupyterKernels with `test_policy(**overrides)`; all are closed after the test."""
-    kernels: list[JupyterKernel] = []
-
-    async def start(**overrides: Any) -> JupyterKernel:
-        kernel = JupyterKernel(test_policy(**overrides))
-        kernels.append(kernel)
-        await kernel.start()
-        return kernel
-
-    yield start
-    for kernel in kernels:
-        await kernel.close()
-    assert [left for k in kernels for left in jupyter_leftovers(k)] == []
+def backend() -> str:
+    """These tests read the jupyter backend's own confinement: `make_kernel` starts JupyterKernels."""
+    return "jupyter"
 
 
 @needs_cgroups
-async def test_cgroups_written_and_removed(jk: Start) -> None:
-    kernel = await jk(memory_mb=200, pids=40, cpus=0.5)
+async def test_cgroups_written_and_removed(make_kernel: KernelFactory) -> None:
+    kernel = await make_kernel(memory_mb=200, pids=40, cpus=0.5)
     assert kernel._cur is not None
     conf, pid = kernel._cur.conf, kernel._cur.proc.pid  # type: ignore[union-attr]
     assert conf.mechanism.startswith("cgroup-")
@@ -70,39 +56,39 @@ async def test_cgroups_written_and_removed(jk: Start) -> None:
     assert root is not None and not root.exists()
 
 
-async def test_rlimits_inside_kernel(jk: Start) -> None:
-    kernel = await jk(file_size_mb=5, open_files=200, cpu_time_s=100)
+async def test_rlimits_inside_kernel(make_kernel: KernelFactory) -> None:
+    kernel = await make_kernel(file_size_mb=5, open_files=200, cpu_time_s=100)
     code = "import resource as r\nprint([r.getrlimit(x)[0] for x in (r.RLIMIT_FSIZE, r.RLIMIT_NOFILE, r.RLIMIT_CPU, r.RLIMIT_CORE)])"
     result = await kernel.execute(code)
     assert result.stdout.strip() == str([5 * MB, 200 + KERNEL_FDS, 100, 0])
 
 
-async def test_file_size_limit(jk: Start) -> None:
-    kernel = await jk(file_size_mb=1)
+async def test_file_size_limit(make_kernel: KernelFactory) -> None:
+    kernel = await make_kernel(file_size_mb=1)
     result = await kernel.execute("with open('big.bin', 'wb') as f:\n    f.write(b'x' * (3 << 20))")
     assert result.status is ExecStatus.ERROR
     assert result.exception is not None and result.exception.type == "OSError"
     assert (await kernel.execute("print('alive')")).stdout == "alive\n"
 
 
-async def test_cpu_time_limit_kills(jk: Start) -> None:
-    kernel = await jk(cpu_time_s=2, timeout_s=30)
+async def test_cpu_time_limit_kills(make_kernel: KernelFactory) -> None:
+    kernel = await make_kernel(cpu_time_s=2, timeout_s=30)
     result = await kernel.execute("while True:\n    pass")
     assert result.status is ExecStatus.KILLED
     assert (await kernel.execute("print('fresh')")).stdout.endswith("fresh\n")
 
 
 @needs_cgroups
-async def test_memory_hog_is_oom(jk: Start) -> None:
-    kernel = await jk(memory_mb=200, timeout_s=20)
+async def test_memory_hog_is_oom(make_kernel: KernelFactory) -> None:
+    kernel = await make_kernel(memory_mb=200, timeout_s=20)
     result = await kernel.execute("hog = []\nwhile True:\n    hog.append(b'x' * 10_000_000)")
     assert result.status is ExecStatus.OOM
     assert result.exit_code == 137
     assert (await kernel.execute("print('hog' in globals())")).stdout.endswith("False\n")
 
 
-async def test_peak_memory_and_cpu_reported(jk: Start) -> None:
-    kernel = await jk(memory_mb=512)
+async def test_peak_memory_and_cpu_reported(make_kernel: KernelFactory) -> None:
+    kernel = await make_kernel(memory_mb=512)
     result = await kernel.execute("blob = b'x' * (150 << 20)\nn = sum(range(3_000_000))")
     assert result.status is ExecStatus.OK
     assert result.peak_memory_mb is not None and result.peak_memory_mb >= 150
@@ -112,8 +98,8 @@ async def test_peak_memory_and_cpu_reported(jk: Start) -> None:
 
 
 @needs_cgroups
-async def test_fork_bomb_in_child_contained(jk: Start) -> None:
-    kernel = await jk(pids=24, timeout_s=5)
+async def test_fork_bomb_in_child_contained(make_kernel: KernelFactory) -> None:
+    kernel = await make_kernel(pids=24, timeout_s=5)
     tok = token()
     code = (
         "import subprocess, sys\n"
@@ -131,8 +117,8 @@ async def test_fork_bomb_in_child_contained(jk: Start) -> None:
     assert wait_gone(tok) == []
 
 
-async def test_grandchild_holding_output_does_not_block(jk: Start) -> None:
-    kernel = await jk(timeout_s=10)
+async def test_grandchild_holding_output_does_not_block(make_kernel: KernelFactory) -> None:
+    kernel = await make_kernel(timeout_s=10)
     tok = token()
     started = time.monotonic()
     result = await kernel.execute(f"import subprocess\np = subprocess.Popen([{tok!r}, '300'], executable='/bin/sleep')")
@@ -143,8 +129,8 @@ async def test_grandchild_holding_output_does_not_block(jk: Start) -> None:
     assert wait_gone(tok) == []
 
 
-async def test_close_during_execute(jk: Start) -> None:
-    kernel = await jk(timeout_s=60)
+async def test_close_during_execute(make_kernel: KernelFactory) -> None:
+    kernel = await make_kernel(timeout_s=60)
     task = asyncio.create_task(kernel.execute("while True:\n    pass"))
     await asyncio.sleep(0.5)
     started = time.monotonic()
@@ -155,8 +141,8 @@ async def test_close_during_execute(jk: Start) -> None:
     assert not kernel.is_alive()
 
 
-async def test_cancelled_step_does_not_run_on(jk: Start) -> None:
-    kernel = await jk(timeout_s=60)
+async def test_cancelled_step_does_not_run_on(make_kernel: KernelFactory) -> None:
+    kernel = await make_kernel(timeout_s=60)
     task = asyncio.create_task(kernel.execute("import time\nwhile True:\n    time.sleep(0.01)"))
     await asyncio.sleep(0.5)
     task.cancel()
@@ -166,8 +152,8 @@ async def test_cancelled_step_does_not_run_on(jk: Start) -> None:
     assert result.status is ExecStatus.OK and result.stdout.endswith("next\n")
 
 
-async def test_died_between_steps(jk: Start) -> None:
-    kernel = await jk()
+async def test_died_between_steps(make_kernel: KernelFactory) -> None:
+    kernel = await make_kernel()
     code = "import os, threading, time\nthreading.Thread(target=lambda: (time.sleep(0.3), os._exit(1))).start()"
     assert (await kernel.execute(code)).status is ExecStatus.OK
     await asyncio.sleep(1.0)
@@ -176,8 +162,8 @@ async def test_died_between_steps(jk: Start) -> None:
     assert "died" in result.stderr
 
 
-async def test_inspect_variables(jk: Start) -> None:
-    kernel = await jk()
+async def test_inspect_variables(make_kernel: KernelFactory) -> None:
+    kernel = await make_kernel()
     await kernel.execute("import os\nx = 41\nname = 'abc' * 100\n_hidden = 1\ndef f():\n    pass")
     info = await kernel.inspect()
     names = {v["name"]: v for v in info["variables"]}
@@ -187,8 +173,8 @@ async def test_inspect_variables(jk: Start) -> None:
     assert info["pid"] and info["memory_mb"] and info["memory_mb"] > 10
 
 
-async def test_event_loop_stays_responsive(jk: Start) -> None:
-    kernels = [await jk(timeout_s=2, output_limit_bytes=4_000_000) for _ in range(4)]
+async def test_event_loop_stays_responsive(make_kernel: KernelFactory) -> None:
+    kernels = [await make_kernel(timeout_s=2, output_limit_bytes=4_000_000) for _ in range(4)]
     codes = ["while True:\n    pass"] * 3 + ["while True:\n    print('z' * 100_000)"]
     worst = 0.0
 
@@ -206,9 +192,9 @@ async def test_event_loop_stays_responsive(jk: Start) -> None:
     assert worst < 1.0
 
 
-async def test_rlimit_fallback(jk: Start, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_rlimit_fallback(make_kernel: KernelFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(JupyterKernel, "use_cgroups", False)
-    kernel = await jk(memory_mb=300, timeout_s=20)
+    kernel = await make_kernel(memory_mb=300, timeout_s=20)
     info = await kernel.inspect()
     assert info["limits"].startswith("rlimit")  # no cgroups
     limit = await kernel.execute("import resource\nprint(resource.getrlimit(resource.RLIMIT_DATA)[0])")
@@ -232,8 +218,8 @@ async def test_rlimit_fallback(jk: Start, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 @needs_cgroups
-async def test_child_oom_reported_kernel_kept(jk: Start) -> None:
-    kernel = await jk(memory_mb=200, timeout_s=20)
+async def test_child_oom_reported_kernel_kept(make_kernel: KernelFactory) -> None:
+    kernel = await make_kernel(memory_mb=200, timeout_s=20)
     await kernel.execute("kept = 1")
     code = ("import subprocess, sys\n"
             "hog = 'h = []\\nwhile True:\\n    h.append(bytearray(10_000_000))'\n"
@@ -280,16 +266,16 @@ async def test_restart_after_workdir_deleted(tmp_path: Path) -> None:
     assert not kernel.root.exists()
 
 
-async def test_no_network_when_policy_says_so(jk: Start) -> None:
+async def test_no_network_when_policy_says_so(make_kernel: KernelFactory) -> None:
     code = ("import socket\ntry:\n    socket.create_connection(('127.0.0.1', 9), timeout=2)\n"
             "except OSError as exc:\n    print(type(exc).__name__, exc.errno)")
-    closed = await jk(network=False)
+    closed = await make_kernel(network=False)
     info = await closed.inspect()
     if "+netns" not in info["limits"]:
         pytest.skip("network namespaces need root")
     result = await closed.execute(code)
     assert result.stdout.strip() == "OSError 101"  # ENETUNREACH: not even loopback
-    opened = await jk(network=True)
+    opened = await make_kernel(network=True)
     assert "+netns" not in (await opened.inspect())["limits"]
     assert (await opened.execute(code)).stdout.strip() == "ConnectionRefusedError 111"
 
