@@ -38,6 +38,7 @@ from sandbox_env.errors import (
     KernelUnavailableError,
 )
 from sandbox_env.kernels.base import Kernel
+from sandbox_env.kernels.output import TRUNCATION_MARK
 from sandbox_env.models import ExecStatus, ExecutionResult
 from sandbox_env.policy import Policy
 
@@ -255,7 +256,7 @@ class DockerKernel(Kernel):
             self._send({"op": "config", "output_bytes": self.policy.output_bytes,
                         "output_limit_bytes": self.policy.output_limit_bytes,
                         "cpu_time_s": self.policy.cpu_time_s, "worker_source": worker, "zygote_source": zygote,
-                        "truncation_mark": _truncation_mark()})
+                        "truncation_mark": TRUNCATION_MARK})
             ready = await asyncio.wait_for(self._read_frame(), START_TIMEOUT_S)
         except docker.errors.ImageNotFound as exc:
             await self._discard()
@@ -471,14 +472,6 @@ def _raw_socket(sock: Any) -> socket.socket:
     owned = socket.socket(raw.family, raw.type, fileno=raw.detach())
     owned.setblocking(False)
     return owned
-
-
-def _truncation_mark() -> str:
-    try:
-        from sandbox_env.kernels.output import TRUNCATION_MARK
-    except ImportError:
-        return "\n... [{skipped} bytes truncated] ...\n"
-    return TRUNCATION_MARK
 
 
 def container_events(client: docker.DockerClient, container_id: str, since: float) -> list[dict[str, Any]]:

@@ -35,7 +35,7 @@ from jupyter_client.manager import AsyncKernelManager
 from sandbox_env.errors import KernelError, KernelStartError
 from sandbox_env.kernels.base import Kernel
 from sandbox_env.kernels.limits import MB, Confinement, Limits
-from sandbox_env.kernels.output import StepCollector, kernel_shim
+from sandbox_env.kernels.output import BoundedOutput, StepCollector, kernel_shim
 from sandbox_env.models import ExecStatus, ExecutionResult
 from sandbox_env.policy import Policy
 
@@ -252,13 +252,17 @@ class JupyterKernel(Kernel):
 
         self._restart = asyncio.create_task(restart(), name=f"restart-kernel-{self.id}")
 
-    async def _ready(self) -> _Process:
-        """The live kernel; waits for a pending restart and replaces a kernel that died idle."""
+    async def _settled(self) -> None:
+        """Open, with no restart pending."""
         if self._closed or not self._started:
             raise KernelError("kernel is closed" if self._closed else "kernel not started")
         if self._restart is not None:
             task, self._restart = self._restart, None
             await task
+
+    async def _ready(self) -> _Process:
+        """The live kernel; waits for a pending restart and replaces a kernel that died idle."""
+        await self._settled()
         if self._cur is None and self._relaunch:
             self._relaunch = False
             await self._launch()
@@ -396,7 +400,7 @@ class JupyterKernel(Kernel):
         whole tree is killed and its working directory and TMPDIR emptied first (and after); the
         kernel itself is started again lazily, by the next step."""
         async with self._lock:
-            await self._ready()
+            await self._settled()  # no kernel is started just to be killed: the next step starts one
             assert self.root is not None and self.workdir is not None
             await self._teardown()  # every process of the kernel's cgroup/session, daemons included
             self._relaunch = True
@@ -461,15 +465,15 @@ async def _run_confined(conf: Confinement, source: str, stdin: bytes, timeout_s:
         sys.executable, "-I", "-c", source, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, cwd=str(cwd), env=env, preexec_fn=conf.preexec)
     conf.attach(proc.pid)
-    out, err = bytearray(), bytearray()
+    out, err = BoundedOutput(limit), BoundedOutput(keep)
     over = asyncio.Event()
 
-    async def pump(stream: asyncio.StreamReader, sink: bytearray, cap: int) -> None:
+    async def pump(stream: asyncio.StreamReader, sink: BoundedOutput) -> None:
         while chunk := await stream.read(1 << 16):
-            if len(out) + len(err) + len(chunk) > limit:
+            sink.write(chunk)
+            if out.total + err.total > limit:
                 over.set()
                 return
-            sink += chunk[: max(0, cap - len(sink))]
 
     async def feed() -> None:
         assert proc.stdin is not None
@@ -479,7 +483,7 @@ async def _run_confined(conf: Confinement, source: str, stdin: bytes, timeout_s:
         proc.stdin.close()
 
     assert proc.stdout is not None and proc.stderr is not None
-    tasks = [asyncio.ensure_future(c) for c in (feed(), pump(proc.stdout, out, limit), pump(proc.stderr, err, keep))]
+    tasks = [asyncio.ensure_future(c) for c in (feed(), pump(proc.stdout, out), pump(proc.stderr, err))]
     status: ExecStatus | None = None
     waiter = asyncio.ensure_future(proc.wait())
     overflow = asyncio.ensure_future(over.wait())
@@ -498,6 +502,7 @@ async def _run_confined(conf: Confinement, source: str, stdin: bytes, timeout_s:
                   ExecStatus.KILLED if code < 0 else ExecStatus.ERROR)
     cpu1 = conf.cpu_time_s()
     return ExecutionResult(status=status, exit_code=128 - code if code < 0 else code,
-                           stdout=out.decode("utf-8", "replace"), stderr=err.decode("utf-8", "replace"),
+                           stdout=out.getvalue(), stderr=err.getvalue(),
+                           stdout_truncated=out.truncated, stderr_truncated=err.truncated,
                            wall_time_s=time.perf_counter() - started,
                            cpu_time_s=None if cpu0 is None or cpu1 is None else max(0.0, cpu1 - cpu0))
