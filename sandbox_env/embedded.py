@@ -50,10 +50,9 @@ class EmbeddedSandboxEnv:
     async def reset(self, **kwargs: Any) -> StepResult:
         """Start a new episode on a fresh interpreter; kwargs are reset options (e.g. `policy`)."""
         # Validated like the server's reset frame, so bad options fail here exactly as remotely.
-        request = ResetRequest.model_validate(kwargs)
-        options = {k: v for k, v in (request.model_extra or {}).items() if k.isidentifier()}
+        options = ResetRequest.model_validate(kwargs).reset_kwargs()
         episode = await self._ensure_episode()
-        return _as_result(await episode.reset(seed=request.seed, episode_id=request.episode_id, **options))
+        return _as_result(await episode.reset(**options))
 
     async def step(self, action: ActionLike, *, timeout_s: float | None = None, **kwargs: Any) -> StepResult:
         """Run code in the episode's interpreter.

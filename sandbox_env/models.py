@@ -212,6 +212,11 @@ class ResetRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0)
     episode_id: str | None = Field(default=None, max_length=255)
 
+    def reset_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `Episode.reset`: seed, episode_id and the extra keys as options."""
+        options = {k: v for k, v in (self.model_extra or {}).items() if k.isidentifier() and k != "self"}
+        return {"seed": self.seed, "episode_id": self.episode_id, **options}
+
 
 class StepRequest(BaseModel):
     """HTTP `POST /step` body."""

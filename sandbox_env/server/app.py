@@ -130,7 +130,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.manager = None
     app.state.metrics = ServerMetrics(lambda: app.state.manager)
-    app.state.mcp_sessions = mcp.McpSessions(idle_timeout_s=settings.session_timeout_s)
+    app.state.mcp_sessions = mcp.McpSessions()
     app.add_exception_handler(SandboxEnvError, routes.sandbox_error_handler)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_message_bytes)
     app.include_router(routes.router)

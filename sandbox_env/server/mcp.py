@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -57,12 +56,11 @@ RUN_PYTHON_TOOL: dict[str, Any] = {
 
 
 class McpSessions:
-    """Episodes opened over HTTP with `openenv/session/create`; they count toward capacity."""
+    """Episodes opened over HTTP with `openenv/session/create`; they count toward capacity, and the
+    manager's idle reaper closes forgotten ones like any other episode."""
 
-    def __init__(self, idle_timeout_s: float | None = None) -> None:
-        self.idle_timeout_s = idle_timeout_s
+    def __init__(self) -> None:
         self._episodes: dict[str, Episode] = {}
-        self._last_used: dict[str, float] = {}
 
     def __len__(self) -> int:
         return len(self._episodes)
@@ -71,31 +69,21 @@ class McpSessions:
         episode = await manager.open_episode()
         session_id = str(uuid.uuid4())
         self._episodes[session_id] = episode
-        self._last_used[session_id] = time.monotonic()
         return session_id
 
     def get(self, session_id: str) -> Episode | None:
         episode = self._episodes.get(session_id)
-        if episode is not None:
-            self._last_used[session_id] = time.monotonic()
+        if episode is not None and episode.closed:  # reaped while idle
+            del self._episodes[session_id]
+            return None
         return episode
 
     async def close(self, manager: SessionManager, session_id: str) -> bool:
         episode = self._episodes.pop(session_id, None)
-        self._last_used.pop(session_id, None)
         if episode is None:
             return False
         await manager.close_episode(episode)
         return True
-
-    async def reap(self, manager: SessionManager) -> None:
-        """Close sessions idle longer than the timeout; a forgotten session must not hold a slot."""
-        if self.idle_timeout_s is None:
-            return
-        deadline = time.monotonic() - self.idle_timeout_s
-        for session_id in [s for s, t in self._last_used.items() if t < deadline]:
-            log.info("closing idle MCP session %s", session_id)
-            await self.close(manager, session_id)
 
     async def close_all(self, manager: SessionManager) -> None:
         for session_id in list(self._episodes):
@@ -253,7 +241,6 @@ async def mcp_http(request: Request) -> Response:
     if payload is None:
         return JSONResponse(_error(INVALID_REQUEST, "Invalid Request: empty body"))
     sessions: McpSessions = state.mcp_sessions
-    await sessions.reap(state.manager)
     reply = await handle_jsonrpc(payload, manager=state.manager, metrics=state.metrics,
                                  sessions=sessions)
     if reply is None:

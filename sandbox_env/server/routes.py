@@ -65,13 +65,6 @@ class JSONResponse(_StarletteJSONResponse):
         return text.encode("utf-8", "replace")
 
 
-def reset_kwargs(request: ResetRequest) -> dict[str, Any]:
-    """Keyword arguments for `Episode.reset`: seed, episode_id and the extra keys as options."""
-    options = {k: v for k, v in (request.model_extra or {}).items()
-               if k.isidentifier() and k != "self"}
-    return {"seed": request.seed, "episode_id": request.episode_id, **options}
-
-
 def validation_errors(exc: ValidationError) -> list[dict[str, Any]]:
     """Pydantic errors as JSON, without echoing the (possibly huge) input back."""
     return jsonable_encoder(exc.errors(include_url=False, include_input=False))
@@ -113,7 +106,7 @@ _OBS_RESPONSES: dict[int | str, dict[str, Any]] = {
              summary="Reset a throwaway episode (stateless, as in OpenEnv)")
 async def reset(request: Request, body: Annotated[ResetRequest | None, Body()] = None) -> Response:
     async with _manager(request).stateless() as episode:
-        observation = await episode.reset(**reset_kwargs(body or ResetRequest()))
+        observation = await episode.reset(**(body or ResetRequest()).reset_kwargs())
     return observation_response(observation)
 
 

@@ -20,7 +20,7 @@ from sandbox_env.errors import CapacityError, SandboxEnvError
 from sandbox_env.models import CodeAction, ResetRequest
 from sandbox_env.server.mcp import handle_jsonrpc
 from sandbox_env.server.metrics import ServerMetrics, timed_step
-from sandbox_env.server.routes import json_dumps, reset_kwargs, validation_errors
+from sandbox_env.server.routes import json_dumps, validation_errors
 
 if TYPE_CHECKING:
     from sandbox_env.episode import Episode
@@ -133,7 +133,7 @@ class WsSession:
                                            timeout_s=message.timeout_s)
             return {"type": "observation", "data": observation.to_wire()}
         if isinstance(message, ResetMessage):
-            options = reset_kwargs(ResetRequest.model_validate(message.data))
+            options = ResetRequest.model_validate(message.data).reset_kwargs()
             observation = await self.episode.reset(**options)
             return {"type": "observation", "data": observation.to_wire()}
         if isinstance(message, StateMessage):
