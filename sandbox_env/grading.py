@@ -26,7 +26,7 @@ from sandbox_env.grader_child import CODEC, HOST
 from sandbox_env.kernels.base import Kernel
 from sandbox_env.models import ExecStatus, Grading, TestResult, TestStatus
 from sandbox_env.rewards import reward_policy
-from sandbox_env.tasks import PytestTests, Task, test_count
+from sandbox_env.tasks import PytestTests, Task, test_count, test_names
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,9 @@ async def grade(kernel: Kernel, task: Task, submission: str, *, reward: str | No
     """Run the task's tests on `submission`; never raises for anything the submission does."""
     started = time.perf_counter()
     per_test = per_test_timeout(kernel, task)
-    expected = test_count(task)
-    budget = min(MAX_PROGRAM_S, per_test * (expected or PYTEST_BUDGET_TESTS) + STARTUP_S)
-    job = {"spec": task.tests.model_dump(mode="json"), "names": _test_names(task),  # one list, used on both sides
+    names = test_names(task)  # one list, used on both sides
+    budget = min(MAX_PROGRAM_S, per_test * (test_count(task) or PYTEST_BUDGET_TESTS) + STARTUP_S)
+    job = {"spec": task.tests.model_dump(mode="json"), "names": names,
            "submission": submission, "timeout_s": per_test,
            "output_limit": kernel.policy.output_limit_bytes,
            "prelude": task.prompt}  # a Python prompt's helpers run trusted, in the grader
@@ -106,7 +106,7 @@ async def grade(kernel: Kernel, task: Task, submission: str, *, reward: str | No
                        retryable=not isinstance(exc, KernelUnavailableError) and exc.retryable,
                        wall_time_s=time.perf_counter() - started)
     if result.status is ExecStatus.OK and result.exit_code == 0:
-        tests, problem = _verdict(result.stdout, task, expected)
+        tests, problem = _verdict(result.stdout, task, names)
     else:  # a verdict counts only from a grader that finished: never from one stopped or killed
         tests, problem = [], "the grader did not finish"
     if problem is not None:
@@ -115,7 +115,6 @@ async def grade(kernel: Kernel, task: Task, submission: str, *, reward: str | No
             message = f"grading ran past its {budget:g} s budget"
         # the grader's stderr holds test output (hidden sources): logged, never returned
         log.info("grading %s: no usable verdict: %s: %s", task.id, message, result.stderr.strip()[-1000:])
-        names = _test_names(task)
         tests = [TestResult(name=n, status=TestStatus.ERROR, message=message) for n in names]
     value = reward_policy(reward or task.reward)(tests, task.weights)
     passed = sum(t.status is TestStatus.PASSED for t in tests)
@@ -132,18 +131,7 @@ def choose_reward(task: Task, requested: str | None, server_default: str | None)
     return server_default or task.reward
 
 
-def _test_names(task: Task) -> list[str]:
-    spec = task.tests
-    if spec.kind == "function":
-        return ["check"]
-    if spec.kind == "asserts":
-        return [f"assert {i}" for i in range(len(spec.asserts))]
-    if spec.kind == "stdio":
-        return [c.name or f"case {i}" for i, c in enumerate(spec.cases)]
-    return ["pytest"]
-
-
-def _verdict(stdout: str, task: Task, expected: int | None) -> tuple[list[TestResult], str | None]:
+def _verdict(stdout: str, task: Task, names: list[str]) -> tuple[list[TestResult], str | None]:
     """The grader's per-test results, or why there are none usable."""
     try:
         data = json.loads(stdout)
@@ -159,8 +147,8 @@ def _verdict(stdout: str, task: Task, expected: int | None) -> tuple[list[TestRe
     except ValidationError:
         return [], "the grader's verdict is malformed"
     if not isinstance(task.tests, PytestTests):
-        if len(tests) != expected or [t.name for t in tests] != _test_names(task):
-            return [], f"the grader reported {len(tests)} results for {expected} tests"
+        if [t.name for t in tests] != names:
+            return [], f"the grader reported {len(tests)} results for {len(names)} tests"
     elif not tests:
         return [], "the grader reported no tests"
     return tests, None

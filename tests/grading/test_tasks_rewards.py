@@ -123,7 +123,7 @@ def test_reward_choice_order() -> None:
                                     ('{"tests": [{"name": "check", "status": "passed"}, '
                                     '{"name": "check", "status": "passed"}]}')])
 def test_unusable_verdicts_are_never_a_pass(stdout: str) -> None:
-    tests, problem = _verdict(stdout, Task.model_validate(FUNCTION), 1)
+    tests, problem = _verdict(stdout, Task.model_validate(FUNCTION), ["check"])
     assert tests == [] and problem
 
 
