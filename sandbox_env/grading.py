@@ -1,6 +1,6 @@
 """Grade a submission against a task, in a kernel's sandbox, through the trusted grader program.
 
-The server's side of the integrity design (the sandbox side is `grader_harness.py`): the job goes
+The server's side of the integrity design (the sandbox side is `inside/grader.py`): the job goes
 to the grader on stdin at grade time only; the verdict is the grader's structured JSON, checked
 here against the task (count and names of tests); anything else (no verdict, a garbled one, the
 grader killed) makes every test an `error`: reward 0, never a pass. A backend failure is an
@@ -16,13 +16,13 @@ import logging
 import marshal
 import time
 import zlib
-from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
 from sandbox_env.errors import KernelError, KernelUnavailableError
-from sandbox_env.grader_child import CODEC, HOST
+from sandbox_env.inside import bundle, source
+from sandbox_env.inside.grader_child import CODEC, HOST
 from sandbox_env.kernels.base import Kernel
 from sandbox_env.models import ExecStatus, Grading, TestResult, TestStatus
 from sandbox_env.rewards import reward_policy
@@ -35,46 +35,24 @@ MAX_PROGRAM_S = 3600.0
 PYTEST_BUDGET_TESTS = 50  # pytest files: the count is unknown before collection
 
 
-# The program each grading runs. It reads the preamble (see `grader_preamble`), runs the grader
-# module from it, and hands over to its boot(), which reads the job. Exact reads: no byte past a
-# section enters the process before boot() has forked the child.
-LOADER = """
-import ctypes, marshal, os, sys, zlib
-hardened = ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) == 0  # PR_SET_DUMPABLE 0, first
-def read(n):
-    data = b""
-    while len(data) < n:
-        chunk = os.read(0, n - len(data))
-        if not chunk:
-            raise SystemExit("the grader's input ended early")
-        data += chunk
-    return data
-def section():
-    return read(int(read(12)))
-magic, codes, grader, codec, host = marshal.loads(zlib.decompress(section()))
-if magic == sys.modules["_frozen_importlib_external"].MAGIC_NUMBER:
-    grader, codec_code, child_code = marshal.loads(codes)
-else:
-    grader, codec_code = compile(grader, "<grader>", "exec"), compile(codec, "<codec>", "exec")
-    child_code = compile(codec + host, "<child>", "exec") if host else None
-namespace = {"__name__": "__grader__", "__builtins__": __builtins__, "CODEC": codec, "HOST": host,
-             "CODEC_CODE": codec_code, "CHILD_CODE": child_code, "section": section, "HARDENED": hardened}
-exec(grader, namespace)
-namespace["boot"]()
-"""
+@functools.lru_cache(maxsize=1)
+def grader_program() -> str:
+    """The program each grading runs: `procs` (for the dumpable switch it throws first), then the
+    loader, which reads the preamble and the job from stdin."""
+    return bundle("procs") + source("grader_loader")
 
 
 @functools.lru_cache(maxsize=2)
 def grader_preamble(stdio: bool) -> bytes:
     """The grader's first stdin section, the same at every grading, compressed: the bytecode magic,
-    (grader, CODEC, CODEC + HOST) compiled, and the sources of the grader, CODEC and HOST (none
-    for stdio tests) for an interpreter whose magic differs. The server compiles the grader's
-    text; it never imports or runs it."""
-    grader = (Path(__file__).resolve().parent / "grader_harness.py").read_text()
-    host = "" if stdio else HOST
-    codes = marshal.dumps((compile(grader, "<grader>", "exec"), compile(CODEC, "<codec>", "exec"),
-                           compile(CODEC + host, "<child>", "exec") if host else None))
-    data = zlib.compress(marshal.dumps((importlib.util.MAGIC_NUMBER, codes, grader, CODEC, host)), 1)
+    (wire, grader, CODEC, CODEC + HOST) compiled, and their sources (HOST is none for stdio tests)
+    for an interpreter whose magic differs. The server compiles the grader's text; it never
+    imports or runs it."""
+    sources = {"wire": source("wire"), "grader": source("grader"), "codec": CODEC, "host": "" if stdio else HOST}
+    codes = marshal.dumps((compile(sources["wire"], "<sandbox_env.inside.wire>", "exec"),
+                           compile(sources["grader"], "<grader>", "exec"), compile(CODEC, "<codec>", "exec"),
+                           compile(CODEC + HOST, "<child>", "exec") if sources["host"] else None))
+    data = zlib.compress(marshal.dumps((importlib.util.MAGIC_NUMBER, codes, sources)), 1)
     return b"%012d" % len(data) + data
 
 
@@ -99,7 +77,7 @@ async def grade(kernel: Kernel, task: Task, submission: str, *, reward: str | No
            "output_limit": kernel.policy.output_limit_bytes,
            "prelude": task.prompt}  # a Python prompt's helpers run trusted, in the grader
     try:
-        result = await kernel.run_program(LOADER, stdin=grader_input(job), timeout_s=budget)
+        result = await kernel.run_program(grader_program(), stdin=grader_input(job), timeout_s=budget)
     except KernelError as exc:
         log.warning("grading %s: infrastructure failure: %s", task.id, exc)
         return Grading(task_id=task.id, status="infra_error", reward=None, error=str(exc),

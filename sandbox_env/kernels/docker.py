@@ -1,11 +1,15 @@
-"""Docker backend: one hardened container per episode, a runner spoken to over the attach socket.
+"""Docker backend: one hardened container per episode, a supervisor spoken to over the attach socket.
 
-The container's command is a tiny `python3 -c` bootstrap that reads the runner (`docker_runner` +
-`docker_worker`) from stdin, so the image needs only python3. Frames are length-prefixed JSON on the
-container's stdin/stdout; no network, no `docker exec`. docker-py is synchronous, so every API call
-runs in a small thread pool and the attach socket is handed to asyncio: the event loop never blocks.
-The container is removed with `remove(force=True)`; a step the runner cannot answer in time costs the
-episode its container, which is replaced by a fresh one (empty namespace) before the next step.
+The container's command is a tiny `python3 -c` bootstrap, run as PID 1, that reads the supervisor
+(a bundle of `sandbox_env.inside`) from stdin, so the image needs only python3. Frames are
+length-prefixed JSON on the container's stdin/stdout; no network, no `docker exec`. After start-up
+every frame is authenticated with a key made for this container (`inside.wire`), carries the id of
+the request it answers, and comes in sequence; anything else is an anomaly, and the container is
+removed at once and never used again (the request becomes a retryable infrastructure error).
+docker-py is synchronous, so every API call runs in a small thread pool and the attach socket is
+handed to asyncio: the event loop never blocks. The container is removed with `remove(force=True)`;
+a step the supervisor cannot answer in time costs the episode its container, which is replaced by
+a fresh one (empty namespace) before the next step.
 """
 
 from __future__ import annotations
@@ -17,12 +21,10 @@ import json
 import logging
 import os
 import socket
-import struct
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, TypeVar
 
 import docker
@@ -37,8 +39,9 @@ from sandbox_env.errors import (
     KernelStartError,
     KernelUnavailableError,
 )
+from sandbox_env.inside import bundle
+from sandbox_env.inside.wire import HEADER, KEY_SIZE, MAX_FRAME, TAG_SIZE, TO_SANDBOX, TO_SERVER, Anomaly, seal, unseal
 from sandbox_env.kernels.base import Kernel
-from sandbox_env.kernels.output import TRUNCATION_MARK
 from sandbox_env.models import ExecStatus, ExecutionResult
 from sandbox_env.policy import Policy
 
@@ -55,20 +58,20 @@ ENVIRONMENT = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": WORKSPACE, "LANG"
 HOST_GRACE_S = 3.0  # the runner enforces the step limit itself; this is the server's backstop
 START_TIMEOUT_S = 60.0
 PROGRAM_MARGIN_S = 10.0  # killing the agent's processes and wiping its files, before and after
-MAX_FRAME = 256 << 20
 MB = 1 << 20
-_HERE = Path(__file__).resolve().parent
 BOOTSTRAP = ("import os\ndef r(n):\n b=b''\n while len(b)<n:\n  c=os.read(0,n-len(b))\n"
              "  if not c:raise SystemExit(3)\n  b+=c\n return b\n"
-             "exec(compile(r(int.from_bytes(r(4),'big')),'<sandbox-runner>','exec'),{'__name__':'__main__'})\n")
+             "exec(compile(r(int.from_bytes(r(4),'big')),'<sandbox-boot>','exec'),{'__name__':'__main__'})\n")
+RUNNER_MODULES = ("bundle", "wire", "bounded", "procs", "worker", "zygote", "runner")
+STDERR_LINES = 5  # per container: what the supervisor itself printed (a crash), escaped and cut
+STDERR_BYTES = 300
 _EXECUTOR = ThreadPoolExecutor(max_workers=16, thread_name_prefix="sandbox-docker")
 
 
 @functools.lru_cache(maxsize=1)
-def _sources() -> tuple[bytes, str, str]:
-    """The runner (sent first, raw), and the worker and zygote it execs (sent in its config)."""
-    return ((_HERE / "docker_runner.py").read_bytes(), (_HERE / "docker_worker.py").read_text(),
-            (_HERE / "docker_zygote.py").read_text())
+def runner_program() -> bytes:
+    """What the bootstrap runs: the supervisor and everything it starts, as one program text."""
+    return (bundle(*RUNNER_MODULES) + "from sandbox_env.inside.runner import main\nmain()\n").encode()
 
 
 def default_image() -> str:
@@ -140,7 +143,7 @@ def container_options(policy: Policy, *, image: str, owner: str, episode: str) -
         "ulimits": [Ulimit(name="nofile", soft=policy.open_files, hard=policy.open_files),
                     Ulimit(name="fsize", soft=file_size, hard=file_size),
                     Ulimit(name="core", soft=0, hard=0)],
-        "init": True,
+        "init": False,  # the supervisor is PID 1: non-dumpable, unkillable from inside, reaps orphans
         "oom_score_adj": 500,  # if the host runs out of memory, sandboxes go before the server
         "log_config": LogConfig(type="none"),
         "auto_remove": True,  # stdin closes with the server's socket: a crashed server leaves nothing
@@ -190,6 +193,9 @@ class DockerKernel(Kernel):
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._pending = bytearray()
+        self._key = b""
+        self._sent = self._received = 0
+        self._stderr_lines = 0
         self._lock = asyncio.Lock()
         self._boot_task: asyncio.Task[None] | None = None
         self._closed = False
@@ -251,18 +257,20 @@ class DockerKernel(Kernel):
             await _call(client.api.start, self.container_id)
             self._pending.clear()
             self._reader, self._writer = await asyncio.open_connection(sock=raw)
-            runner, worker, zygote = _sources()
-            self._send_bytes(runner)
-            self._send({"op": "config", "output_bytes": self.policy.output_bytes,
-                        "output_limit_bytes": self.policy.output_limit_bytes,
-                        "cpu_time_s": self.policy.cpu_time_s, "worker_source": worker, "zygote_source": zygote,
-                        "truncation_mark": TRUNCATION_MARK})
+            # Plain start-up frames (no episode code runs yet): the program, its config, the key.
+            self._key, self._sent, self._received, self._stderr_lines = os.urandom(KEY_SIZE), 0, 0, 0
+            self._send_plain(runner_program())
+            self._send_plain(json.dumps({"op": "config", "output_bytes": self.policy.output_bytes,
+                                         "output_limit_bytes": self.policy.output_limit_bytes,
+                                         "cpu_time_s": self.policy.cpu_time_s}).encode())
+            self._send_plain(self._key)
             ready = await asyncio.wait_for(self._read_frame(), START_TIMEOUT_S)
         except docker.errors.ImageNotFound as exc:
             await self._discard()
             raise KernelUnavailableError(f"image {self.image} not found; build it with "
                                          "`sandbox-env images build`") from exc
-        except (TimeoutError, docker.errors.DockerException, OSError, asyncio.IncompleteReadError, ValueError) as exc:
+        except (TimeoutError, docker.errors.DockerException, OSError, asyncio.IncompleteReadError, ValueError,
+                Anomaly) as exc:
             await self._discard()
             if self.policy.runtime and "runtime" in str(exc).lower():
                 raise KernelUnavailableError(f"runtime {self.policy.runtime!r} is not available: {exc}") from exc
@@ -270,7 +278,7 @@ class DockerKernel(Kernel):
         except BaseException:
             await self._discard()
             raise
-        if ready.get("op") != "ready":
+        if ready.get("op") != "ready" or ready.get("id") != 0:
             await self._discard()
             raise KernelStartError(f"unexpected first frame from the runner: {str(ready)[:200]}")
         self.probe = ready.get("probe") or {}
@@ -291,71 +299,72 @@ class DockerKernel(Kernel):
     async def execute(self, code: str, *, timeout_s: float | None = None) -> ExecutionResult:
         timeout = float(timeout_s or self.policy.timeout_s)
         async with self._lock:
-            await self._ensure_running()
-            self.execution_count += 1
-            started = time.perf_counter()
-            request = {"op": "exec", "id": self.execution_count, "code": code, "timeout": timeout}
-            try:
-                async with asyncio.timeout(timeout + HOST_GRACE_S):  # no extra task, unlike wait_for
-                    reply = await self._request(request)
-                result = ExecutionResult.model_validate({k: v for k, v in reply.items() if k not in ("op", "id")})
-            except TimeoutError:
-                result = await self._lost(ExecStatus.TIMEOUT, 124, "the sandbox did not answer in time")
-            except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError, ValidationError) as exc:
-                logger.info("container %s lost during a step: %r", self.container_id, exc)
-                status, exit_code = await self._death_status()
-                result = await self._lost(status, exit_code, "the sandbox container died")
-            except BaseException:
-                self._schedule_boot()  # cancelled mid-frame: the channel cannot be trusted any more
-                raise
-            result.wall_time_s = time.perf_counter() - started
+            result = await self._exchange({"op": "exec", "code": code, "timeout": timeout}, timeout + HOST_GRACE_S)
             result.execution_count = self.execution_count
             return result
 
     async def run_program(self, source: str, *, stdin: bytes = b"", timeout_s: float) -> ExecutionResult:
-        """A fresh `python3 -I -c source` in this container, after the runner killed every other
-        process and wiped /workspace and /tmp (see `Supervisor.run_program`)."""
+        """A fresh `python3 -I -c source` in this container, after the supervisor killed every
+        other process and wiped /workspace and /tmp (see `Supervisor.run_program`)."""
         async with self._lock:
-            await self._ensure_running()
-            self.execution_count += 1
-            started, since = time.perf_counter(), time.time()
-            request = {"op": "run", "id": self.execution_count, "source": source,
-                       "stdin": base64.b64encode(stdin).decode(), "timeout": float(timeout_s)}
-            try:
-                async with asyncio.timeout(timeout_s + HOST_GRACE_S + PROGRAM_MARGIN_S):
-                    reply = await self._request(request)
-                tampered = reply.pop("tampered", None)
-                result = ExecutionResult.model_validate({k: v for k, v in reply.items() if k not in ("op", "id")})
-                if tampered:  # this program's result stands; nothing runs in that container again
-                    logger.warning("container %s replaced: %s", (self.container_id or "")[:12], tampered)
-                    self._schedule_boot()
-            except TimeoutError as exc:
-                # The program can stop its own supervisor (same uid: kill(-1, SIGSTOP)), and kill it
-                # too once the deadline passed; unless the daemon logged a kill/stop/pause from
-                # outside, the silence is the program's timeout, as an EOF is its failure below.
-                if await self._killed_from_outside(since):
-                    self._schedule_boot()
-                    raise KernelDiedError("the sandbox did not answer while running a program") from exc
-                result = await self._lost(ExecStatus.TIMEOUT, 124, "the program stopped the sandbox from answering")
-            except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError, ValidationError) as exc:
-                # Killed from outside (docker kill/rm, daemon trouble): the service's failure. The
-                # program killing its own supervisor: the program's failure, reported as a result.
-                if await self._killed_from_outside(since):
-                    self._schedule_boot()
-                    raise KernelDiedError(f"the sandbox was stopped from outside during a program: {exc!r}") from exc
-                status, exit_code = await self._death_status()
-                result = await self._lost(status, exit_code, "the program brought the sandbox down")
-            except BaseException:
+            request = {"op": "run", "source": source, "stdin": base64.b64encode(stdin).decode(),
+                       "timeout": float(timeout_s)}
+            return await self._exchange(request, timeout_s + HOST_GRACE_S + PROGRAM_MARGIN_S)
+
+    async def _exchange(self, request: dict[str, Any], budget_s: float) -> ExecutionResult:
+        """One request and its result. Whatever the code did comes back as a result; what was done
+        to the sandbox from outside (a kill, stop or pause the daemon logged), or a frame the
+        supervisor cannot have sent, raises a retryable KernelDiedError."""
+        await self._ensure_running()
+        self.execution_count += 1
+        started, since = time.perf_counter(), time.time()
+        try:
+            async with asyncio.timeout(budget_s):  # no extra task, unlike wait_for
+                reply = await self._request(request)
+            tampered = reply.pop("tampered", None)
+            result = ExecutionResult.model_validate({k: v for k, v in reply.items() if k not in ("op", "id")})
+            if tampered:  # this result stands; nothing runs in that container again
+                logger.warning("container %s replaced: %s", (self.container_id or "")[:12], tampered)
                 self._schedule_boot()
-                raise
-            result.wall_time_s = time.perf_counter() - started
-            return result
+        except Anomaly as exc:
+            raise await self._anomaly(exc) from exc
+        except TimeoutError as exc:
+            # The code can silence its supervisor (lower its limits, starve it); unless the daemon
+            # logged a kill/stop/pause from outside, the silence is the code's timeout.
+            if await self._killed_from_outside(since):
+                self._schedule_boot()
+                raise KernelDiedError("the sandbox was stopped from outside") from exc
+            result = await self._lost(ExecStatus.TIMEOUT, 124, "the sandbox did not answer in time")
+        except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError, ValidationError) as exc:
+            # Killed from outside (docker kill/rm, daemon trouble): the service's failure. The code
+            # bringing its own container down (memory, say): the code's, reported as a result.
+            if await self._killed_from_outside(since):
+                self._schedule_boot()
+                raise KernelDiedError(f"the sandbox was stopped from outside: {exc!r}") from exc
+            logger.info("container %s lost during a request: %r", self.container_id, exc)
+            status, exit_code = await self._death_status()
+            result = await self._lost(status, exit_code, "the sandbox container died")
+        except BaseException:
+            self._schedule_boot()  # cancelled mid-frame: the channel cannot be trusted any more
+            raise
+        result.wall_time_s = time.perf_counter() - started
+        return result
+
+    async def _anomaly(self, exc: Anomaly) -> KernelDiedError:
+        """A frame the supervisor cannot have sent: this container is removed now and never used
+        again; the error to raise for the request."""
+        logger.warning("container %s: protocol anomaly (%s); removed", (self.container_id or "")[:12], exc)
+        await self._discard()
+        self._schedule_boot()
+        return KernelDiedError(f"the sandbox's channel saw an anomaly ({exc}); it was replaced")
 
     async def _killed_from_outside(self, since: float) -> bool:
         """The daemon logged a kill, stop or pause of the container (or cannot say): the service's
         failure. Otherwise only the program can have silenced or killed its supervisor."""
         container = self.container_id
-        if self._closed or container is None:
+        if self._closed:
+            return False  # closed by its owner: the step ends as a kill (see `_lost`)
+        if container is None:
             return True
         try:
             events = await _call(container_events, self._client or get_client(), container, since)
@@ -371,7 +380,10 @@ class DockerKernel(Kernel):
             return {**info, "variables": [], "busy": self._lock.locked()}
         async with self._lock:
             try:
-                reply = await asyncio.wait_for(self._request({"op": "inspect", "id": 0}), 5.0)
+                reply = await asyncio.wait_for(self._request({"op": "inspect"}), 5.0)
+            except Anomaly as exc:
+                await self._anomaly(exc)
+                return {**info, "variables": []}
             except (TimeoutError, asyncio.IncompleteReadError, OSError, ValueError):
                 self._schedule_boot()
                 return {**info, "variables": []}
@@ -424,27 +436,33 @@ class DockerKernel(Kernel):
 
     # -- framing ---------------------------------------------------------------------------
     async def _request(self, message: dict[str, Any]) -> dict[str, Any]:
-        self._send(message)
-        assert self._writer is not None
-        await self._writer.drain()
-        return await self._read_frame()
-
-    def _send(self, message: dict[str, Any]) -> None:
-        self._send_bytes(json.dumps(message, separators=(",", ":")).encode())
-
-    def _send_bytes(self, data: bytes) -> None:
+        """Send one authenticated request; its reply must carry its id (and verify, in sequence)."""
         if self._writer is None:
             raise ConnectionError("no channel to the sandbox")
-        self._writer.write(struct.pack(">I", len(data)) + data)
+        request_id = self._sent + 1  # 0 is the ready frame's
+        self._writer.write(seal(self._key, TO_SANDBOX, self._sent, {**message, "id": request_id}))
+        self._sent += 1
+        await self._writer.drain()
+        reply = await self._read_frame()
+        if reply.get("op") == "anomaly":
+            raise Anomaly(f"the supervisor rejected request {request_id}: {str(reply.get('why'))[:200]}")
+        if reply.get("id") != request_id:
+            raise Anomaly(f"a reply to request {reply.get('id')!r} came for request {request_id}")
+        return reply
+
+    def _send_plain(self, data: bytes) -> None:
+        if self._writer is None:
+            raise ConnectionError("no channel to the sandbox")
+        self._writer.write(HEADER.pack(len(data)) + data)
 
     async def _read_frame(self) -> dict[str, Any]:
-        size = struct.unpack(">I", await self._read_stdout(4))[0]
+        size = HEADER.unpack(await self._read_stdout(HEADER.size))[0]
         if size > MAX_FRAME:
-            raise ValueError(f"frame of {size} bytes from the sandbox")
-        frame = json.loads(await self._read_stdout(size))
-        if not isinstance(frame, dict):
-            raise ValueError("malformed frame from the sandbox")  # noqa: TRY004 - a protocol violation, handled as ValueError
-        return frame
+            raise Anomaly(f"a frame of {size} bytes")
+        mac = await self._read_stdout(TAG_SIZE)
+        reply = unseal(self._key, TO_SERVER, self._received, mac, await self._read_stdout(size))
+        self._received += 1
+        return reply
 
     async def _read_stdout(self, n: int) -> bytes:
         """Bytes of the container's stdout, taken out of Docker's 8-byte-header multiplexing."""
@@ -457,11 +475,22 @@ class DockerKernel(Kernel):
             data = await reader.readexactly(size)
             if header[0] == 1:
                 self._pending += data
-            elif data.strip():
-                logger.warning("sandbox %s stderr: %s", self.kernel_id[:12], data[:2000].decode("utf-8", "replace"))
+            else:
+                self._log_stderr(data)
         chunk = bytes(self._pending[:n])
         del self._pending[:n]
         return chunk
+
+    def _log_stderr(self, data: bytes) -> None:
+        """Only the supervisor writes to the container's stderr (a crash): log a few lines of it,
+        escaped (no line of the log can be forged) and cut."""
+        if not data.strip() or self._stderr_lines > STDERR_LINES:
+            return
+        self._stderr_lines += 1
+        if self._stderr_lines > STDERR_LINES:
+            logger.warning("sandbox %s: further stderr is not logged", self.kernel_id[:12])
+            return
+        logger.warning("sandbox %s stderr: %r", self.kernel_id[:12], data[:STDERR_BYTES])
 
 
 def _raw_socket(sock: Any) -> socket.socket:

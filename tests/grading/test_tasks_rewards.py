@@ -169,6 +169,6 @@ def test_the_server_never_runs_grader_code() -> None:
 
     code = ("import sys, sandbox_env.grading as g\n"
             "g.grader_input({'spec': {'kind': 'function'}, 'names': ['check']})\n"
-            "print('sandbox_env.grader_harness' in sys.modules)")
+            "print('sandbox_env.inside.grader' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -14,7 +14,7 @@ supervisor resumes it before each program and replaces a dead one with a fresh `
 running this file, so a killed zygote costs one interpreter start, never isolation. Its pid
 cannot be taken over: it is the supervisor's child, a zombie until the supervisor reaps it.
 
-Stdlib only; the supervisor execs this file's source (`DockerKernel` sends it in the config).
+Stdlib only; it reaches the container in the runner's bundle.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ import select
 import signal
 import struct
 import sys
+
+from sandbox_env.inside.bundle import rebundle
+from sandbox_env.inside.procs import exit_status, set_dumpable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -39,6 +42,7 @@ PRELOAD = ("ctypes", "fcntl", "zlib", "typing", "re", "collections", "itertools"
 FDS = 4  # a program's stdin, stdout, stderr and source pipes
 EXIT = struct.Struct(">id")  # exit code (negative: killed by that signal), CPU seconds
 SOCKET_FD = 3  # where a zygote started by exec finds its socket
+MODULES = ("sandbox_env.inside.bundle", "sandbox_env.inside.procs", __name__)
 
 
 def send_fds(sock: Any, message: bytes, fds: list[int]) -> None:
@@ -133,7 +137,7 @@ def execute(source: str) -> int:
     try:
         exec(compile(source, "<string>", "exec"), main.__dict__)  # noqa: S102 - the program to run
     except SystemExit as exc:
-        code = exit_code(exc.code)
+        code = exit_status(exc.code)
     except BaseException:  # noqa: BLE001 - reported as python3 would
         import traceback
 
@@ -154,32 +158,10 @@ def execute(source: str) -> int:
     return code
 
 
-def exit_code(value: Any) -> int:
-    if value is None:
-        return 0
-    if isinstance(value, int):
-        return value & 0xFF
-    try:
-        print(value, file=sys.stderr)
-    except BaseException:  # noqa: BLE001, S110
-        pass
-    return 1
-
-
-def set_dumpable(flag: bool) -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(4, int(flag), 0, 0, 0)
-    except Exception:  # noqa: BLE001, S110 - without ctypes a zygote stays dumpable
-        pass
-
-
 class Zygote:
     """The supervisor's handle on its zygote."""
 
-    def __init__(self, source: str, closing: tuple[int, ...]) -> None:
-        self.source = source
+    def __init__(self, closing: tuple[int, ...]) -> None:
         self.pid = 0
         here, there = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
         pid = os.fork()
@@ -221,7 +203,8 @@ class Zygote:
         try:
             actions = [(os.POSIX_SPAWN_OPEN, n, os.devnull, os.O_RDWR, 0) for n in (0, 1, 2)]
             actions.append((os.POSIX_SPAWN_DUP2, there.fileno(), SOCKET_FD))
-            program = f"{self.source}\nserve(_socket.socket(fileno={SOCKET_FD}))\n"
+            program = (f"{rebundle(*MODULES)}\nimport _socket\nfrom {__name__} import serve\n"
+                       f"serve(_socket.socket(fileno={SOCKET_FD}))\n")
             self.pid = os.posix_spawn(sys.executable, [sys.executable, "-I", "-c", program], PROGRAM_ENV,
                                       file_actions=actions, setsid=True)
         except OSError:

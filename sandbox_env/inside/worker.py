@@ -1,6 +1,7 @@
 """In-container worker: the persistent namespace where the episode's code runs, REPL style.
 
-Forked by the supervisor in `docker_runner` (its source travels with the runner's). Stdlib only.
+Started by the supervisor (`runner.py`): forked before the channel has a key, later a new
+interpreter. Stdlib only.
 Semantics follow a notebook cell: the value of a trailing expression is printed to stdout (and kept
 as `_`), rich reprs (`_repr_html_`, `_repr_png_`, ...) become display outputs, `display()` is a
 builtin, top-level `await` works, and exceptions come back as type, message and a traceback that
@@ -19,16 +20,17 @@ import linecache
 import os
 import resource
 import signal
-import struct
 import sys
 import traceback
 import types
+
+from sandbox_env.inside.procs import exit_status
+from sandbox_env.inside.wire import read_frame, write_frame
 
 TYPE_CHECKING = False  # typing costs 10 ms at container start; mypy reads this as True
 if TYPE_CHECKING:
     from typing import Any
 
-HEADER = struct.Struct(">I")
 RESTORED = ("SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGTSTP", "SIGTTIN",
             "SIGTTOU")
 MIME_METHODS = (("_repr_html_", "text/html"), ("_repr_markdown_", "text/markdown"),
@@ -37,7 +39,7 @@ MIME_METHODS = (("_repr_html_", "text/html"), ("_repr_markdown_", "text/markdown
                 ("_repr_json_", "application/json"))
 PLAIN_TYPES = (int, float, complex, bool, str, bytes, type(None))
 SIZED_TYPES = (list, tuple, dict, set, frozenset, bytearray)
-INTERNAL_FILES = ("<sandbox-worker>", "<sandbox-runner>")
+INTERNAL_FILES = ("<sandbox_env.inside.worker>", "<sandbox_env.inside.runner>")
 
 
 def clean(text: str) -> str:
@@ -94,31 +96,12 @@ class Worker:
         self.proc_fds = [_open("/proc/self/clear_refs", os.O_WRONLY), _open("/proc/self/status", os.O_RDONLY)]
 
     def loop(self) -> None:
-        while True:
-            head = self._read(4)
-            if head is None:
-                return
-            body = self._read(HEADER.unpack(head)[0])
-            if body is None:
-                return
-            request = json.loads(body)
+        while (request := read_frame(self.cmd)) is not None:
             if request.get("op") == "exec":
                 reply = self.run(request["code"])
             else:
                 reply = {"variables": self.variables()}
-            data = json.dumps(reply, separators=(",", ":")).encode()
-            view = memoryview(HEADER.pack(len(data)) + data)
-            while view:
-                view = view[os.write(self.res, view):]
-
-    def _read(self, n: int) -> bytes | None:
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = os.read(self.cmd, n - len(buf))
-            if not chunk:
-                return None
-            buf += chunk
-        return bytes(buf)
+            write_frame(self.res, reply)
 
     def run(self, code: str) -> dict[str, Any]:
         self.count += 1
@@ -127,7 +110,7 @@ class Worker:
         linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
         self.reset_peak()
         before = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        exception = None
+        exception, exit_code = None, 1
         try:
             tree = ast.parse(code, filename)
             last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
@@ -136,7 +119,10 @@ class Worker:
             if last is not None:
                 self._run(compile(ast.Interactive([last]), filename, "single",
                                   flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT))
-        except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt are results too
+        except SystemExit as exc:  # `sys.exit(n)` ends the step, not the episode: its code is n
+            exit_code = exit_status(exc.code, announce=False)  # the traceback below says it
+            exception = self.describe(exc) if exit_code else None
+        except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt is a result too
             exception = self.describe(exc)
         for stream in (sys.stdout, sys.stderr):
             try:
@@ -147,7 +133,7 @@ class Worker:
             os._exit(exception is not None)
         after = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = sum(a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime for a, b in zip(after, before))
-        return {"status": "error" if exception else "ok", "exception": exception,
+        return {"status": "error" if exception else "ok", "exception": exception, "exit_code": exit_code,
                 "displays": self.displays, "cpu_time_s": round(cpu, 6), "peak_memory_mb": self.peak_mb()}
 
     def reset_peak(self) -> None:

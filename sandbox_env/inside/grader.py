@@ -1,12 +1,12 @@
-"""The trusted grader program: runs inside the sandbox, loaded by `grading.LOADER`.
+"""The trusted grader program: runs inside the sandbox, loaded by `grader_loader.py`.
 
-Stdlib only; it is sent, never installed. The program run is the short LOADER. Its stdin holds
+Stdlib only; it is sent, never installed. The program run is the short loader. Its stdin holds
 two length-prefixed sections, read one at a time and exactly. First a compressed preamble, the
-same at every grading: this file's source, the child's CODEC and HOST (`grader_child.py`; no
-HOST for stdio tests), and the server's bytecode magic with all of them compiled (used when the
-magic matches; else the loader compiles the sources). The loader runs this module and calls
-`boot()`, which forks the UNTRUSTED child, makes the grader non-dumpable (same-uid processes
-cannot ptrace it or read its memory or fds), and only then reads the second section: the job
+same at every grading: this file's source, `wire`, the child's CODEC and HOST (`grader_child.py`;
+no HOST for stdio tests), and the server's bytecode magic with all of them compiled (used when the
+magic matches; else the loader compiles the sources). The loader, non-dumpable from its first
+line (same-uid processes cannot ptrace it or read its memory or fds), runs this module and calls
+`boot()`, which forks the UNTRUSTED child, and only then reads the second section: the job
 (tests + submission), which exists in the sandbox only from that moment. The child, holding no
 byte of the job, runs only HOST until it is sent the submission (pipes only; a child needed
 later is a fresh `python3 -I -S -c HOST`). The grader writes one JSON verdict to its own stdout.
@@ -26,15 +26,17 @@ import builtins
 import fcntl
 import os
 import select
-import struct
 import sys
 import time
+
+from sandbox_env.inside.procs import set_dumpable
+from sandbox_env.inside.wire import HEADER
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    # Put in this namespace by the loader (`grading.LOADER`): the sources of CODEC and HOST
+    # Put in this namespace by the loader (`grader_loader.py`): the sources of CODEC and HOST
     # (`grader_child.py`), CODEC compiled, CODEC + HOST compiled (None for stdio tests), whether
     # the loader made this process non-dumpable, and the reader of the next stdin section.
     CODEC = HOST = ""
@@ -113,9 +115,7 @@ def fork_host(code: object) -> tuple:
             os.environ.clear()
             os.environ.update(child_env(home))
             sys.argv[:] = ["-c", "3", "4", home, os.pathsep.join(sys.path)]
-            import ctypes
-
-            ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # dumpable again: the grader's protection, not its own
+            set_dumpable(True)  # dumpable again: the grader's protection, not its own
             exec(code, {"__name__": "__main__", "__builtins__": builtins})
         finally:
             os._exit(0)
@@ -136,7 +136,6 @@ def boot() -> None:
     main(section(), early)
 
 
-HEADER = struct.Struct(">I")
 MAX_FRAME = 64 << 20
 TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 OOM_FILES = ("/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control")

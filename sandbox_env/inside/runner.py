@@ -1,37 +1,48 @@
-"""In-container runner: a supervisor that owns the channel to the server, and a worker that runs code.
+"""In-container supervisor: PID 1 of a Docker sandbox, sole holder of the channel to the server.
 
-`DockerKernel` sends this file's source over the container's stdin to a one-line bootstrap, so an
-image needs nothing but `/usr/bin/python3` and the runner always matches the server's version.
-Stdlib only. Frames are 4-byte big-endian lengths + JSON.
+`DockerKernel` sends a bundle of this package's modules over the container's stdin to a one-line
+bootstrap, so an image needs nothing but `/usr/bin/python3` and the runner always matches the
+server's version. The bootstrap runs as the container's PID 1 (no docker-init), and its first act
+is to become non-dumpable: the channel is the container's stdin/stdout, which only PID 1 holds, and
+a non-dumpable process's `/proc/1/fd` cannot be opened by the other processes of its uid. PID 1 is
+also immune to signals sent from inside its namespace, so episode code can neither stop nor kill
+it. On top of that every frame is authenticated (`wire.Channel`), with a key that arrives only
+after the zygote and the first worker are forked (neither holds it), and workers started later
+are new interpreters (`exec_worker`), never forks of this memory.
 
 Why two processes: the user's code runs in the worker, whose fd 1/2 are capture pipes and which
 never holds the channel fds, so nothing it prints or writes can forge a result frame. The
 supervisor enforces the step deadline and the output cap, and after a timeout, a crash or a flood
-it SIGKILLs every process in the container (all but itself, init and the zygote) and forks a fresh
-worker, so the episode goes on with an empty namespace and no stray daemon. The server keeps its own
-deadline as a backstop and replaces the whole container when the supervisor stops answering.
-Programs (`run` frames: the grader) are forks of the zygote (`docker_zygote.py`), on a clean slate.
+it SIGKILLs every process in the container (all but itself and the zygote) and starts a fresh
+worker, so the episode goes on with an empty namespace and no stray daemon. As PID 1 it also reaps
+every orphan. The server keeps its own deadline as a backstop and replaces the whole container
+when the supervisor stops answering. Programs (`run` frames: the grader) are forks of the zygote
+(`zygote.py`), on a clean slate.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import os
 import select
 import signal
-import struct
 import sys
 import time
+
+from sandbox_env.inside.bounded import BoundedOutput
+from sandbox_env.inside.bundle import rebundle
+from sandbox_env.inside.procs import set_dumpable
+from sandbox_env.inside.wire import HEADER, KEY_SIZE, Anomaly, Channel, decode, read_frame, read_raw, write_frame
+from sandbox_env.inside.worker import Worker
+from sandbox_env.inside.zygote import Zygote
 
 TYPE_CHECKING = False  # typing costs 10 ms at container start; mypy reads this as True
 if TYPE_CHECKING:
     from typing import Any
 
-HEADER = struct.Struct(">I")
 CHUNK = 1 << 16
-WORKER_FILE = "<sandbox-worker>"
-ZYGOTE_FILE = "<sandbox-zygote>"
+PACKAGE = "sandbox_env.inside"
+WORKER_MODULES = tuple(f"{PACKAGE}.{name}" for name in ("wire", "procs", "worker"))
 IGNORED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGTSTP",
            "SIGTTIN", "SIGTTOU")
 EXIT_ERROR, EXIT_TIMEOUT, EXIT_OUTPUT = 1, 124, 1
@@ -43,79 +54,6 @@ WORKSPACE = "/workspace"
 SCRATCH_DIRS = (WORKSPACE, "/tmp", "/dev/shm", "/dev/mqueue")
 SYSV_IPC = (("shm", "shmctl"), ("sem", "semctl"), ("msg", "msgctl"))  # /proc/sysvipc/<kind>, remover
 USAGE_FILES = ("/sys/fs/cgroup/memory/memory.usage_in_bytes", "/sys/fs/cgroup/memory.current")
-
-
-def read_exact(fd: int, n: int) -> bytes | None:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = os.read(fd, n - len(buf))
-        if not chunk:
-            return None
-        buf += chunk
-    return bytes(buf)
-
-
-def read_frame(fd: int) -> dict[str, Any] | None:
-    head = read_exact(fd, 4)
-    body = None if head is None else read_exact(fd, HEADER.unpack(head)[0])
-    return None if body is None else json.loads(body)
-
-
-def write_frame(fd: int, obj: dict[str, Any]) -> None:
-    data = json.dumps(obj, separators=(",", ":")).encode()
-    view = memoryview(HEADER.pack(len(data)) + data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _trim_end(data: bytes) -> bytes:
-    """Drop an incomplete UTF-8 sequence cut at the end."""
-    for back in range(1, min(4, len(data)) + 1):
-        byte = data[-back]
-        if byte & 0xC0 == 0x80:
-            continue
-        need = 1 if byte < 0x80 else 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 else 4
-        return data if back >= need else data[:-back]
-    return data
-
-
-class Bounded:
-    """Head + tail of one stream in bytes; same layout and marker as the server's output capture."""
-
-    mark = "\n... [{skipped} bytes truncated] ...\n"
-
-    def __init__(self, keep: int) -> None:
-        self.head_limit = keep // 2
-        self.tail_limit = keep - self.head_limit
-        self.head, self.tail, self.total = bytearray(), bytearray(), 0
-
-    def write(self, data: bytes | str) -> None:
-        if isinstance(data, str):
-            data = data.encode("utf-8", "replace")
-        self.total += len(data)
-        room = self.head_limit - len(self.head)
-        if room > 0:
-            self.head += data[:room]
-            data = data[room:]
-        if len(data) >= self.tail_limit:
-            self.tail = bytearray(data[len(data) - self.tail_limit:])
-        elif data:
-            self.tail += data
-            del self.tail[:max(0, len(self.tail) - self.tail_limit)]
-
-    @property
-    def truncated(self) -> bool:
-        return self.total > len(self.head) + len(self.tail)
-
-    def getvalue(self) -> str:
-        if not self.truncated:
-            return bytes(self.head + self.tail).decode("utf-8", "replace")
-        tail = bytes(self.tail)
-        while tail[:1] and tail[0] & 0xC0 == 0x80:
-            tail = tail[1:]
-        skipped = self.total - len(self.head) - len(self.tail)
-        return (_trim_end(bytes(self.head)).decode("utf-8", "replace") + self.mark.format(skipped=skipped)
-                + tail.decode("utf-8", "replace"))
 
 
 def open_fd(path: str) -> int | None:
@@ -140,12 +78,12 @@ def probe() -> dict[str, Any]:
 class Supervisor:
     """Owns the channel and the worker; one request at a time."""
 
-    def __init__(self, config: dict[str, Any], bounded: type, worker: type, closing: tuple[int, ...],
-                 zygote: Any) -> None:
-        self.bounded, self.worker_class, self.closing, self.zygote = bounded, worker, closing, zygote
-        self.worker_source = str(config["worker_source"])
+    def __init__(self, config: dict[str, Any], closing: tuple[int, ...], zygote: Zygote) -> None:
+        self.closing, self.zygote = closing, zygote
         self.baseline = process_state(os.getpid())  # limits, nice, CPUs: what every program must get
-        self.programs_ran = False  # once true, workers are new interpreters, never forks of this one
+        # Once true, workers are new interpreters, never forks of this process: its memory has held
+        # the channel's key, or a program's input (a grading's hidden tests).
+        self.exec_workers = False
         self.keep = int(config["output_bytes"])
         self.limit = int(config["output_limit_bytes"])
         self.cpu_budget = config.get("cpu_time_s")
@@ -168,8 +106,8 @@ class Supervisor:
                 time.sleep(0.01)
         else:
             raise RuntimeError("cannot fork a worker")
-        if pid == 0 and self.programs_ran:
-            exec_worker(self.worker_source, (cmd_r, res_w, out_w, err_w), self.keep, cpu_left)
+        if pid == 0 and self.exec_workers:
+            exec_worker((cmd_r, res_w, out_w, err_w), self.keep, cpu_left)
         if pid == 0:
             code = 70
             try:
@@ -180,7 +118,7 @@ class Supervisor:
                 os.close(out_w)
                 os.close(err_w)
                 set_dumpable(True)
-                self.worker_class(cmd_r, res_w, self.keep, cpu_left).loop()
+                Worker(cmd_r, res_w, self.keep, cpu_left).loop()
                 code = 0
             finally:
                 os._exit(code)
@@ -225,6 +163,22 @@ class Supervisor:
             self.exited = (os.waitstatus_to_exitcode(status), 0)
         return self.exited
 
+    def reap_orphans(self) -> None:
+        """As PID 1 this process inherits every orphan: reap the dead ones (a zombie still holds a
+        pid under the pids limit), never the worker or the zygote, whose statuses are read
+        elsewhere."""
+        keep, me = (self.worker, self.zygote.pid), os.getpid()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) in keep:
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    state, ppid = f.read().rsplit(b")", 1)[1].split()[:2]
+                if state == b"Z" and int(ppid) == me:
+                    os.waitpid(int(entry), os.WNOHANG)
+            except (OSError, ValueError):
+                continue
+
     def ensure_worker(self) -> None:
         """Programs leave no worker behind (a grading sandbox may never need one): fork it now."""
         if not self.worker:
@@ -254,6 +208,7 @@ class Supervisor:
                 kill_all_but(spare) if spare else os.kill(-1, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+            self.reap_orphans()
             if self.worker and self.reap() is None:
                 if self.pidfd is None:
                     time.sleep(0.002)
@@ -265,7 +220,7 @@ class Supervisor:
             time.sleep(0.001)
 
     def execute(self, code: str, timeout: float) -> dict[str, Any]:
-        out, err = self.bounded(self.keep), self.bounded(self.keep)
+        out, err = BoundedOutput(self.keep), BoundedOutput(self.keep)
         self.ensure_worker()
         if (ended := self.reap()) is not None:  # died between steps (a daemon killed it, say)
             err.write(f"[sandbox-env] the interpreter had died since the last step (exit code {ended[0]}); "
@@ -284,7 +239,9 @@ class Supervisor:
             drain(self.err, err, self.limit - out.total)
             if out.total + err.total <= self.limit:
                 failed = bool(reply.get("exception"))
-                return {**self.result("error" if failed else "ok", EXIT_ERROR if failed else 0, out, err),
+                code = reply.get("exit_code")  # SystemExit(n): n, as the code asked
+                exit_code = (code if type(code) is int and 0 < code < 256 else EXIT_ERROR) if failed else 0
+                return {**self.result("error" if failed else "ok", exit_code, out, err),
                         **{k: reply.get(k) for k in WORKER_FIELDS}}
             status, exit_code, note = "output_limit", EXIT_OUTPUT, f"output passed {self.limit} bytes"
         elif ended is not None:
@@ -299,7 +256,7 @@ class Supervisor:
         return self.result(status, exit_code, out, err, note=note + "; the interpreter was restarted "
                            "(variables lost)")
 
-    def wait(self, deadline: float, out: Bounded, err: Bounded) -> tuple[dict[str, Any] | None, tuple[int, int] | None]:
+    def wait(self, deadline: float, out: BoundedOutput, err: BoundedOutput) -> tuple[dict[str, Any] | None, tuple[int, int] | None]:
         """Pump the capture pipes until the worker replies, dies, floods or runs out of time."""
         poller = select.poll()
         streams = {self.out: out, self.err: err}
@@ -334,7 +291,7 @@ class Supervisor:
                         poller.unregister(fd)  # a garbled control pipe: the worker is not trusted
                     elif len(buf) >= 4 + size:
                         try:
-                            return json.loads(bytes(buf[4:4 + size])), None
+                            return decode(bytes(buf[4:4 + size])), None
                         except ValueError:
                             poller.unregister(fd)
             if check_exit and (ended := self.reap()) is not None:
@@ -345,7 +302,7 @@ class Supervisor:
                 poller.unregister(self.pidfd)
                 watch_pidfd = False
 
-    def result(self, status: str, exit_code: int, out: Bounded, err: Bounded, note: str = "",
+    def result(self, status: str, exit_code: int, out: BoundedOutput, err: BoundedOutput, note: str = "",
                **extra: Any) -> dict[str, Any]:
         if note:
             err.write(f"\n[sandbox-env] {note}\n")
@@ -362,7 +319,7 @@ class Supervisor:
         if self.zygote.pid and process_state(self.zygote.pid) != self.baseline:
             self.zygote.kill()  # limits lowered, niced, pinned: a fresh one inherits ours
         started = time.monotonic()
-        out, err = self.bounded(self.limit), self.bounded(self.keep)
+        out, err = BoundedOutput(self.limit), BoundedOutput(self.keep)
         oom_before = self.oom_kills()
         if others_alive(self.zygote.pid):  # a process the kills could not end: nothing runs beside it
             status, (code, cpu), note = "error", (126, 0.0), "a process of the sandbox could not be killed"
@@ -381,11 +338,11 @@ class Supervisor:
             reply["tampered"] = "a process of the sandbox could not be killed"
         return reply
 
-    def launch(self, source: str, stdin: bytes, out: Bounded, err: Bounded,
+    def launch(self, source: str, stdin: bytes, out: BoundedOutput, err: BoundedOutput,
                deadline: float) -> tuple[str | None, tuple[int, float], str]:
         """Run a program through the zygote and stop whatever is left of it: (why it was stopped
         or None, (exit code, negative for a signal; CPU seconds), a note)."""
-        self.programs_ran = True
+        self.exec_workers = True
         ends = [os.pipe() for _ in range(4)]  # stdin, stdout, stderr, source
         theirs = [ends[0][0], ends[1][1], ends[2][1], ends[3][0]]
         ours = [ends[0][1], ends[1][0], ends[2][0], ends[3][1]]
@@ -423,7 +380,7 @@ class Supervisor:
     def inspect(self) -> dict[str, Any]:
         self.ensure_worker()
         write_frame(self.cmd, {"op": "inspect"})
-        reply, _ = self.wait(time.monotonic() + 2.0, self.bounded(self.keep), self.bounded(self.keep))
+        reply, _ = self.wait(time.monotonic() + 2.0, BoundedOutput(self.keep), BoundedOutput(self.keep))
         if reply is None:
             self.restart()
             reply = {}
@@ -432,7 +389,7 @@ class Supervisor:
                 "cpu_time_used_s": self.cpu_used, "processes": count_processes()}
 
 
-def pump(pending: dict[int, bytes], streams: dict[int, Bounded], deadline: float, limit: int) -> str | None:
+def pump(pending: dict[int, bytes], streams: dict[int, BoundedOutput], deadline: float, limit: int) -> str | None:
     """Feed each `pending` fd its bytes then close it; collect `streams` until all of them end.
     Closes every fd given; returns why it stopped early ("timeout", "output_limit"), else None."""
     owned = [*pending, *streams]
@@ -540,17 +497,6 @@ def wipe_ipc() -> None:
                 getattr(libc, remover)(ipc_id, 0, None)
 
 
-def set_dumpable(flag: bool) -> None:
-    """PR_SET_DUMPABLE: a non-dumpable process cannot be ptraced or have its memory/fds read by
-    other processes of the same uid (the code runs as the supervisor's uid)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(4, int(flag), 0, 0, 0)
-    except Exception:  # noqa: BLE001, S110 - without ctypes the supervisor stays dumpable
-        pass
-
-
 def read_some(fd: int) -> bytes | None:
     try:
         return os.read(fd, CHUNK)
@@ -558,7 +504,7 @@ def read_some(fd: int) -> bytes | None:
         return None
 
 
-def drain(fd: int, sink: Bounded, budget: int) -> None:
+def drain(fd: int, sink: BoundedOutput, budget: int) -> None:
     """Take what is already in a pipe, without waiting for writers that stay alive."""
     while sink.total <= budget:
         data = read_some(fd)
@@ -614,21 +560,19 @@ def kill_all_but(spare: int) -> None:
                 pass
 
 
-def exec_worker(source: str, fds: tuple[int, int, int, int], keep: int, cpu_left: int | None) -> None:
-    """In a forked child: become a worker in a new interpreter (`python3 -I -S`). After a program,
-    the supervisor's memory may still hold its input (a grading's hidden tests), which a worker
-    forked from it would inherit. Never returns."""
+def exec_worker(fds: tuple[int, int, int, int], keep: int, cpu_left: int | None) -> None:
+    """In a forked child: become a worker in a new interpreter (`python3 -I -S`), so that nothing
+    of the supervisor's memory (the channel's key, a program's input) is in the worker's. Never
+    returns."""
     cmd, res, out, err = fds
-    boot = ("import os, sys\nos.set_inheritable(3, False)\nos.set_inheritable(4, False)\n"
-            "ns = {'__name__': 'sandbox_worker'}\n"
-            f"exec(compile(sys.argv[1], {WORKER_FILE!r}, 'exec'), ns)\n"
-            f"ns['Worker'](3, 4, {keep}, {cpu_left!r}).loop()\n")
+    boot = (f"{rebundle(*WORKER_MODULES)}\nimport os\nos.set_inheritable(3, False)\nos.set_inheritable(4, False)\n"
+            f"from {PACKAGE}.worker import Worker\nWorker(3, 4, {keep}, {cpu_left!r}).loop()\n")
     try:
         os.dup2(out, 1)
         os.dup2(err, 2)
         os.dup2(cmd, 3)
         os.dup2(res, 4)
-        os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", boot, source])
+        os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", boot])
     finally:
         os._exit(70)
 
@@ -638,7 +582,11 @@ def count_processes() -> int:
 
 
 def main() -> None:
-    set_dumpable(False)  # before any frame: code of the episode must not read or drive this process
+    """Runs as PID 1. Start-up frames are plain (no episode code exists yet): the config, then, once
+    the zygote and the first worker are forked, the channel's key. Every frame after that is
+    authenticated. An anomaly ends the container: PID 1 exiting kills every process in it."""
+    if not set_dumpable(False):
+        raise SystemExit("cannot make the supervisor non-dumpable: refusing to run")
     chan_in, chan_out = os.dup(0), os.dup(1)  # private, non-inheritable copies of the channel
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
@@ -649,23 +597,29 @@ def main() -> None:
     config = read_frame(chan_in)
     if config is None:
         return
-    Bounded.mark = str(config.get("truncation_mark", Bounded.mark))
-    worker_ns: dict[str, Any] = {"__name__": "sandbox_worker"}
-    exec(compile(config["worker_source"], WORKER_FILE, "exec"), worker_ns)  # noqa: S102 - our own worker source
-    # The zygote first: forked now, its memory holds no request, no step and no program.
-    zygote_ns: dict[str, Any] = {"__name__": "sandbox_zygote"}
-    exec(compile(config["zygote_source"], ZYGOTE_FILE, "exec"), zygote_ns)  # noqa: S102 - our own source
-    zygote = zygote_ns["Zygote"](config["zygote_source"], (chan_in, chan_out))
-    supervisor = Supervisor(config, Bounded, worker_ns["Worker"], (chan_in, chan_out), zygote)
-    write_frame(chan_out, {"op": "ready", "probe": probe()})
-    serve(chan_in, chan_out, supervisor)
+    # The zygote first: forked now, its memory holds no request, no step, no program and no key.
+    zygote = Zygote((chan_in, chan_out))
+    supervisor = Supervisor(config, (chan_in, chan_out), zygote)
+    key = read_raw(chan_in)
+    if key is None or len(key) != KEY_SIZE:
+        return
+    supervisor.exec_workers = True
+    channel = Channel(chan_in, chan_out, key)
+    del key
+    channel.send({"op": "ready", "id": 0, "probe": probe()})
+    try:
+        serve(channel, supervisor)
+    except Anomaly as exc:  # the server learns of it on the authenticated channel, then sees EOF
+        channel.send({"op": "anomaly", "id": None, "why": str(exc)})
+    os.kill(-1, signal.SIGKILL)
 
 
-def serve(chan_in: int, chan_out: int, supervisor: Supervisor) -> None:
+def serve(channel: Channel, supervisor: Supervisor) -> None:
     while True:
-        request = read_frame(chan_in)
+        request = channel.recv()
         if request is None:
-            break
+            return
+        supervisor.reap_orphans()
         op, reply = request.get("op"), {"op": "result", "id": request.get("id")}
         if op == "exec":
             reply.update(supervisor.execute(str(request["code"]), float(request["timeout"])))
@@ -674,9 +628,4 @@ def serve(chan_in: int, chan_out: int, supervisor: Supervisor) -> None:
         elif op == "run":
             reply.update(supervisor.run_program(str(request["source"]), base64.b64decode(request.get("stdin") or ""),
                                                 float(request["timeout"])))
-        write_frame(chan_out, reply)
-    os.kill(-1, signal.SIGKILL)
-
-
-if __name__ == "__main__":
-    main()
+        channel.send(reply)
