@@ -622,9 +622,21 @@ def memory_files(files: dict) -> dict:
     return paths
 
 
-def memory_plugin(pytest: Any, paths: dict) -> Any:
+# Names pytest acts on when it finds them in a test module: a submission's names must never reach
+# a test module as these (through `from solution import *`), or its proxies would be collected as
+# tests, run as setup, or registered as hooks that decide outcomes.
+PYTEST_NAMES = ("test", "Test", "pytest", "setup", "teardown")
+
+
+def star_exports(names: Any) -> list:
+    """What `from <module> import *` may take from the submission's module."""
+    return sorted(n for n in names if not n.startswith(("_", *PYTEST_NAMES)) and n != "conftest")
+
+
+def memory_plugin(pytest: Any, paths: dict, blocked: str) -> Any:
     """Collects exactly the task's files, compiled from the grader's memory: no path, conftest or
-    ini file of the filesystem takes part."""
+    ini file of the filesystem takes part. The submission's module can never be a plugin, and
+    only tests written in the task's files run."""
     import types
 
     class MemoryModule(pytest.Module):
@@ -637,13 +649,25 @@ def memory_plugin(pytest: Any, paths: dict) -> Any:
             return module
 
     class Memory:
+        def pytest_configure(self, config: Any) -> None:
+            config.pluginmanager.set_blocked(blocked)
+
         @pytest.hookimpl(tryfirst=True)
         def pytest_collect_file(self, file_path: Any, parent: Any) -> Any:
             if str(file_path) not in paths:
                 return None
             return MemoryModule.from_parent(parent, path=file_path, nodeid=paths[str(file_path)][0])
 
+        def pytest_collection_modifyitems(self, items: list) -> None:
+            items[:] = [item for item in items if written_in(item, paths)]
+
     return Memory()
+
+
+def written_in(item: Any, paths: dict) -> bool:
+    """A test function whose code is in one of the task's files (not a proxy of the submission's)."""
+    code = getattr(getattr(item, "function", None), "__code__", None)
+    return code is not None and code.co_filename in paths
 
 
 def pytest_args(paths: dict) -> list:
@@ -670,6 +694,7 @@ def grade_pytest(job: dict, timeout: float, child: Child) -> list:
     module = types.ModuleType(spec["module"])
     trusted = trusted_definitions(job.get("prelude") or "")
     module.__dict__.update({k: v for k, v in namespace(child, state, trusted).items() if not k.startswith("__")})
+    module.__all__ = star_exports(module.__dict__)
     sys.modules[spec["module"]] = module
     paths = memory_files(spec["files"])
     results: list = []
@@ -696,7 +721,7 @@ def grade_pytest(job: dict, timeout: float, child: Child) -> list:
 
     sys.dont_write_bytecode = True
     try:
-        code = pytest.main(pytest_args(paths), plugins=[memory_plugin(pytest, paths), Collector()])
+        code = pytest.main(pytest_args(paths), plugins=[memory_plugin(pytest, paths, spec["module"]), Collector()])
     finally:
         child.kill()
     if not results:

@@ -32,6 +32,8 @@ import time
 from sandbox_env.inside.bounded import BoundedOutput
 from sandbox_env.inside.bundle import rebundle
 from sandbox_env.inside.procs import set_dumpable
+from sandbox_env.inside.untrusted import step_fields, variables
+from sandbox_env.inside.slate import count_processes, kill_all_but, others_alive, process_state, wipe, wipe_ipc
 from sandbox_env.inside.wire import HEADER, KEY_SIZE, Anomaly, Channel, decode, read_frame, read_raw, write_frame
 from sandbox_env.inside.worker import Worker
 from sandbox_env.inside.zygote import Zygote
@@ -46,13 +48,8 @@ WORKER_MODULES = tuple(f"{PACKAGE}.{name}" for name in ("wire", "procs", "worker
 IGNORED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGTSTP",
            "SIGTTIN", "SIGTTOU")
 EXIT_ERROR, EXIT_TIMEOUT, EXIT_OUTPUT = 1, 124, 1
-# What the worker may say about a step; everything else (output, status, exit code) is measured here.
-WORKER_FIELDS = ("exception", "displays", "cpu_time_s", "peak_memory_mb")
 MEMORY_FILES = (("/sys/fs/cgroup/memory/memory.oom_control", "oom_kill"),
                 ("/sys/fs/cgroup/memory.events", "oom_kill"))
-WORKSPACE = "/workspace"
-SCRATCH_DIRS = (WORKSPACE, "/tmp", "/dev/shm", "/dev/mqueue")
-SYSV_IPC = (("shm", "shmctl"), ("sem", "semctl"), ("msg", "msgctl"))  # /proc/sysvipc/<kind>, remover
 USAGE_FILES = ("/sys/fs/cgroup/memory/memory.usage_in_bytes", "/sys/fs/cgroup/memory.current")
 
 
@@ -84,6 +81,7 @@ class Supervisor:
         # Once true, workers are new interpreters, never forks of this process: its memory has held
         # the channel's key, or a program's input (a grading's hidden tests).
         self.exec_workers = False
+        self.asked = 0  # requests sent to workers, numbered across restarts
         self.keep = int(config["output_bytes"])
         self.limit = int(config["output_limit_bytes"])
         self.cpu_budget = config.get("cpu_time_s")
@@ -127,6 +125,7 @@ class Supervisor:
         for fd in (res_r, out_r, err_r):
             os.set_blocking(fd, False)
         self.worker, self.cmd, self.res, self.out, self.err = pid, cmd_w, res_r, out_r, err_r
+        self.replies = bytearray()  # what the worker wrote on its result pipe, not yet taken
         self.exited: tuple[int, int] | None = None
         try:
             self.pidfd: int | None = os.pidfd_open(pid)
@@ -229,20 +228,19 @@ class Supervisor:
         if self.cpu_budget is not None and self.cpu_used >= self.cpu_budget:
             return self.result("killed", 137, out, err, note="the episode's CPU-time budget is spent")
         oom_before = self.oom_kills()
-        try:
-            write_frame(self.cmd, {"op": "exec", "code": code})
-        except BrokenPipeError:
-            pass  # the worker is gone: wait() reaps it and reports
+        self.ask({"op": "exec", "code": code})
         reply, ended = self.wait(time.monotonic() + timeout, out, err)
         if reply is not None:
             drain(self.out, out, self.limit - err.total)
             drain(self.err, err, self.limit - out.total)
             if out.total + err.total <= self.limit:
-                failed = bool(reply.get("exception"))
+                # What the worker says is only about its own step, but it is checked and bounded here.
+                fields, dropped = step_fields(reply, self.keep)
+                failed = fields["exception"] is not None or reply.get("exception") is not None
                 code = reply.get("exit_code")  # SystemExit(n): n, as the code asked
                 exit_code = (code if type(code) is int and 0 < code < 256 else EXIT_ERROR) if failed else 0
-                return {**self.result("error" if failed else "ok", exit_code, out, err),
-                        **{k: reply.get(k) for k in WORKER_FIELDS}}
+                note = f"the interpreter's report was malformed ({', '.join(dropped)}): dropped" if dropped else ""
+                return {**self.result("error" if failed else "ok", exit_code, out, err, note=note), **fields}
             status, exit_code, note = "output_limit", EXIT_OUTPUT, f"output passed {self.limit} bytes"
         elif ended is not None:
             oom = (self.oom_kills() or 0) > (oom_before or 0)
@@ -256,14 +254,22 @@ class Supervisor:
         return self.result(status, exit_code, out, err, note=note + "; the interpreter was restarted "
                            "(variables lost)")
 
+    def ask(self, request: dict[str, Any]) -> None:
+        """Send the worker a request, numbered: `wait` takes only the reply with that number, so a
+        reply the code wrote itself (it can reach its own result pipe) is the last its step gets."""
+        self.asked += 1
+        try:
+            write_frame(self.cmd, {**request, "seq": self.asked})
+        except BrokenPipeError:
+            pass  # the worker is gone: wait() reaps it and reports
+
     def wait(self, deadline: float, out: BoundedOutput, err: BoundedOutput) -> tuple[dict[str, Any] | None, tuple[int, int] | None]:
-        """Pump the capture pipes until the worker replies, dies, floods or runs out of time."""
+        """Pump the capture pipes until the worker replies (to the last request), dies, floods or
+        runs out of time."""
         poller = select.poll()
         streams = {self.out: out, self.err: err}
         for fd in (*streams, self.res, *([self.pidfd] if self.pidfd is not None else [])):
             poller.register(fd, select.POLLIN)
-        buf = bytearray()
-        max_frame = 4 * self.keep + (1 << 20)
         watch_pidfd = self.pidfd is not None
         while True:
             remaining = deadline - time.monotonic()
@@ -285,15 +291,12 @@ class Supervisor:
                     if out.total + err.total > self.limit:
                         return None, None
                 else:
-                    buf += data
-                    size = HEADER.unpack_from(buf)[0] if len(buf) >= 4 else max_frame
-                    if size > max_frame or len(buf) > max_frame + 4:
-                        poller.unregister(fd)  # a garbled control pipe: the worker is not trusted
-                    elif len(buf) >= 4 + size:
-                        try:
-                            return decode(bytes(buf[4:4 + size])), None
-                        except ValueError:
-                            poller.unregister(fd)
+                    self.replies += data
+                    reply, garbled = self.take_reply()
+                    if garbled:
+                        poller.unregister(fd)  # the worker is not trusted: its step will time out
+                    elif reply is not None:
+                        return reply, None
             if check_exit and (ended := self.reap()) is not None:
                 drain(self.out, out, self.limit)
                 drain(self.err, err, self.limit)
@@ -301,6 +304,25 @@ class Supervisor:
             if check_exit and watch_pidfd and self.pidfd is not None:
                 poller.unregister(self.pidfd)
                 watch_pidfd = False
+
+    def take_reply(self) -> tuple[dict[str, Any] | None, bool]:
+        """(the reply to the last request if the bytes read so far hold it, whether they are
+        garbled). Replies to earlier requests are dropped; bytes of a frame not yet whole stay."""
+        max_frame = 4 * self.keep + (1 << 20)
+        while len(self.replies) >= HEADER.size:
+            size = HEADER.unpack_from(self.replies)[0]
+            if size > max_frame:
+                return None, True
+            if len(self.replies) < HEADER.size + size:
+                return None, False
+            try:
+                reply = decode(bytes(self.replies[HEADER.size:HEADER.size + size]))
+            except (ValueError, RecursionError):
+                return None, True
+            del self.replies[:HEADER.size + size]
+            if reply.get("seq") == self.asked:
+                return reply, False
+        return None, False
 
     def result(self, status: str, exit_code: int, out: BoundedOutput, err: BoundedOutput, note: str = "",
                **extra: Any) -> dict[str, Any]:
@@ -314,7 +336,7 @@ class Supervisor:
         killed, workspace and /tmp wiped before (and after), stdin fed then closed, output
         bounded, the deadline enforced."""
         self.kill_everything()
-        wipe(SCRATCH_DIRS)
+        dirty = wipe()
         wipe_ipc()
         if self.zygote.pid and process_state(self.zygote.pid) != self.baseline:
             self.zygote.kill()  # limits lowered, niced, pinned: a fresh one inherits ours
@@ -323,9 +345,11 @@ class Supervisor:
         oom_before = self.oom_kills()
         if others_alive(self.zygote.pid):  # a process the kills could not end: nothing runs beside it
             status, (code, cpu), note = "error", (126, 0.0), "a process of the sandbox could not be killed"
+        elif dirty:  # nothing runs beside what an earlier program or step left and could not be removed
+            status, (code, cpu), note = "error", (126, 0.0), "the sandbox's scratch folders could not be emptied"
         else:
             status, (code, cpu), note = self.launch(source, stdin, out, err, started + timeout)
-        wipe(SCRATCH_DIRS)
+        dirty += wipe()
         wipe_ipc()
         if status is None:
             oom = code < 0 and (self.oom_kills() or 0) > (oom_before or 0)
@@ -336,6 +360,8 @@ class Supervisor:
             reply["tampered"] = "the sandbox's own limits, priority or CPUs were changed"
         elif others_alive(self.zygote.pid):
             reply["tampered"] = "a process of the sandbox could not be killed"
+        elif dirty:
+            reply["tampered"] = f"scratch folders could not be emptied: {', '.join(sorted(set(dirty)))}"
         return reply
 
     def launch(self, source: str, stdin: bytes, out: BoundedOutput, err: BoundedOutput,
@@ -379,13 +405,13 @@ class Supervisor:
 
     def inspect(self) -> dict[str, Any]:
         self.ensure_worker()
-        write_frame(self.cmd, {"op": "inspect"})
+        self.ask({"op": "inspect"})
         reply, _ = self.wait(time.monotonic() + 2.0, BoundedOutput(self.keep), BoundedOutput(self.keep))
         if reply is None:
             self.restart()
             reply = {}
         usage = next((v for v in map(read_int, USAGE_FILES) if v is not None), None)
-        return {**reply, "memory_mb": None if usage is None else usage / 1048576,
+        return {"variables": variables(reply.get("variables")), "memory_mb": None if usage is None else usage / 1048576,
                 "cpu_time_used_s": self.cpu_used, "processes": count_processes()}
 
 
@@ -431,72 +457,6 @@ def pump(pending: dict[int, bytes], streams: dict[int, BoundedOutput], deadline:
     return status
 
 
-def wipe(paths: tuple[str, ...]) -> None:
-    """Remove everything inside `paths` (kept themselves), unreadable directories included."""
-    import shutil
-
-    def retry(func: Any, path: str, _: Any) -> None:
-        try:
-            os.chmod(os.path.dirname(path), 0o700)
-            if os.path.isdir(path) and not os.path.islink(path):
-                os.chmod(path, 0o700)
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                os.unlink(path)
-        except OSError:
-            pass
-
-    for top in paths:
-        try:
-            os.chmod(top, 0o700) if top == WORKSPACE else None
-            entries = list(os.scandir(top))
-        except OSError:
-            continue
-        for entry in entries:
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path, onerror=retry)
-                else:
-                    os.unlink(entry.path)
-            except OSError:
-                pass
-
-
-def process_state(pid: int) -> tuple[Any, ...] | None:
-    """What same-uid code can change in another process and its forks inherit, but cannot always
-    undo (a lowered hard limit, a higher nice value, SCHED_IDLE): the rlimits, the nice value, the
-    CPUs, the scheduling policy and priority."""
-    try:
-        with open(f"/proc/{pid}/limits") as f:
-            limits = f.read()
-        return (limits, os.getpriority(os.PRIO_PROCESS, pid), sorted(os.sched_getaffinity(pid)),
-                os.sched_getscheduler(pid), os.sched_getparam(pid).sched_priority)
-    except OSError:
-        return None
-
-
-def wipe_ipc() -> None:
-    """Remove every System V shared memory segment, semaphore set and message queue (the
-    container has its own IPC namespace): what one program leaves there, the next could read."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-    except (ImportError, OSError):
-        return
-    for kind, remover in SYSV_IPC:
-        try:
-            with open(f"/proc/sysvipc/{kind}") as f:
-                ids = [int(line.split()[1]) for line in f.read().splitlines()[1:] if line.strip()]
-        except (OSError, ValueError, IndexError):
-            continue
-        for ipc_id in ids:
-            if kind == "sem":
-                libc.semctl(ipc_id, 0, 0)  # IPC_RMID
-            else:
-                getattr(libc, remover)(ipc_id, 0, None)
-
-
 def read_some(fd: int) -> bytes | None:
     try:
         return os.read(fd, CHUNK)
@@ -521,45 +481,6 @@ def read_int(path: str) -> int | None:
         return None
 
 
-def live_pids() -> list[int]:
-    """Pids with a thread still running. A process whose main thread has exited shows "Z" in its
-    own stat while its other threads run on, so every thread is looked at."""
-    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit() and running(entry)]
-
-
-def running(pid: str) -> bool:
-    try:
-        threads = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return False
-    for tid in threads:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
-                if f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X"):
-                    return True
-        except (OSError, IndexError):
-            continue
-    return False
-
-
-def others_alive(spare: int = 0) -> bool:
-    return any(pid not in (1, os.getpid(), spare) for pid in live_pids())
-
-
-def kill_all_but(spare: int) -> None:
-    """SIGKILL every process but init, this one and `spare`, whatever state it shows. Everything is
-    stopped at once first, so nothing forks between the listing and the kill; `spare` is then
-    resumed."""
-    os.kill(-1, signal.SIGSTOP)
-    os.kill(spare, signal.SIGCONT)
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) not in (1, os.getpid(), spare):
-            try:
-                os.kill(int(entry), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
 def exec_worker(fds: tuple[int, int, int, int], keep: int, cpu_left: int | None) -> None:
     """In a forked child: become a worker in a new interpreter (`python3 -I -S`), so that nothing
     of the supervisor's memory (the channel's key, a program's input) is in the worker's. Never
@@ -575,10 +496,6 @@ def exec_worker(fds: tuple[int, int, int, int], keep: int, cpu_left: int | None)
         os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", boot])
     finally:
         os._exit(70)
-
-
-def count_processes() -> int:
-    return len(live_pids())
 
 
 def main() -> None:
@@ -620,12 +537,12 @@ def serve(channel: Channel, supervisor: Supervisor) -> None:
         if request is None:
             return
         supervisor.reap_orphans()
-        op, reply = request.get("op"), {"op": "result", "id": request.get("id")}
+        op, result = request.get("op"), {}
         if op == "exec":
-            reply.update(supervisor.execute(str(request["code"]), float(request["timeout"])))
+            result = supervisor.execute(str(request["code"]), float(request["timeout"]))
         elif op == "inspect":
-            reply.update(supervisor.inspect())
+            result = supervisor.inspect()
         elif op == "run":
-            reply.update(supervisor.run_program(str(request["source"]), base64.b64decode(request.get("stdin") or ""),
-                                                float(request["timeout"])))
-        channel.send(reply)
+            result = supervisor.run_program(str(request["source"]), base64.b64decode(request.get("stdin") or ""),
+                                            float(request["timeout"]))
+        channel.send({**result, "op": "result", "id": request.get("id")})  # ours last: never overridden

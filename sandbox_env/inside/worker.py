@@ -97,11 +97,12 @@ class Worker:
 
     def loop(self) -> None:
         while (request := read_frame(self.cmd)) is not None:
+            self.last_seq = request.get("seq")
             if request.get("op") == "exec":
                 reply = self.run(request["code"])
             else:
                 reply = {"variables": self.variables()}
-            write_frame(self.res, reply)
+            write_frame(self.res, {**reply, "seq": self.last_seq})
 
     def run(self, code: str) -> dict[str, Any]:
         self.count += 1

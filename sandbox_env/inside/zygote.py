@@ -40,6 +40,9 @@ PROGRAM_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": WORKSPACE, "LANG"
 PRELOAD = ("ctypes", "fcntl", "zlib", "typing", "re", "collections", "itertools", "functools", "math", "heapq",
            "string", "traceback")
 FDS = 4  # a program's stdin, stdout, stderr and source pipes
+# What a new `python3` sets up; every other signal has its default disposition.
+PYTHON_SIGNALS = {signal.SIGINT: signal.default_int_handler, signal.SIGPIPE: signal.SIG_IGN,
+                  signal.SIGXFSZ: signal.SIG_IGN}
 EXIT = struct.Struct(">id")  # exit code (negative: killed by that signal), CPU seconds
 SOCKET_FD = 3  # where a zygote started by exec finds its socket
 MODULES = ("sandbox_env.inside.bundle", "sandbox_env.inside.procs", __name__)
@@ -108,6 +111,11 @@ def run_program(sock: Any, stdin: int, stdout: int, stderr: int, source_fd: int)
     code = 1
     try:
         os.setsid()
+        for number in range(1, signal.NSIG):  # the supervisor ignores many; a program starts as python3 would
+            try:
+                signal.signal(number, PYTHON_SIGNALS.get(number, signal.SIG_DFL))
+            except (OSError, ValueError):
+                pass  # SIGKILL, SIGSTOP, and numbers with no signal
         for target, fd in ((0, stdin), (1, stdout), (2, stderr)):
             os.dup2(fd, target)
         chunks = []

@@ -62,7 +62,8 @@ MB = 1 << 20
 BOOTSTRAP = ("import os\ndef r(n):\n b=b''\n while len(b)<n:\n  c=os.read(0,n-len(b))\n"
              "  if not c:raise SystemExit(3)\n  b+=c\n return b\n"
              "exec(compile(r(int.from_bytes(r(4),'big')),'<sandbox-boot>','exec'),{'__name__':'__main__'})\n")
-RUNNER_MODULES = ("bundle", "wire", "bounded", "procs", "worker", "zygote", "runner")
+RUNNER_MODULES = ("bundle", "wire", "bounded", "procs", "slate", "untrusted", "worker", "zygote", "runner")
+LARGE_FRAME = 256 << 10  # decoded and validated in a thread: the event loop stays free
 STDERR_LINES = 5  # per container: what the supervisor itself printed (a crash), escaped and cut
 STDERR_BYTES = 300
 _EXECUTOR = ThreadPoolExecutor(max_workers=16, thread_name_prefix="sandbox-docker")
@@ -195,6 +196,7 @@ class DockerKernel(Kernel):
         self._pending = bytearray()
         self._key = b""
         self._sent = self._received = 0
+        self._last_size = 0
         self._stderr_lines = 0
         self._lock = asyncio.Lock()
         self._boot_task: asyncio.Task[None] | None = None
@@ -322,7 +324,9 @@ class DockerKernel(Kernel):
             async with asyncio.timeout(budget_s):  # no extra task, unlike wait_for
                 reply = await self._request(request)
             tampered = reply.pop("tampered", None)
-            result = ExecutionResult.model_validate({k: v for k, v in reply.items() if k not in ("op", "id")})
+            fields = {k: v for k, v in reply.items() if k not in ("op", "id")}
+            result = (await asyncio.to_thread(ExecutionResult.model_validate, fields) if self._last_size > LARGE_FRAME
+                      else ExecutionResult.model_validate(fields))  # a big reply is parsed off the event loop
             if tampered:  # this result stands; nothing runs in that container again
                 logger.warning("container %s replaced: %s", (self.container_id or "")[:12], tampered)
                 self._schedule_boot()
@@ -387,10 +391,10 @@ class DockerKernel(Kernel):
             except (TimeoutError, asyncio.IncompleteReadError, OSError, ValueError):
                 self._schedule_boot()
                 return {**info, "variables": []}
-        reply.pop("op", None), reply.pop("id", None)
-        variables = reply.pop("variables", None) or {}
-        reply["cpu_time_s"] = reply.pop("cpu_time_used_s", None)
-        return {**info, **reply, "variables": [{"name": name, **row} for name, row in variables.items()]}
+        variables = reply.get("variables") if isinstance(reply.get("variables"), dict) else {}
+        return {**info, "memory_mb": reply.get("memory_mb"), "cpu_time_s": reply.get("cpu_time_used_s"),
+                "processes": reply.get("processes"),
+                "variables": [{"name": name, **row} for name, row in variables.items() if isinstance(row, dict)]}
 
     async def _ensure_running(self) -> None:
         if self._closed:
@@ -445,7 +449,7 @@ class DockerKernel(Kernel):
         await self._writer.drain()
         reply = await self._read_frame()
         if reply.get("op") == "anomaly":
-            raise Anomaly(f"the supervisor rejected request {request_id}: {str(reply.get('why'))[:200]}")
+            raise Anomaly(f"the supervisor rejected request {request_id}: {str(reply.get('why'))[:200]!r}")
         if reply.get("id") != request_id:
             raise Anomaly(f"a reply to request {reply.get('id')!r} came for request {request_id}")
         return reply
@@ -459,8 +463,12 @@ class DockerKernel(Kernel):
         size = HEADER.unpack(await self._read_stdout(HEADER.size))[0]
         if size > MAX_FRAME:
             raise Anomaly(f"a frame of {size} bytes")
-        mac = await self._read_stdout(TAG_SIZE)
-        reply = unseal(self._key, TO_SERVER, self._received, mac, await self._read_stdout(size))
+        mac, body = await self._read_stdout(TAG_SIZE), await self._read_stdout(size)
+        self._last_size = size
+        if size > LARGE_FRAME:
+            reply = await asyncio.to_thread(unseal, self._key, TO_SERVER, self._received, mac, body)
+        else:
+            reply = unseal(self._key, TO_SERVER, self._received, mac, body)
         self._received += 1
         return reply
 
