@@ -652,3 +652,22 @@ def forge_frames(args):
             finally:
                 os.close(handle)
     return {"written": written, "tried": tried, "processes": len(procs)}
+
+
+def grader_reach(args=None):
+    """From a submission being graded: what of every process outside its own tree opens (the
+    grader, its parent, the sandbox's supervisor). Signal 0 is left out: a same-uid signal can
+    only make its own grading fail."""
+    procs = processes()
+    mine = own_tree(procs)
+    if os.getppid() not in procs:
+        return {"harness": f"the grader (parent pid {os.getppid()}) is not visible in /proc"}
+    reached = {}
+    for pid, (comm, _, _) in procs.items():
+        if pid in mine:
+            continue
+        got = reach_process(pid, {}, (args or {}).get("skip", []), [])
+        got.pop("signal0", None)
+        if got:
+            reached[f"{pid} {comm}{' (grader)' if pid == os.getppid() else ''}"] = got
+    return reached

@@ -395,3 +395,43 @@ def protected_paths() -> list[str]:
              REPO / "pyproject.toml", Path(purelib), Path(os.path.realpath(sys.executable)),
              Path(os.path.realpath(sys.executable)).parent]
     return [str(p) for p in paths]
+
+
+def connection_files_below(root_pid: int) -> list[str]:
+    """Connection files of every kernel started below `root_pid` (the `-f FILE` of its command
+    line, whatever wraps it): the kernels of this test, or of a server the test started."""
+    found = []
+    with contextlib.suppress(psutil.Error):
+        for proc in psutil.Process(root_pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                argv = proc.cmdline()
+                for i, arg in enumerate(argv[:-1]):
+                    if arg == "-f" and argv[i + 1].endswith(".json"):
+                        found.append(argv[i + 1])
+    return sorted(set(found))
+
+
+def remove_markers(paths: list[str], name: str) -> None:
+    """Delete the markers an infection probe left on the host: only files of exactly that unique
+    name (inside a private sandbox the same path is another file, or none)."""
+    for path in paths:
+        if os.path.basename(path) == name and os.path.isfile(path) and not os.path.islink(path):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+def submission_calling(function: str, args: dict[str, Any] | None = None) -> str:
+    """A `square` submission that runs `episode_probe.<function>()` when the hidden tests call it,
+    i.e. while the grader holds them, and fails its test with the report if anything was found."""
+    return (PROBE_SOURCE + "\n\ndef square(x):\n"
+            f"    found = {function}(json.loads({json.dumps(args or {})!r}))\n"
+            "    if found:\n"
+            "        raise RuntimeError(json.dumps(found, default=str)[:1800])\n"
+            "    return x * x\n")
+
+
+SQUARE_TASK = {"id": "security/square", "timeout_s": 30,
+               "tests": {"kind": "function", "entry_point": "square",
+                         "check": "def check(candidate):\n    assert candidate(3) == 9\n    assert candidate(-2) == 4\n"}}
+INFECTION = ("import builtins, os\nbuiltins.sbx_infected = {token!r}\nos.environ['SBX_INFECTED'] = {token!r}\n"
+             "sbx_infected = {token!r}\n")
