@@ -10,10 +10,12 @@ grader killed) makes every test an `error`: reward 0, never a pass. A backend fa
 from __future__ import annotations
 
 import functools
+import hmac
 import importlib.util
 import json
 import logging
 import marshal
+import os
 import time
 import zlib
 from typing import Any
@@ -23,6 +25,7 @@ from pydantic import ValidationError
 from sandbox_env.errors import KernelError, KernelUnavailableError
 from sandbox_env.inside import bundle, source
 from sandbox_env.inside.grader_child import CODEC, HOST
+from sandbox_env.inside.wire import KEY_SIZE, VERDICT, tag
 from sandbox_env.kernels.base import Kernel
 from sandbox_env.models import ExecStatus, Grading, TestResult, TestStatus
 from sandbox_env.rewards import reward_policy
@@ -72,7 +75,8 @@ async def grade(kernel: Kernel, task: Task, submission: str, *, reward: str | No
     per_test = per_test_timeout(kernel, task)
     names = test_names(task)  # one list, used on both sides
     budget = min(MAX_PROGRAM_S, per_test * (test_count(task) or PYTEST_BUDGET_TESTS) + STARTUP_S)
-    job = {"spec": task.tests.model_dump(mode="json"), "names": names,
+    key = os.urandom(KEY_SIZE)  # the verdict's: stdout is reachable by more than the grader
+    job = {"spec": task.tests.model_dump(mode="json"), "names": names, "key": key.hex(),
            "submission": submission, "timeout_s": per_test,
            "output_limit": kernel.policy.output_limit_bytes,
            "prelude": task.prompt}  # a Python prompt's helpers run trusted, in the grader
@@ -84,7 +88,7 @@ async def grade(kernel: Kernel, task: Task, submission: str, *, reward: str | No
                        retryable=not isinstance(exc, KernelUnavailableError) and exc.retryable,
                        wall_time_s=time.perf_counter() - started)
     if result.status is ExecStatus.OK and result.exit_code == 0:
-        tests, problem = _verdict(result.stdout, task, names)
+        tests, problem = _verdict(result.stdout, task, names, key)
     else:  # a verdict counts only from a grader that finished: never from one stopped or killed
         tests, problem = [], "the grader did not finish"
     if problem is not None:
@@ -109,10 +113,19 @@ def choose_reward(task: Task, requested: str | None, server_default: str | None)
     return server_default or task.reward
 
 
-def _verdict(stdout: str, task: Task, names: list[str]) -> tuple[list[TestResult], str | None]:
+def _verdict(stdout: str, task: Task, names: list[str], key: bytes) -> tuple[list[TestResult], str | None]:
     """The grader's per-test results, or why there are none usable."""
+    mac, _, body = stdout.partition("\n")
+    if _claims_dumpable(stdout):  # said before the job (and key) was read: nothing to verify
+        log.warning("grading %s: the grader could not make itself non-dumpable", task.id)
+        return [], "the grader could not make itself non-dumpable"
+    if not stdout.strip():
+        return [], "the grader reported no verdict"
+    if not body or not hmac.compare_digest(mac.encode(), tag(key, VERDICT, 0, body.encode()).hex().encode()):
+        log.warning("grading %s: a verdict without the grading's tag", task.id)
+        return [], "the grader's verdict is not authenticated"
     try:
-        data = json.loads(stdout)
+        data = json.loads(body)
     except ValueError:
         return [], "the grader reported no verdict"
     if not isinstance(data, dict) or not isinstance(data.get("tests"), list):
@@ -130,3 +143,11 @@ def _verdict(stdout: str, task: Task, names: list[str]) -> tuple[list[TestResult
     elif not tests:
         return [], "the grader reported no tests"
     return tests, None
+
+
+def _claims_dumpable(stdout: str) -> bool:
+    try:
+        data = json.loads(stdout)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and data.get("hardened") is False

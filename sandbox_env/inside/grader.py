@@ -30,7 +30,7 @@ import sys
 import time
 
 from sandbox_env.inside.procs import set_dumpable
-from sandbox_env.inside.wire import HEADER
+from sandbox_env.inside.wire import HEADER, VERDICT, tag
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -743,6 +743,7 @@ def main(job_data: bytes, early: tuple | None) -> None:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     job = loads(job_data.decode())
+    key = bytes.fromhex(job.pop("key"))  # signs the verdict; never leaves this process
     kind = job["spec"]["kind"]
     child = Child(job["submission"]) if kind != "stdio" else None
     if child is not None:
@@ -755,12 +756,17 @@ def main(job_data: bytes, early: tuple | None) -> None:
         finally:
             if child is not None:
                 child.kill()
-    emit(verdict, verdict_fd)
+    emit(verdict, verdict_fd, key)
 
 
-def emit(verdict: dict, fd: int = 1) -> None:
-    """Write the verdict and end at once: no interpreter teardown the sandbox would wait for."""
+def emit(verdict: dict, fd: int = 1, key: bytes | None = None) -> None:
+    """Write the verdict and end at once: no interpreter teardown the sandbox would wait for.
+
+    With the job's key, the verdict is its tag (hex) and a newline, then the JSON: whatever else
+    reaches the server as this program's stdout cannot carry a verdict the server accepts."""
     data = dumps(verdict).encode()
+    if key is not None:
+        data = tag(key, VERDICT, 0, data).hex().encode() + b"\n" + data
     while data:
         data = data[os.write(fd, data):]
     try:

@@ -123,8 +123,22 @@ def test_reward_choice_order() -> None:
                                     ('{"tests": [{"name": "check", "status": "passed"}, '
                                     '{"name": "check", "status": "passed"}]}')])
 def test_unusable_verdicts_are_never_a_pass(stdout: str) -> None:
-    tests, problem = _verdict(stdout, Task.model_validate(FUNCTION), ["check"])
-    assert tests == [] and problem
+    key = b"k" * 32
+    for signed in (stdout, _signed(stdout, key)):
+        tests, problem = _verdict(signed, Task.model_validate(FUNCTION), ["check"], key)
+        assert tests == [] and problem
+
+
+def _signed(body: str, key: bytes) -> str:
+    from sandbox_env.inside.wire import VERDICT, tag
+
+    return tag(key, VERDICT, 0, body.encode()).hex() + "\n" + body
+
+
+def _job_key(stdin: bytes) -> bytes:
+    """The key inside the job section of a grader's stdin (after the preamble section)."""
+    skip = 12 + int(stdin[:12])
+    return bytes.fromhex(json.loads(stdin[skip + 12:])["key"])
 
 
 def test_submit_flag_keeps_code_required() -> None:
@@ -134,12 +148,12 @@ def test_submit_flag_keeps_code_required() -> None:
 
 
 class _ForgedVerdictKernel:
-    """A kernel whose grader reports a pass; only the `hardened` flag differs."""
+    """A kernel whose grader reports a pass; only the `hardened` flag and the signature differ."""
 
-    def __init__(self, hardened: object) -> None:
+    def __init__(self, hardened: object, sign: str = "job") -> None:
         from sandbox_env.policy import Policy
 
-        self.policy, self.hardened = Policy(name="t"), hardened
+        self.policy, self.hardened, self.sign = Policy(name="t"), hardened, sign
 
     async def run_program(self, source: str, *, stdin: bytes = b"", timeout_s: float) -> object:
         from sandbox_env.models import ExecStatus, ExecutionResult
@@ -147,7 +161,9 @@ class _ForgedVerdictKernel:
         verdict: dict[str, object] = {"tests": [{"name": "check", "status": "passed"}]}
         if self.hardened is not None:
             verdict["hardened"] = self.hardened
-        return ExecutionResult(status=ExecStatus.OK, exit_code=0, stdout=json.dumps(verdict))
+        body = json.dumps(verdict)
+        stdout = {"job": _signed(body, _job_key(stdin)), "other": _signed(body, b"x" * 32), "none": body}
+        return ExecutionResult(status=ExecStatus.OK, exit_code=0, stdout=stdout[self.sign])
 
 
 @pytest.mark.asyncio
@@ -161,6 +177,19 @@ async def test_a_grader_that_stayed_dumpable_earns_zero(hardened: object) -> Non
     result = await grade(_ForgedVerdictKernel(hardened), task, "def square(x): return x * x")  # type: ignore[arg-type]
     assert result.status == "graded" and result.reward == 0.0 and "dumpable" in (result.error or ""), result
     assert [t.status for t in result.tests] == [TestStatus.ERROR]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("sign", ["none", "other"])
+async def test_a_verdict_without_the_gradings_tag_earns_zero(sign: str) -> None:
+    """Whatever reaches the grader's stdout (another process holding it, a forged frame) cannot
+    bring a verdict signed with this grading's key, which only the non-dumpable grader holds."""
+    from sandbox_env.grading import grade
+
+    task = Task.model_validate(FUNCTION)
+    result = await grade(_ForgedVerdictKernel(True, sign), task, "def square(x): return x * x")  # type: ignore[arg-type]
+    assert result.status == "graded" and result.reward == 0.0, result
+    assert "not authenticated" in (result.error or ""), result
 
 
 def test_the_server_never_runs_grader_code() -> None:
