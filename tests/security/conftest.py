@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
-from security_helpers import BACKENDS, KernelFactory, new_kernel, require_backend
+from security_helpers import BACKENDS, KernelFactory, new_kernel, remove_leftover_containers, require_backend
 
 from sandbox_env.kernels.base import Kernel
 from sandbox_env.policy import Policy
@@ -39,6 +39,7 @@ async def make_kernel(backend: str) -> AsyncIterator[KernelFactory]:
     yield factory
     for kernel in kernels:
         await kernel.close()
+    remove_leftover_containers(kernels)
 
 
 @pytest.fixture

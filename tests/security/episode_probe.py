@@ -54,6 +54,19 @@ def processes():
     return found
 
 
+def placement(pid):
+    """Where a process is confined, as this namespace sees it (readable without ptrace access):
+    its memory (v1) or unified (v2) cgroup path; the host uses it to tell apart processes that
+    started in the same clock tick."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    picked = [line for line in lines if ":memory:" in line or line.startswith("0::")]
+    return (picked or lines or ["?"])[0].split(":", 2)[-1]
+
+
 def own_tree(procs):
     """This process and its descendants: what the probe may legitimately reach."""
     tree, grew = {os.getpid()}, True
@@ -332,6 +345,7 @@ def sweep(args):
     procs = processes()
     mine = own_tree(procs)
     report = {"self": {"pid": os.getpid(), "fingerprint": procs[os.getpid()][2], "cwd": os.getcwd(),
+                       "cgroup": placement(os.getpid()),
                        "visible_processes": len(procs), "uid": os.getuid()}}
 
     # 1. every fd, mem, environ, cwd, root of every other process; signal 0
@@ -345,20 +359,20 @@ def sweep(args):
         if handle is not None:
             inode = os.fstat(handle).st_ino
             if inode != own_ns and inode not in netns:
-                netns[inode] = (handle, pid, fingerprint)
+                netns[inode] = (handle, pid, fingerprint, placement(pid))
             else:
                 os.close(handle)
         if got:
-            reached.append({"pid": pid, "comm": comm, "fingerprint": fingerprint, **got})
+            reached.append({"pid": pid, "comm": comm, "fingerprint": fingerprint, "cgroup": placement(pid), **got})
     report["processes"] = reached
 
     # 2. the server's port: on this namespace's loopback, and from inside every other namespace
     report["ports"] = {str(p): connect_tcp(p, p in http_ports) for p in ports}
     report["netns"] = []
-    for inode, (handle, pid, fingerprint) in netns.items():
+    for inode, (handle, pid, fingerprint, cgroup) in netns.items():
         result = in_netns(handle, ports, http_ports)
         os.close(handle)
-        report["netns"].append({"pid": pid, "fingerprint": fingerprint, "inode": inode, **result})
+        report["netns"].append({"pid": pid, "fingerprint": fingerprint, "cgroup": cgroup, "inode": inode, **result})
 
     # 3. sockets and files under the shared directories (and the runtime sockets by name)
     own_sockets, table = own_socket_inodes(), unix_socket_table()
@@ -590,7 +604,7 @@ def server_reach(args):
             pass
         try:
             os.kill(pid, 0)
-            signalled[fingerprint] = pid
+            signalled[fingerprint] = {"pid": pid, "cgroup": placement(pid)}
         except OSError:
             pass
     out["environs"], out["signal0"] = environs, signalled

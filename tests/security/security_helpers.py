@@ -8,6 +8,7 @@ progress), `server`, `other-sandbox` (any other sandbox-env kernel or container)
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -19,6 +20,7 @@ import sysconfig
 import threading
 import time
 import uuid
+import zlib
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -96,13 +98,14 @@ def new_kernel(name: str, policy: Policy | None = None) -> Kernel:
 def probe_code(function: str, args: dict[str, Any] | None = None) -> str:
     """Source of a step that runs `episode_probe.<function>(args)` and prints its JSON report."""
     call = f"{function}(json.loads({json.dumps(args or {})!r}))"
-    return PROBE_SOURCE + f"\nprint({RESULT_MARK!r} + json.dumps({call}, default=str))\n"
+    return (PROBE_SOURCE + "\nimport base64 as _b64, zlib as _zlib\n"
+            f"print({RESULT_MARK!r} + _b64.b64encode(_zlib.compress(json.dumps({call}, default=str).encode())).decode())\n")
 
 
 def parse_report(stdout: str) -> dict[str, Any] | None:
     for line in stdout.splitlines():
         if line.startswith(RESULT_MARK):
-            report: dict[str, Any] = json.loads(line[len(RESULT_MARK):])
+            report: dict[str, Any] = json.loads(zlib.decompress(base64.b64decode(line[len(RESULT_MARK):])))
             return report
     return None
 
@@ -155,12 +158,25 @@ def fingerprint(pid: int) -> str | None:
     return f"{comm}@{data[data.rindex(')') + 2:].split()[19]}"
 
 
-def host_fingerprints() -> dict[str, int]:
-    table = {}
+def host_fingerprints() -> dict[str, list[int]]:
+    """fingerprint -> host pids (several when processes started in the same clock tick)."""
+    table: dict[str, list[int]] = defaultdict(list)
     for name in os.listdir("/proc"):
         if name.isdigit() and (fp := fingerprint(int(name))) is not None:
-            table[fp] = int(name)
+            table[fp].append(int(name))
     return table
+
+
+def resolve(table: dict[str, list[int]], fp: str, cgroup: str | None = None) -> int | None:
+    """The host pid of a process a probe reported: by fingerprint, and among processes that
+    started in the same tick, the one confined where the probe saw it (a path inside a cgroup
+    namespace is the tail of the host's path)."""
+    candidates = table.get(fp, [])
+    if len(candidates) > 1 and cgroup:
+        exact = [pid for pid in candidates if cgroup_line(pid) == cgroup]
+        tail = [pid for pid in candidates if cgroup_line(pid).endswith(cgroup.rstrip("/"))]
+        candidates = exact or tail or candidates
+    return candidates[0] if candidates else None
 
 
 def cgroup_text(pid: int) -> str:
@@ -168,6 +184,13 @@ def cgroup_text(pid: int) -> str:
         return Path(f"/proc/{pid}/cgroup").read_text()
     except OSError:
         return ""
+
+
+def cgroup_line(pid: int | None) -> str:
+    """The memory (v1) or unified (v2) line of /proc/<pid>/cgroup: where a process is confined."""
+    lines = cgroup_text(pid).splitlines() if pid else []
+    picked = [line for line in lines if ":memory:" in line or line.startswith("0::")]
+    return (picked or lines or ["?"])[0].split(":", 2)[-1]
 
 
 def environ_sha256(pid: int) -> str:
@@ -239,8 +262,8 @@ class Roles:
                 return role
         return "other-sandbox" if ("sandbox-env" in text or "docker" in text) else "host"
 
-    def of(self, fp: str, table: dict[str, int]) -> str:
-        return self.of_pid(table.get(fp))
+    def of(self, fp: str, table: dict[str, list[int]], cgroup: str | None = None) -> str:
+        return self.of_pid(resolve(table, fp, cgroup))
 
     def of_path(self, path: str) -> str:
         """A path's role: by the episode directory it lies in, the container runtime's, or host."""
@@ -253,7 +276,7 @@ class Roles:
 
     def adopt(self, report: dict[str, Any]) -> None:
         """Take the attacker's own sandbox from its report: its process's cgroup, its directory."""
-        pid = host_fingerprints().get(report["self"]["fingerprint"])
+        pid = resolve(host_fingerprints(), report["self"]["fingerprint"], report["self"].get("cgroup"))
         if pid is not None and self.own_cgroup is None:
             self.own_cgroup = cgroup_text(pid)
         match = EPISODE_ROOT.search(report["self"]["cwd"])
@@ -280,15 +303,17 @@ def sweep_findings(report: dict[str, Any], roles: Roles, *, server_environ: str 
     table = host_fingerprints()
     found: dict[str, list[str]] = defaultdict(list)
     for proc in report["processes"]:
-        role = roles.of(proc["fingerprint"], table)
+        role = roles.of(proc["fingerprint"], table, proc.get("cgroup"))
         kinds = [k for k in ACCESS_KINDS if k in proc]
         if server_environ is not None and proc.get("environ_sha256") == server_environ:
             found["server"].append(f"pid {proc['pid']} ({proc['comm']}): environ is the server's")
         if role != "own" and kinds:
-            found[role].append(f"pid {proc['pid']} ({proc['comm']}): {kinds} {proc.get('fd_examples', [])[:4]}")
+            host_pid = resolve(table, proc["fingerprint"], proc.get("cgroup"))
+            where = f"host pid {host_pid}, cgroup {cgroup_line(host_pid)}" if host_pid else "gone"
+            found[role].append(f"pid {proc['pid']} ({proc['comm']}; {where}): {kinds} {proc.get('fd_examples', [])[:4]}")
     for ns in report["netns"]:
         if ns.get("setns") == "ok":
-            found[roles.of(ns["fingerprint"], table)].append(
+            found[roles.of(ns["fingerprint"], table, ns.get("cgroup"))].append(
                 f"setns() into the network namespace of {ns['fingerprint']} (pid {ns['pid']}): {ns.get('ports')}")
     for port, outcome in report["ports"].items():
         if outcome.startswith("connected"):
@@ -435,3 +460,25 @@ SQUARE_TASK = {"id": "security/square", "timeout_s": 30,
                          "check": "def check(candidate):\n    assert candidate(3) == 9\n    assert candidate(-2) == 4\n"}}
 INFECTION = ("import builtins, os\nbuiltins.sbx_infected = {token!r}\nos.environ['SBX_INFECTED'] = {token!r}\n"
              "sbx_infected = {token!r}\n")
+
+
+def remove_leftover_containers(kernels: list[Any]) -> list[str]:
+    """Containers of these (closed) Docker kernels that outlived close(): removed, and reported as
+    a warning (a known race: close() right after a cancelled request can miss the container)."""
+    ids = [k.kernel_id for k in kernels if getattr(k, "name", "") == "docker"]
+    if not ids:
+        return []
+    import warnings
+
+    import docker
+
+    client = docker.from_env()
+    left = []
+    for kernel_id in ids:
+        for container in client.containers.list(all=True, filters={"label": f"sandbox-env.episode={kernel_id}"}):
+            left.append(f"{container.short_id} ({container.status})")
+            with contextlib.suppress(docker.errors.DockerException):
+                container.remove(force=True)
+    if left:
+        warnings.warn(f"containers outlived their closed kernels (removed now): {left}", stacklevel=2)
+    return left

@@ -151,7 +151,7 @@ async def test_server_cannot_be_signalled(make_kernel) -> None:
     report = await run_probe(attacker, "server_reach", {})
     roles = Roles(server={os.getpid()}, idents={"own": [kernel_ident(attacker)]})
     table = host_fingerprints()
-    foreign = {fp: roles.of(fp, table) for fp in report["signal0"]}
+    foreign = {fp: roles.of(fp, table, seen["cgroup"]) for fp, seen in report["signal0"].items()}
     foreign = {fp: role for fp, role in foreign.items() if role != "own"}
     assert fingerprint(os.getpid()) not in report["signal0"] and not foreign, (
         f"the episode can signal the server ({fingerprint(os.getpid()) in report['signal0']}) "

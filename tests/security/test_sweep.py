@@ -37,6 +37,7 @@ from security_helpers import (
     kernel_root_name,
     new_kernel,
     parse,
+    remove_leftover_containers,
     require_backend,
     reversed_needles,
     run_probe,
@@ -110,6 +111,7 @@ async def swept(request: pytest.FixtureRequest) -> AsyncIterator[Sweep]:
                 await grading
         for kernel in kernels:
             await kernel.close()
+        remove_leftover_containers(kernels)
         listener.close()
 
 
@@ -117,7 +119,7 @@ async def test_the_sweep_ran(swept: Sweep) -> None:
     """The sweep saw its own process under the fingerprint the host gives it, and walked files:
     otherwise an empty report would prove nothing."""
     me = swept.report["self"]
-    assert swept.roles.of(me["fingerprint"], host_fingerprints()) == "own", me
+    assert swept.roles.of(me["fingerprint"], host_fingerprints(), me.get("cgroup")) == "own", me
     assert swept.report["files"]["entries"] > 0, swept.report["files"]
     assert "harness" not in swept.findings, swept.findings["harness"]
 
