@@ -323,8 +323,8 @@ def sweep_findings(report: dict[str, Any], roles: Roles, *, server_environ: str 
         found[role].append(f"secret {hit['needle']} in {hit['where']}")
     files = report["files"]
     for entry in [*files["write"], *files["dirs_writable"]]:
-        role = roles.of_path(entry["path"])
-        if role != "own" and shared_with_host(entry):
+        role = roles.of_path(entry["path"])  # named by an episode's directory: wherever it is mounted
+        if role not in ("own", "host") or (role == "host" and shared_with_host(entry)):
             found[role].append(f"writable: {entry['path']}")
     for entry in [*files["sockets"], *report["named_sockets"]]:
         if entry["connect"] == "connected":
