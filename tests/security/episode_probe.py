@@ -23,7 +23,6 @@ import json
 import os
 import socket
 import stat
-import threading
 
 CLONE_NEWNET = 0x40000000
 READ = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -184,28 +183,49 @@ def connect_tcp(port, http=False):
         sock.close()
 
 
+NETNS_CHILD = r"""
+import ctypes, errno, json, socket, sys
+fd, ports, http_ports = int(sys.argv[1]), json.loads(sys.argv[2]), set(json.loads(sys.argv[3]))
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.setns(fd, 0x40000000) != 0:
+    print(json.dumps({"setns": errno.errorcode.get(ctypes.get_errno(), "?")}))
+    raise SystemExit
+out = {"setns": "ok", "ports": {}}
+for port in ports:
+    s = socket.socket()
+    s.settimeout(2.0)
+    try:
+        s.connect(("127.0.0.1", port))
+        out["ports"][str(port)] = "connected"
+        if port in http_ports:
+            s.sendall(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            out["ports"][str(port)] += ": " + s.recv(200).decode("latin-1").split("\r\n")[0]
+    except OSError as exc:
+        out["ports"][str(port)] = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+    finally:
+        s.close()
+print(json.dumps(out))
+"""
+
+
 def in_netns(ns_fd, ports, http_ports):
-    """setns() into another network namespace, in a thread of its own (namespaces are per
-    thread), and try the ports on its loopback."""
-    out = {}
+    """setns() into another network namespace and try the ports on its loopback: in a child
+    process, so that a seccomp filter that kills on setns() takes the child, not the probe."""
+    import subprocess
+    import sys
 
-    def run():
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.setns(ns_fd, CLONE_NEWNET) != 0:
-                out["setns"] = errno.errorcode.get(ctypes.get_errno(), "?")
-                return
-            out["setns"] = "ok"
-            out["ports"] = {str(p): connect_tcp(p, p in http_ports) for p in ports}
-        except Exception as exc:  # noqa: BLE001 - no ctypes, no setns: reported as such
-            out["setns"] = repr(exc)[:100]
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(30)
-    return out
+    try:
+        done = subprocess.run([sys.executable, "-I", "-c", NETNS_CHILD, str(ns_fd), json.dumps(list(ports)),
+                               json.dumps(sorted(http_ports))], pass_fds=(ns_fd,), capture_output=True,
+                              timeout=60, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return {"setns": "no child: " + repr(exc)[:100]}
+    if done.returncode < 0:
+        return {"setns": f"child killed by signal {-done.returncode}"}
+    try:
+        return json.loads(done.stdout.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return {"setns": "child failed: " + done.stderr.decode(errors="replace")[-200:]}
 
 
 def unix_socket_table():
