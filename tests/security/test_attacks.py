@@ -79,6 +79,7 @@ async def test_a_warm_pool_kernel_cannot_be_infected(backend: str) -> None:
             await asyncio.sleep(0.1)
         assert pool.ready_count == 1, "harness: the pool did not refill"
         targets = connection_files_below(os.getpid())
+        assert backend != "jupyter" or len(targets) >= 2, f"harness: the warm kernel's connection file was not found: {targets}"
         hijacked = await run_probe(attacker, "hijack", {"paths": targets, "payload": INFECTION.format(token=infection),
                                                          "timeout_s": 5}) if targets else {}
         plant = await run_probe(attacker, "plant", {"name": marker, "token": infection})

@@ -67,6 +67,11 @@ class Server:
     pid: int
     secret: str
     backend: str
+    token: str  # the API token (servers that require one read it from SANDBOX_ENV_TOKEN)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
 
 
 @contextlib.contextmanager
@@ -76,9 +81,9 @@ def serve(backend: str, workdir: Path, tasks: list[dict[str, Any]]) -> Iterator[
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    secret = token("serversecret")
+    secret, api_token = token("serversecret"), token("apitoken")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOX_ENV_")}
-    env.update({"SANDBOX_ENV_BACKEND": backend, "SANDBOX_ENV_POOL_SIZE": "1", "SANDBOX_ENV_GRADER_STASH": "1",
+    env.update({"SANDBOX_ENV_TOKEN": api_token, "SANDBOX_ENV_BACKEND": backend, "SANDBOX_ENV_POOL_SIZE": "1", "SANDBOX_ENV_GRADER_STASH": "1",
                 "SANDBOX_ENV_MAX_SESSIONS": "8", "SANDBOX_ENV_TASKS": str(workdir / "tasks.json"),
                 "SBX_SERVER_SECRET": secret})
     log = open(workdir / "server.log", "wb")  # noqa: SIM115 - closed below
@@ -94,7 +99,7 @@ def serve(backend: str, workdir: Path, tasks: list[dict[str, Any]]) -> Iterator[
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"the server did not start: {(workdir / 'server.log').read_text()[-3000:]}")
             time.sleep(0.2)
-        yield Server(f"http://127.0.0.1:{port}", port, proc.pid, secret, backend)
+        yield Server(f"http://127.0.0.1:{port}", port, proc.pid, secret, backend, api_token)
     finally:
         stop(proc)
         log.close()
@@ -142,7 +147,8 @@ class Session:
 @contextlib.asynccontextmanager
 async def session(server: Server) -> AsyncIterator[Session]:
     url = server.url.replace("http://", "ws://") + "/ws"
-    async with connect(url, max_size=None, open_timeout=30, close_timeout=5) as ws:
+    async with connect(url, max_size=None, open_timeout=30, close_timeout=5,
+                       additional_headers=server.headers) as ws:
         client = Session(ws)
         await client.reset()
         yield client
@@ -151,6 +157,7 @@ async def session(server: Server) -> AsyncIterator[Session]:
 @dataclass
 class Attack:
     backend: str
+    roles: Roles
     findings: dict[str, list[str]]
     fresh: dict[str, Any]
     canary_after: list[Any]
@@ -170,7 +177,8 @@ async def attack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     with serve(backend, workdir, [holding_task(marker, comm, HOLD_S)]) as server:
         grader_pid = None
         try:
-            async with session(server) as canary, httpx.AsyncClient(base_url=server.url, timeout=HOLD_S + 120) as http:
+            async with session(server) as canary, httpx.AsyncClient(base_url=server.url, timeout=HOLD_S + 120,
+                                                                      headers=server.headers) as http:
                 secret, file_name = token("canary"), token("file")
                 await canary.step(f"CANARY = {secret!r}\nopen({file_name!r}, 'w').write(CANARY)")
                 grading = asyncio.create_task(http.post("/grade", json={"task_id": "security/hold",
@@ -178,7 +186,8 @@ async def attack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
                 grader_pid = await asyncio.to_thread(wait_for_comm, comm, 60.0)
                 assert grader_pid is not None, f"harness: the grader never started ({grading})"
                 async with session(server) as attacker:
-                    needles = {"server:secret": server.secret, "canary:secret": secret, "canary:file": file_name,
+                    needles = {"server:secret": server.secret, "server:token": server.token,
+                               "canary:secret": secret, "canary:file": file_name,
                                "grader:hidden": marker}
                     report = await attacker.probe("sweep", {
                         "needles": reversed_needles(needles), "ports": [server.port], "http_ports": [server.port],
@@ -197,7 +206,7 @@ async def attack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
                                           " globals().get('sbx_infected'), CANARY]))")
                 canary_after = json.loads(after["stdout"].strip().splitlines()[-1])
                 reply = await grading
-                yield Attack(backend, findings, seen, canary_after,
+                yield Attack(backend, roles, findings, seen, canary_after,
                              reply.json() if reply.status_code == 200 else {"http": reply.status_code, "body": reply.text},
                              hijacked, report)
         finally:
@@ -206,6 +215,16 @@ async def attack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
                 with contextlib.suppress(psutil.Error):
                     if psutil.Process(grader_pid).name() == comm:
                         psutil.Process(grader_pid).kill()
+
+
+async def test_the_attack_ran(attack: Attack) -> None:
+    """The attacker saw itself as `own` on the host, walked files, and (jupyter) really tried the
+    connection files of the server's other kernels: otherwise the other tests prove nothing."""
+    assert attack.roles.own_cgroup, f"the attacker was not found on the host: {attack.report['self']}"
+    assert attack.report["files"]["entries"] > 0 and "harness" not in attack.findings, attack.report["files"]
+    if attack.backend == "jupyter":
+        foreign = [p for p, r in attack.hijacked.items() if not r.get("own")]
+        assert foreign, f"no foreign kernel connection file was attacked: {attack.hijacked}"
 
 
 async def test_no_access_to_other_episodes(attack: Attack) -> None:
