@@ -705,3 +705,55 @@ def grader_reach(args=None):
         if got:
             reached[f"{pid} {comm}{' (grader)' if pid == os.getppid() else ''}"] = got
     return reached
+
+
+# x86_64 numbers, with arguments that make an unfiltered call reach the kernel and come back with
+# success or an error of its own (EBADF, EFAULT, EINVAL, ...): only a filter (or a missing
+# capability) answers EPERM/EACCES/ENOSYS or kills the caller.
+SYSCALLS = {
+    "unshare(CLONE_NEWUSER)": (272, (0x10000000,)),
+    "setns(-1, 0)": (308, (-1, 0)),
+    "mount(NULL, NULL, NULL)": (165, (0, 0, 0, 0, 0)),
+    "ptrace(PTRACE_TRACEME)": (101, (0, 0, 0, 0)),
+    "bpf(BPF_PROG_LOAD, NULL)": (321, (5, 0, 0)),
+    "keyctl(KEYCTL_GET_KEYRING_ID)": (250, (0, -3, 0)),
+    "add_key(NULL)": (248, (0, 0, 0, 0, -3)),
+    "perf_event_open(NULL)": (298, (0, 0, -1, -1, 0)),
+    "userfaultfd(0)": (323, (0,)),
+    "io_uring_setup(1, NULL)": (425, (1, 0)),
+    "open_by_handle_at(-1, NULL)": (304, (-1, 0, 0)),
+}
+SYSCALL_CHILD = r"""
+import ctypes, errno, json, sys
+nr, args = json.loads(sys.argv[1])
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+ret = libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(a) for a in args])
+print(json.dumps("ok" if ret >= 0 else errno.errorcode.get(ctypes.get_errno(), "?")))
+"""
+
+
+def syscalls(args=None):
+    """Each dangerous syscall in a child of its own: 'denied: ...' (EPERM, EACCES, ENOSYS, or the
+    child killed by the filter) or 'reached the kernel: ...'."""
+    import subprocess
+    import sys
+
+    out = {}
+    for name, (nr, call_args) in SYSCALLS.items():
+        try:
+            done = subprocess.run([sys.executable, "-I", "-c", SYSCALL_CHILD, json.dumps([nr, list(call_args)])],
+                                  capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.SubprocessError) as exc:
+            out[name] = "no child: " + repr(exc)[:80]
+            continue
+        if done.returncode < 0:
+            out[name] = f"denied: child killed by signal {-done.returncode}"
+            continue
+        try:
+            answer = json.loads(done.stdout.decode().strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            out[name] = "child failed: " + done.stderr.decode(errors="replace")[-150:]
+            continue
+        out[name] = ("denied: " if answer in ("EPERM", "EACCES", "ENOSYS") else "reached the kernel: ") + answer
+    return out

@@ -40,6 +40,8 @@ TRUE = ("1", "true", "yes", "on")
 BACKENDS = ["jupyter", pytest.param("docker", marks=pytest.mark.docker)]
 KernelFactory = Callable[..., Awaitable[Kernel]]
 PROBE_SOURCE = Path(__file__).with_name("episode_probe.py").read_text()
+SYSCALLS = [line.split('"')[1] for line in PROBE_SOURCE.split("SYSCALLS = {", 1)[1].split("}\n", 1)[0].splitlines()
+            if line.strip().startswith('"')]  # the names the probe tries, for parametrization
 RESULT_MARK = "@@sbx-security-result@@"
 # The machine's own tooling (the shell that runs these sessions): never opened, never written.
 MACHINERY = ["/tmp/bash_jobs", "/tmp/bash_tool_"]

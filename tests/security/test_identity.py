@@ -8,12 +8,13 @@ Read from /proc/self/status inside the kernel. Docker's identity is tests/docker
 from __future__ import annotations
 
 import os
+import platform
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import pytest_asyncio
-from security_helpers import new_kernel, parse_report, probe_code, require_backend, run_probe
+from security_helpers import SYSCALLS, new_kernel, parse_report, probe_code, require_backend, run_probe
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
 SERVER_NS = {name: os.readlink(f"/proc/self/ns/{name}") for name in ("pid", "mnt", "ipc", "net")}
@@ -28,6 +29,7 @@ async def seen(request: pytest.FixtureRequest) -> AsyncIterator[dict[str, Any]]:
         await first.start()
         await second.start()
         ids = {"first": await run_probe(first, "identity"), "second": await run_probe(second, "identity")}
+        ids["syscalls"] = await run_probe(first, "syscalls") if platform.machine() == "x86_64" else {}
         program = await first.run_program(probe_code("identity"), timeout_s=30)
         ids["program"] = parse_report(program.stdout) or {"error": f"{program.status}: {program.stderr[-2000:]}"}
         yield ids
@@ -77,3 +79,13 @@ async def test_private_namespaces(seen: dict[str, Any], who: str) -> None:
 async def test_concurrent_episodes_have_distinct_uids(seen: dict[str, Any]) -> None:
     first, second = seen["first"].get("uid"), seen["second"].get("uid")
     assert first and second and first[0] != second[0], f"two live episodes share a uid: {first} {second}"
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="syscalls are called by their x86_64 numbers")
+@pytest.mark.parametrize("call", SYSCALLS)
+async def test_dangerous_syscalls_are_denied(seen: dict[str, Any], call: str) -> None:
+    """The issue's list (no setns, unshare, mount, ptrace, bpf, keyctl, ...) and the usual escape
+    helpers: each one, called in a child of the kernel, must be denied (EPERM/EACCES/ENOSYS or
+    killed by the filter), not reach the kernel's implementation."""
+    outcome = seen["syscalls"].get(call, "not tried")
+    assert outcome.startswith("denied"), f"{call}: {outcome}"
