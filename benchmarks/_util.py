@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import statistics
 import subprocess
@@ -15,6 +16,9 @@ from typing import Any
 import httpx
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# The servers started here require a token (auth is on by default): they and sandbox-env's
+# clients in this process share this one through the environment.
+os.environ.setdefault("SANDBOX_ENV_TOKEN", secrets.token_hex(24))
 
 
 def free_port() -> int:
@@ -36,6 +40,8 @@ class ServerProcess:
         script = Path(sys.executable).parent / "sandbox-env"  # by absolute path: no shim overhead
         self.args = [str(script), "serve", "--port", str(self.port), *args]
         self.env = {**os.environ, **(env or {})}
+        self.token = self.env.get("SANDBOX_ENV_TOKEN") if "--no-auth" not in args else None
+        self.headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.cold_start_s = float("nan")
 

@@ -47,8 +47,9 @@ async def ws_request(ws: Any, frame: dict[str, Any]) -> dict[str, Any]:
 
 
 async def episode_worker(url: str, queue: asyncio.Queue[tuple[dict[str, Any], str, float]],
-                         failures: list[dict[str, Any]], times: list[float]) -> None:
-    async with connect(url, max_size=None) as ws:
+                         failures: list[dict[str, Any]], times: list[float],
+                         headers: dict[str, str]) -> None:
+    async with connect(url, max_size=None, additional_headers=headers) as ws:
         while not queue.empty():
             problem, body, expected = queue.get_nowait()
             await ws_request(ws, {"type": "reset", "data": {"task_id": problem["task_id"]}})
@@ -73,7 +74,7 @@ async def humaneval_over_ws(problems: list[dict[str, Any]], parallel: int) -> di
         times: list[float] = []
         started = time.perf_counter()
         url = server.url.replace("http://", "ws://") + "/ws"
-        await asyncio.gather(*(episode_worker(url, queue, failures, times) for _ in range(parallel)))
+        await asyncio.gather(*(episode_worker(url, queue, failures, times, server.headers) for _ in range(parallel)))
         elapsed = time.perf_counter() - started
     canonical_bad = [f for f in failures if f["expected"] == 1.0]
     none_bad = [f for f in failures if f["expected"] == 0.0]

@@ -39,6 +39,11 @@ def serve(
     max_sessions: int | None = typer.Option(None, help="Concurrent episodes.", show_default="32"),
     policy: str | None = typer.Option(None, help="Default resource policy.", show_default="default"),
     pool_size: int | None = typer.Option(None, help="Warm kernels kept ready per policy.", show_default="2"),
+    no_auth: bool = typer.Option(False, "--no-auth", help="Serve without a token (loopback binds only)."),
+    allow_remote_no_auth: bool = typer.Option(False, "--allow-remote-no-auth",
+                                              help="Allow --no-auth on a non-loopback bind."),
+    allow_unisolated: bool = typer.Option(False, "--allow-unisolated",
+                                          help="Run Jupyter kernels without their sandbox (trusted code only)."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
     """Run the HTTP/WebSocket server (one worker). Flags override SANDBOX_ENV_* variables."""
@@ -49,26 +54,51 @@ def serve(
 
     # Only flags actually given are passed, so SANDBOX_ENV_* variables fill in the rest.
     flags: dict[str, Any] = {"backend": backend, "host": host, "port": port,
-                             "max_sessions": max_sessions, "policy": policy, "pool_size": pool_size}
+                             "max_sessions": max_sessions, "policy": policy, "pool_size": pool_size,
+                             "auth": False if no_auth else None,
+                             "allow_remote_no_auth": True if allow_remote_no_auth else None}
     try:
         settings = Settings(**{k: v for k, v in flags.items() if v is not None})
     except ValidationError as exc:
         raise _fail(_validation_message(exc)) from None
+    if allow_unisolated:
+        settings = settings.model_copy(update={"jupyter_unisolated": True})
+    if settings.backend == "jupyter" and not settings.jupyter_unisolated:  # every policy is for untrusted code
+        from sandbox_env.kernels.jupyter_sandbox import IsolationOptions, isolation_problem
+
+        problem = isolation_problem(IsolationOptions.from_settings(settings))
+        if problem:
+            raise _fail(f"refusing to serve: {problem}")
 
     import logging
 
     import uvicorn
 
-    from sandbox_env.server.app import create_app, uvicorn_kwargs
+    from sandbox_env.server.app import banner, create_app, uvicorn_kwargs
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     try:
+        settings, token, generated = _with_token(settings)
         application = create_app(settings)
     except SandboxEnvError as exc:
         raise _fail(exc.message) from None
+    typer.echo(banner(settings, token, reveal=generated), err=True)
     # One worker: sessions live in this process's memory and cannot be shared across workers.
     uvicorn.run(application, **uvicorn_kwargs(settings), log_level=log_level, workers=1)
+
+
+def _with_token(settings: Any) -> tuple[Any, str | None, bool]:
+    """Settings carrying the admin token (generated when none is configured), the token, and
+    whether it was generated here; no token when auth is off."""
+    if not settings.auth:
+        return settings, None, False
+    from pydantic import SecretStr
+
+    from sandbox_env.server.auth import admin_token
+
+    token, generated = admin_token(settings)
+    return settings.model_copy(update={"token": SecretStr(token)}), token, generated
 
 
 @app.command()
@@ -181,6 +211,8 @@ def eval_command(
                                        help="Results file; the summary goes beside it."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Keep verdicts already in the results file."),
     retries: int = typer.Option(2, min=0, help="Retries of a sample after a sandbox failure."),
+    token: str | None = typer.Option(None, envvar="SANDBOX_ENV_TOKEN", show_default=False,
+                                     help="The servers' token (default: $SANDBOX_ENV_TOKEN)."),
     progress: bool | None = typer.Option(None, "--progress/--no-progress", show_default="on a terminal"),
     log_level: str = typer.Option("warning", help="Log level of messages on stderr."),
 ) -> None:
@@ -208,7 +240,8 @@ def eval_command(
     try:
         report = evaluate(samples, problems, k=k, workers=workers, backend=backend or "docker",
                           servers=list(server) if server else None, policy=policy, timeout_s=timeout,
-                          output=output, resume=resume, progress=progress, retries=retries)
+                          output=output, resume=resume, progress=progress, retries=retries,
+                          token=token)
     except (EvaluationInputError, ConfigError, ValueError) as exc:
         raise _fail(exc.message if isinstance(exc, SandboxEnvError) else str(exc), EXIT_INPUT) from None
     except SandboxEnvError as exc:

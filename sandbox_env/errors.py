@@ -130,6 +130,21 @@ class CapacityError(SandboxEnvError):
         self.active, self.limit = active, limit
 
 
+class AuthError(SandboxEnvError):
+    """No valid token: send `Authorization: Bearer <token>` (or set SANDBOX_ENV_TOKEN)."""
+
+    code = "unauthorized"
+    http_status = 401
+
+
+class ForbiddenError(SandboxEnvError):
+    """The request came from a place the server does not serve (Host, Origin) or asked for
+    something its token may not touch."""
+
+    code = "forbidden"
+    http_status = 403
+
+
 class ClientError(SandboxEnvError, ConnectionError):
     """The client could not reach the server or the server answered with an error frame."""
 
@@ -142,7 +157,7 @@ _BY_CODE: dict[str, type[SandboxEnvError]] = {
         SandboxEnvError, ConfigError, PolicyNotFoundError, UnknownKernelError, KernelError,
         KernelUnavailableError, KernelStartError, KernelDiedError, EpisodeError,
         EpisodeNotFoundError, EpisodeClosedError, ClientError, InvalidRequestError, TaskError,
-        TaskNotFoundError,
+        TaskNotFoundError, AuthError, ForbiddenError,
     )
 }
 

@@ -109,6 +109,7 @@ async def evaluate_async(
     progress: bool | None = None,
     retries: int = 2,
     retry_delay_s: float = 0.5,
+    token: str | None = None,
 ) -> EvalReport:
     """Grade samples; see the module docstring and docs/evaluation.md.
 
@@ -126,6 +127,7 @@ async def evaluate_async(
         progress: Progress bar on stderr; default: only when stderr is a terminal.
         retries: Further attempts after an infrastructure failure, before `sandbox_error`.
         retry_delay_s: Base of the linear backoff between attempts of one sample.
+        token: The servers' token (default: `SANDBOX_ENV_TOKEN`).
     """
     started = time.perf_counter()
     ks = parse_ks(k)
@@ -166,7 +168,7 @@ async def evaluate_async(
                 writer.add(row)
             reporter.advance(row["status"])
 
-        async with (remote_endpoints(servers) if servers else
+        async with (remote_endpoints(servers, token) if servers else
                     embedded_endpoint(backend, policy, n_workers)) as endpoints:
             endpoints_list: list[Endpoint] = list(endpoints)
             info = endpoints_list[0].info if not servers else {"servers": list(servers)}

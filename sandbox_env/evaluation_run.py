@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -264,12 +265,18 @@ async def _image(backend: str, policy: Any) -> dict[str, Any] | None:
 
 
 @contextlib.asynccontextmanager
-async def remote_endpoints(servers: list[str]) -> AsyncIterator[list[Endpoint]]:
-    """One endpoint per server URL, all sharing one keep-alive HTTP client."""
+async def remote_endpoints(servers: list[str], token: str | None = None) -> AsyncIterator[list[Endpoint]]:
+    """One endpoint per server URL, all sharing one keep-alive HTTP client.
+
+    `token` (default: `SANDBOX_ENV_TOKEN`) goes to every server as `Authorization: Bearer`.
+    """
     import httpx
 
+    token = os.environ.get("SANDBOX_ENV_TOKEN", "") if token is None else token
+    headers = {"Authorization": f"Bearer {token}"} if token else None
     timeout = httpx.Timeout(HTTP_TIMEOUT_S, connect=10.0)
-    async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=None)) as client:
+    async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=None),
+                                 headers=headers) as client:
         yield [Endpoint(url.rstrip("/"), _remote_grade(client, url.rstrip("/"))) for url in servers]
 
 
@@ -290,6 +297,9 @@ def _remote_grade(client: Any, base: str) -> Callable[[Task, str, str | None], A
                 raise EndpointDown(f"malformed /grade reply: {exc}") from exc
         if reply.status_code in (429, 503):
             raise EndpointBusy()
+        if reply.status_code in (401, 403):  # the same for every sample: stop the run
+            message = _detail(reply).get("message", f"HTTP {reply.status_code}")
+            raise ConfigError(f"{base} refused the token: {message}; set SANDBOX_ENV_TOKEN or pass --token")
         if reply.status_code >= 500:
             raise EndpointDown(f"HTTP {reply.status_code}: {reply.text[:300]}")
         detail = _detail(reply)

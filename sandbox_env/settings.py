@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -26,3 +26,15 @@ class Settings(BaseSettings):
     tasks: str | None = Field(None, description="task file (.json/.jsonl) or folder served by task_id")
     reward: str | None = Field(None, description="reward policy for tasks that do not choose one, "
                                "e.g. binary, fraction:timeout_penalty=0.1")
+    # Service security (docs/service-security.md): who may call, from where.
+    auth: bool = Field(True, description="require a token on every route but the health probes")
+    allow_remote_no_auth: bool = Field(False, description="allow auth=False on a non-loopback bind")
+    token: SecretStr | None = Field(None, description="the admin token; one is generated at start when "
+                                    "neither this nor token_file is set")
+    token_file: str | None = Field(None, description="file holding the admin token")
+    tenants: dict[str, SecretStr] = Field(default_factory=dict, description="tenant name -> token")
+    tenants_file: str | None = Field(None, description="JSON object or 'name token' lines: more tenants")
+    allowed_hosts: list[str] = Field(default_factory=list, description="Host names accepted beside "
+                                     "loopback names and the bind address ('*': any)")
+    allowed_origins: list[str] = Field(default_factory=list, description="cross-origin Origins accepted "
+                                       "on /ws and state-changing HTTP, e.g. https://ui.example")

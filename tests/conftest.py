@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import socket
 import threading
@@ -15,6 +16,9 @@ from typing import Any
 import pytest
 
 STARTUP_DEADLINE_S = 120.0  # generous: a shared 2-core machine may be busy starting kernels
+# Servers require a token; the test servers use this one, and sandbox-env's clients (and the
+# servers and tools the tests start in subprocesses) read it from the environment.
+os.environ.setdefault("SANDBOX_ENV_TOKEN", secrets.token_hex(24))
 
 
 @dataclass
@@ -26,6 +30,16 @@ class LiveServer:
     app: Any
     server: Any
     thread: threading.Thread
+
+    @property
+    def token(self) -> str | None:
+        """The admin token (None when the server runs with auth=False)."""
+        return getattr(self.app.state, "admin_token", None)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Headers that authenticate a raw HTTP or WebSocket client as the admin."""
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     @property
     def manager(self) -> Any:
@@ -43,6 +57,7 @@ def run_live_server(**settings: Any) -> Iterator[LiveServer]:
     from sandbox_env.settings import Settings
 
     settings.setdefault("pool_size", 1)
+    settings.setdefault("token", os.environ["SANDBOX_ENV_TOKEN"])
     config_settings = Settings(host="127.0.0.1", port=0, **settings)
     app = create_app(config_settings)
     # A socket bound here (port 0) removes the race of picking a "free" port and binding later.

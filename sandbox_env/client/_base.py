@@ -6,6 +6,7 @@ client, the in-process client and the sync wrapper agree on one shape.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
@@ -80,6 +81,24 @@ def to_action(action: ActionLike, **fields: Any) -> CodeAction:
     if isinstance(action, CodeAction) and not fields:
         return action
     return CodeAction.model_validate({**data, **fields})
+
+
+TOKEN_VARIABLE = "SANDBOX_ENV_TOKEN"
+
+
+def auth_headers(token: str | None, headers: dict[str, str] | None = None) -> dict[str, str] | None:
+    """`headers` plus `Authorization: Bearer <token>`; `token=None` reads `SANDBOX_ENV_TOKEN`,
+    `token=""` sends none, and an Authorization header already in `headers` wins.
+
+    >>> auth_headers("abc", {"x-trace": "1"})
+    {'x-trace': '1', 'Authorization': 'Bearer abc'}
+    """
+    if token is None:
+        token = os.environ.get(TOKEN_VARIABLE, "")
+    merged = dict(headers or {})
+    if token and not any(key.lower() == "authorization" for key in merged):
+        merged["Authorization"] = f"Bearer {token}"
+    return merged or None
 
 
 def ws_url(base_url: str) -> str:

@@ -18,12 +18,13 @@ from sandbox_env.client._dual import DualMode, dual
 from sandbox_env.client._base import (
     ActionLike,
     StepResult,
+    auth_headers,
     error_from_frame,
     http_url,
     to_action,
     ws_url,
 )
-from sandbox_env.errors import CapacityError, ClientError, error_from_dict
+from sandbox_env.errors import CapacityError, ClientError, SandboxEnvError, error_from_dict
 from sandbox_env.models import EpisodeState, Grading, ResetRequest
 
 if TYPE_CHECKING:
@@ -47,7 +48,10 @@ class SandboxEnv(DualMode):
         max_message_size_mb: Largest reply accepted.
         connect_retries: Extra connection attempts, with a short backoff, when the server is
             unreachable (e.g. still starting). Requests themselves are never retried.
-        headers: Extra HTTP headers for the WebSocket handshake (e.g. authorization).
+        token: The server's token (sent as `Authorization: Bearer <token>`); default: the
+            `SANDBOX_ENV_TOKEN` environment variable. `""` sends none.
+        headers: Extra HTTP headers for the WebSocket handshake and HTTP calls; an
+            `Authorization` header here wins over `token`.
         **kwargs: OpenEnv `EnvClient` arguments (`provider`, `mode`, `websocket_ping_*`), so
             `AutoEnv.from_env("sandbox", base_url=...)` can build this class.
 
@@ -62,8 +66,8 @@ class SandboxEnv(DualMode):
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", *, connect_timeout_s: float = 10.0,
                  message_timeout_s: float = 60.0, max_message_size_mb: float = 100.0,
-                 connect_retries: int = 3, headers: dict[str, str] | None = None,
-                 **kwargs: Any) -> None:
+                 connect_retries: int = 3, token: str | None = None,
+                 headers: dict[str, str] | None = None, **kwargs: Any) -> None:
         unknown = set(kwargs) - _OPENENV_KWARGS
         if unknown:
             raise TypeError(f"unexpected keyword arguments: {', '.join(sorted(unknown))}")
@@ -75,7 +79,7 @@ class SandboxEnv(DualMode):
         self.message_timeout_s = message_timeout_s
         self.max_message_bytes = int(max_message_size_mb * 1024 * 1024)
         self.connect_retries = connect_retries
-        self._headers = headers
+        self._headers = auth_headers(token, headers)
         self._ping_interval = kwargs.get("websocket_ping_interval_s", 20.0)
         self._ping_timeout = kwargs.get("websocket_ping_timeout_s", 20.0)
         self._ws: ClientConnection | None = None
@@ -309,6 +313,8 @@ class SandboxEnv(DualMode):
             except InvalidStatus as exc:
                 # 5xx is often a proxy in front of a server still starting: retry; 4xx will not heal.
                 status = exc.response.status_code
+                if status in (401, 403):
+                    raise _refused(self.ws_url, exc.response.status_code, exc.response.body) from exc
                 if status < 500:
                     raise ClientError(f"{self.ws_url} refused the WebSocket: HTTP {status}",
                                       status=status) from exc
@@ -335,6 +341,19 @@ class SandboxEnv(DualMode):
 
 
 _BACKGROUND: set[asyncio.Task[Any]] = set()
+
+
+def _refused(url: str, status: int, body: bytes | None) -> SandboxEnvError:
+    """The server's own 401/403 error (AuthError, ForbiddenError), or a ClientError."""
+    try:
+        detail = json.loads(body or b"{}").get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    if isinstance(detail, dict) and detail.get("code") in ("unauthorized", "forbidden", "host_not_allowed",
+                                                           "origin_not_allowed"):
+        code = detail["code"] if detail["code"] == "unauthorized" else "forbidden"
+        return error_from_dict({**detail, "code": code, "reason": detail["code"], "url": url})
+    return ClientError(f"{url} refused the WebSocket: HTTP {status}", status=status)
 
 
 def _is_loopback(url: str) -> bool:

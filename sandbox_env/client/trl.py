@@ -43,7 +43,7 @@ def render(observation: CodeObservation) -> str:
 class SandboxToolEnv:
     """A TRL `environment_factory` class: tools `run_python` and `submit`, reward from the tests.
 
-    Subclass to point it at a server, or set `SANDBOX_ENV_URL`:
+    Subclass to point it at a server, or set `SANDBOX_ENV_URL` (and `SANDBOX_ENV_TOKEN`):
 
         >>> class MyEnv(SandboxToolEnv):  # doctest: +SKIP
         ...     base_url = "http://sandbox-farm:8000"
@@ -54,10 +54,11 @@ class SandboxToolEnv:
     """
 
     base_url: ClassVar[str | None] = None
+    token: ClassVar[str | None] = None  # None: SANDBOX_ENV_TOKEN
     policy: ClassVar[str | None] = None
 
     def __init__(self) -> None:
-        self._env: SyncSandboxEnv = SandboxEnv(_server_url(self.base_url)).sync()
+        self._env: SyncSandboxEnv = SandboxEnv(_server_url(self.base_url), token=self.token).sync()
         self.last_grading: Grading | None = None
 
     def reset(self, **kwargs: Any) -> str | None:
@@ -105,18 +106,20 @@ class SandboxToolEnv:
 
 def code_reward(completions: list[Any], task_id: list[str] | None = None,
                 task: list[dict[str, Any]] | None = None, *, base_url: str | None = None,
-                policy: str | None = None, **kwargs: Any) -> list[float | None]:
+                policy: str | None = None, token: str | None = None,
+                **kwargs: Any) -> list[float | None]:
     """A TRL reward function: grade each completion against its row's task, in parallel.
 
     Rows need a `task_id` column (a task the server knows) or a `task` column (inline tasks,
     see docs/tasks.md). Conversational completions
     (`[{"role": "assistant", "content": ...}]`) are reduced to their last message, and a fenced
     code block is taken out of the prose. Call it from synchronous code (TRL does). An
-    infrastructure failure gives `None` ("not applicable"), never a 0.
+    infrastructure failure gives `None` ("not applicable"), never a 0. The server's token is
+    `token`, else `SANDBOX_ENV_TOKEN`; bind it with `functools.partial` to pass one.
     """
     if task_id is None and task is None:
         raise ValueError("code_reward needs a `task_id` or `task` dataset column")
-    env = SandboxEnv(_server_url(base_url))
+    env = SandboxEnv(_server_url(base_url), token=token)
     targets: list[dict[str, Any]] = ([{"task_id": t} for t in task_id] if task_id is not None
                                      else [{"task": t} for t in task or []])
 

@@ -9,18 +9,22 @@ WebSocket frame limits and keepalives match what the protocol handler expects.
 from __future__ import annotations
 
 import inspect
+import ipaddress
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sandbox_env._version import __version__
-from sandbox_env.errors import SandboxEnvError
+from sandbox_env.errors import ConfigError, SandboxEnvError
 from sandbox_env.manager import SessionManager
 from sandbox_env.server import mcp, routes, web, ws
+from sandbox_env.server.auth import TokenTable, admin_token, build_table
+from sandbox_env.server.guard import Guard, HostPolicy
 from sandbox_env.server.metrics import ServerMetrics
 from sandbox_env.settings import Settings
 
@@ -93,6 +97,48 @@ class BodySizeLimit:
         await response(scope, receive, send)
 
 
+def _token_table(app: FastAPI, settings: Settings) -> TokenTable | None:
+    """The tokens the Guard accepts; without auth, None, allowed on loopback binds only unless
+    `allow_remote_no_auth` says otherwise."""
+    if not settings.auth:
+        if not is_loopback_bind(settings.host) and not settings.allow_remote_no_auth:
+            raise ConfigError(f"refusing to serve {settings.host} without authentication: "
+                              "bind to 127.0.0.1, or also pass --allow-remote-no-auth")
+        log.warning("authentication is OFF: anyone who can reach %s:%s runs code here",
+                    settings.host, settings.port)
+        app.state.admin_token = None
+        return None
+    token, generated = admin_token(settings)
+    app.state.admin_token = token
+    if generated:  # nobody else knows it yet: say where to find the server
+        log.warning("%s", banner(settings, token))
+    return build_table(settings, token)
+
+
+def is_loopback_bind(host: str) -> bool:
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def banner(settings: Settings, token: str | None, *, reveal: bool = True) -> str:
+    """What `sandbox-env serve` prints at start: ready-to-paste URLs, as Jupyter does. A token
+    the operator chose (`SANDBOX_ENV_TOKEN`, `token_file`) is not repeated into logs."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    root = f"http://{host}:{settings.port}"
+    if token is None:
+        return f"sandbox-env is serving WITHOUT authentication: {root}/web"
+    shown = token if reveal else "<your token>"
+    return (f"sandbox-env is serving at {root}\n"
+            f"    open the episode page:  {root}/web?token={shown}\n"
+            f"    clients, OpenEnv, TRL:  export SANDBOX_ENV_TOKEN={shown}\n"
+            f"                            (or send the header 'Authorization: Bearer <token>')")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; its lifespan owns the SessionManager (kernel pools start there)."""
     settings = settings or Settings()
@@ -132,7 +178,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = ServerMetrics(lambda: app.state.manager)
     app.state.mcp_sessions = mcp.McpSessions()
     app.add_exception_handler(SandboxEnvError, routes.sandbox_error_handler)
+    app.add_exception_handler(RequestValidationError, routes.request_validation_handler)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_message_bytes)
+    app.add_middleware(Guard, hosts=HostPolicy(settings.host, settings.allowed_hosts),
+                       origins=settings.allowed_origins, tokens=_token_table(app, settings))
     app.include_router(routes.router)
     app.include_router(mcp.router)
     app.include_router(ws.router)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Body, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse as _StarletteJSONResponse
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -89,6 +90,15 @@ async def sandbox_error_handler(request: Request, exc: Exception) -> Response:
     if exc.http_status >= 500 and exc.http_status != 503:
         log.warning("%s %s failed: %s", request.method, request.url.path, exc)
     return error_response(exc)
+
+
+async def request_validation_handler(request: Request, exc: Exception) -> Response:
+    """422 for a bad body, path or query: each error's location, type and message, never the
+    input itself (FastAPI's default handler echoes the whole body back, secrets and all)."""
+    assert isinstance(exc, RequestValidationError)
+    errors = [{"loc": [p if isinstance(p, int) else str(p) for p in err.get("loc", ())][:16], "type": str(err.get("type", "")),
+               "msg": str(err.get("msg", ""))[:500]} for err in exc.errors()[:50]]
+    return JSONResponse({"detail": errors}, status_code=422)
 
 
 def _manager(request: Request) -> SessionManager:

@@ -62,3 +62,23 @@ def test_code_reward_grades_each_completion(live_server) -> None:
 ])
 def test_extract_code(text: str, code: str) -> None:
     assert extract_code(text) == code
+
+
+def test_hooks_take_the_token_from_the_class_or_the_environment(live_server) -> None:
+    from sandbox_env.errors import AuthError
+
+    class Wrong(SandboxToolEnv):
+        base_url = live_server.url
+        token = "not-the-token-at-all"
+
+    env = Wrong()
+    try:
+        with pytest.raises(AuthError):
+            env.reset()
+    finally:
+        env.close()
+    rewards = code_reward(["def add(a, b):\n    return a + b"], task=[TASK], base_url=live_server.url,
+                          token=live_server.token)
+    assert rewards == [1.0]
+    with pytest.raises(AuthError):
+        code_reward(["x"], task=[TASK], base_url=live_server.url, token="not-the-token-at-all")

@@ -47,7 +47,7 @@ class CodingEnv(EnvClient[CodingAction, CodingObservation, CodingState]):
 
 
 async def test_generic_client_async(live_server) -> None:
-    async with GenericEnvClient(base_url=live_server.url) as env:
+    async with GenericEnvClient(base_url=live_server.url, headers=live_server.headers) as env:
         reset = await env.reset(seed=1)
         await env.step({"code": "x = 41"})
         result = await env.step({"code": "print(x + 1)"})
@@ -59,7 +59,7 @@ async def test_generic_client_async(live_server) -> None:
 
 
 def test_generic_client_sync(live_server) -> None:
-    with GenericEnvClient(base_url=live_server.url).sync() as env:
+    with GenericEnvClient(base_url=live_server.url, headers=live_server.headers).sync() as env:
         env.reset()
         env.step({"code": "import math"})
         result = env.step({"code": "print(math.factorial(5))"})
@@ -68,7 +68,7 @@ def test_generic_client_sync(live_server) -> None:
 
 def test_typed_coding_client_parses_our_observations(live_server) -> None:
     CodingEnv.payloads.clear()
-    with CodingEnv(base_url=live_server.url).sync() as env:
+    with CodingEnv(base_url=live_server.url, headers=live_server.headers).sync() as env:
         env.reset()
         ok = env.step(CodingAction(code="print('typed')"))
         failed = env.step(CodingAction(code="raise KeyError('k')"))
@@ -84,7 +84,7 @@ def test_typed_coding_client_parses_our_observations(live_server) -> None:
 
 async def test_two_concurrent_sessions_cannot_see_each_other(live_server) -> None:
     async def session(value: str) -> tuple[str, str]:
-        async with GenericEnvClient(base_url=live_server.url) as env:
+        async with GenericEnvClient(base_url=live_server.url, headers=live_server.headers) as env:
             await env.reset()
             await env.step({"code": f"shared_name = {value!r}"})
             own = await env.step({"code": "print(shared_name)"})
@@ -94,7 +94,7 @@ async def test_two_concurrent_sessions_cannot_see_each_other(live_server) -> Non
     assert (out_a, out_b) == ("a\n", "b\n")
     assert id_a != id_b
 
-    async with GenericEnvClient(base_url=live_server.url) as fresh:
+    async with GenericEnvClient(base_url=live_server.url, headers=live_server.headers) as fresh:
         await fresh.reset()
         result = await fresh.step({"code": "print(shared_name)"})
     assert result.observation["exit_code"] != 0 and "NameError" in result.observation["stderr"]
@@ -131,3 +131,28 @@ def test_autoenv_does_not_shadow_openenv_coding_key() -> None:
     environments = get_discovery().discover(use_cache=False)
     assert "sandbox" in environments
     assert environments.get("coding") is None or environments["coding"].package_name != "openenv-sandbox-env"
+
+
+async def test_openenv_clients_send_the_token_through_headers(live_server) -> None:
+    """Auth is on by default: OpenEnv's clients get in with `headers=`, and without them they
+    are refused at the handshake (the server never opens an episode for them)."""
+    with pytest.raises(ConnectionError, match="HTTP 401"):
+        async with GenericEnvClient(base_url=live_server.url) as anonymous:
+            await anonymous.reset()
+    with pytest.raises(ConnectionError, match="HTTP 401"):
+        async with GenericEnvClient(base_url=live_server.url,
+                                    headers={"Authorization": "Bearer not-the-token-at-all"}) as wrong:
+            await wrong.reset()
+    async with GenericEnvClient(base_url=live_server.url, headers=live_server.headers) as env:
+        await env.reset()
+        assert (await env.step({"code": "print('in')"})).observation["stdout"] == "in\n"
+    with CodingEnv(base_url=live_server.url, headers=live_server.headers).sync() as typed:
+        typed.reset()
+        assert typed.step(CodingAction(code="print(5)")).observation.stdout == "5\n"
+    # AutoEnv passes its kwargs to our client: an explicit token works as well as SANDBOX_ENV_TOKEN
+    from openenv.auto import AutoEnv
+
+    env = AutoEnv.from_env("sandbox", base_url=live_server.url, token=live_server.token)
+    with env.sync() as client:
+        client.reset()
+        assert client.step("print('auto')").observation.stdout == "auto\n"

@@ -76,3 +76,17 @@ def test_no_reachable_server_gives_sandbox_errors_not_wrong_answers(tmp_path: Pa
     again = evaluate(samples, {"test/0": EXAMPLE_PROBLEM}, k=[1], servers=[dead_url()], retries=0,
                      retry_delay_s=0.01)
     assert again.summary["resumed"] == 0
+
+
+def test_a_refused_token_stops_the_run_instead_of_failing_every_sample(
+        tmp_path: Path, live_server_factory: Callable[..., Any]) -> None:
+    from sandbox_env.errors import ConfigError
+
+    server = live_server_factory(pool_size=0)
+    samples = write_jsonl(tmp_path / "samples.jsonl", EXAMPLE_SAMPLES)
+    with pytest.raises(ConfigError, match="refused the token"):
+        evaluate(samples, {"test/0": EXAMPLE_PROBLEM}, servers=[server.url], token="not-the-token-at-all")
+    # the token from the argument (as from SANDBOX_ENV_TOKEN) is sent to every server
+    report = evaluate(samples, {"test/0": EXAMPLE_PROBLEM}, k=[1], servers=[server.url], token=server.token,
+                      timeout_s=2.0)
+    assert report.summary["counts"]["sandbox_error"] == 0, report.results

@@ -44,7 +44,7 @@ def ws_url(server: Any) -> str:
 
 
 async def test_task_episode_over_ws(server: Any) -> None:
-    async with connect(ws_url(server), max_size=None) as raw:
+    async with connect(ws_url(server), max_size=None, additional_headers=server.headers) as raw:
         ws = Ws(raw)
         reset = await ws.request("reset", {"task_id": "sq"})
         assert reset["type"] == "observation"
@@ -72,7 +72,7 @@ async def test_task_episode_over_ws(server: Any) -> None:
 
 
 async def test_bad_task_requests_over_ws(server: Any) -> None:
-    async with connect(ws_url(server), max_size=None) as raw:
+    async with connect(ws_url(server), max_size=None, additional_headers=server.headers) as raw:
         ws = Ws(raw)
         await ws.request("reset", {})
         no_task = await ws.request("step", {"code": "x = 1", "submit": True})
@@ -87,7 +87,7 @@ async def test_bad_task_requests_over_ws(server: Any) -> None:
 
 
 async def test_sandbox_killed_during_submit_is_retryable(server: Any, docker_client: Any) -> None:
-    async with connect(ws_url(server), max_size=None) as raw:
+    async with connect(ws_url(server), max_size=None, additional_headers=server.headers) as raw:
         ws = Ws(raw)
         await ws.request("reset", {"task_id": "sq"})
         slow = "import time\ndef square(x):\n    time.sleep(15)\n    return x * x\n"
@@ -108,7 +108,7 @@ async def test_grade_endpoint_and_clients(server: Any) -> None:
     from sandbox_env.client import SandboxEnv
     from sandbox_env.errors import SandboxEnvError
 
-    async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+    async with httpx.AsyncClient(base_url=server.url, timeout=120, headers=server.headers) as http:
         ok = await http.post("/grade", json={"task_id": "sq", "submission": GOOD_SQUARE})
         assert ok.status_code == 200 and ok.json()["reward"] == 1.0, ok.text
         stashed = [k for kernels in server.manager._graders.values() for k in kernels]
@@ -153,7 +153,7 @@ async def test_humaneval_subset_over_ws(server: Any) -> None:
     from sandbox_env.tasks import humaneval_problems
 
     problems = {p["task_id"]: p for p in humaneval_problems()}
-    async with connect(ws_url(server), max_size=None) as raw:
+    async with connect(ws_url(server), max_size=None, additional_headers=server.headers) as raw:
         ws = Ws(raw)
         for task_id in humaneval_ids(6):
             problem = problems[task_id]

@@ -59,14 +59,15 @@ def ws_url(server: Any) -> str:
 
 @asynccontextmanager
 async def _ws_session(server: Any) -> AsyncIterator[Session]:
-    async with connect(ws_url(server), max_size=None, open_timeout=10, close_timeout=5) as ws:
+    async with connect(ws_url(server), max_size=None, open_timeout=10, close_timeout=5,
+                       additional_headers=server.headers) as ws:
         yield Session(ws)
 
 
 async def _wait_active(server: Any, expected: int, timeout_s: float = 20.0) -> None:
     """Wait until the server counts `expected` open episodes (closing happens after the reply)."""
     deadline = time.monotonic() + timeout_s
-    async with httpx.AsyncClient(base_url=server.url) as http:
+    async with httpx.AsyncClient(base_url=server.url, headers=server.headers) as http:
         while True:
             active = (await http.get("/readyz")).json()["active_sessions"]
             if active == expected:

@@ -25,7 +25,7 @@ async def test_capacity_reached_then_freed(live_server_factory, ws_session, wait
                 await asyncio.wait_for(c.ws.recv(), 10)
             assert info.value.rcvd is not None and info.value.rcvd.code == 1013
 
-        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        async with httpx.AsyncClient(base_url=server.url, timeout=30, headers=server.headers) as http:
             reply = await http.post("/step", json={"action": {"code": "print(1)"}})
             assert reply.status_code == 503
             assert reply.headers["retry-after"]

@@ -55,7 +55,7 @@ async def test_chunked_http_body_over_the_limit_is_refused(live_server_factory) 
             yield b"x" * 1024
         yield b'"}}'
 
-    async with httpx.AsyncClient(base_url=server.url) as http:
+    async with httpx.AsyncClient(base_url=server.url, headers=server.headers) as http:
         response = await http.post("/step", content=chunks(), headers={"content-type": "application/json"})
         assert response.status_code == 413
         assert (await http.get("/health")).json() == {"status": "healthy"}

@@ -11,7 +11,7 @@ from sandbox_env.models import CodeAction
 
 @pytest.fixture
 async def http(live_server):
-    async with httpx.AsyncClient(base_url=live_server.url, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=live_server.url, timeout=60, headers=live_server.headers) as client:
         yield client
 
 
@@ -167,7 +167,10 @@ async def test_mcp_sessions(http) -> None:
 
 
 def test_openenv_validate_passes(live_server) -> None:
-    report = validate_running_environment(live_server.url, timeout_s=30)
+    # OpenEnv's validator sends no headers; a URL with userinfo makes it send HTTP Basic, which
+    # the server accepts with the token as password.
+    url = live_server.url.replace("http://", f"http://token:{live_server.token}@", 1)
+    report = validate_running_environment(url, timeout_s=30)
     failed = [c for c in report["criteria"] if not c["passed"]]
     assert report["passed"], failed
     assert report["summary"]["passed_count"] == report["summary"]["total_count"] == 6

@@ -32,7 +32,7 @@ OUTPUT_FLOOD = "for _ in range(100_000):\n    print('x' * 999)  # 100 MB, bounde
 
 async def test_health_answers_during_busy_loops(live_server, ws_session) -> None:
     """Every session spins the CPU; each /health poll must still answer within a second."""
-    async with httpx.AsyncClient(base_url=live_server.url, timeout=1.0) as http:
+    async with httpx.AsyncClient(base_url=live_server.url, timeout=1.0, headers=live_server.headers) as http:
         async with ws_session(live_server) as s0, ws_session(live_server) as s1, \
                 ws_session(live_server) as s2, ws_session(live_server) as s3:
             sessions = [s0, s1, s2, s3][:BUSY_SESSIONS]
@@ -76,7 +76,7 @@ async def _wait_no_survivors(timeout_s: float = 15.0) -> list[psutil.Process]:
 ])
 async def test_limit(live_server, ws_session, case: str, policy: str | None, code: str,
                      expected: set[str]) -> None:
-    async with httpx.AsyncClient(base_url=live_server.url, timeout=5.0) as http, \
+    async with httpx.AsyncClient(base_url=live_server.url, timeout=5.0, headers=live_server.headers) as http, \
             ws_session(live_server) as s:
         await s.reset(**({"policy": policy} if policy else {}))
         setup = await s.step("import os\nopen('marker.txt', 'w').write('x')\nleftover = 1\n"

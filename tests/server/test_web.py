@@ -28,7 +28,7 @@ async def test_inspection_api_lists_variables_history_and_closes(live_server) ->
         await env.reset(episode_id="inspect-api")
         await env.step("import math\nradii = [1, 2, 3]\ndef area(r):\n    return math.pi * r * r")
         await env.step("area(2)")
-        async with httpx.AsyncClient(base_url=live_server.url) as http:
+        async with httpx.AsyncClient(base_url=live_server.url, headers=live_server.headers) as http:
             listing = (await http.get("/episodes")).json()
             assert "inspect-api" in [e["episode_id"] for e in listing["episodes"]]
             detail = (await http.get("/episodes/inspect-api")).json()
@@ -46,9 +46,9 @@ async def test_episode_page_renders_in_chromium_without_injecting_output(live_se
         await env.reset(episode_id="inspect-page")
         await env.step("greeting = 'hello'\nprint('<b id=\"injected\">x</b>')")
         await env.step("1 / 0")
-        dom = rendered_dom(chromium, f"{live_server.url}/web/episodes/inspect-page")
+        dom = rendered_dom(chromium, f"{live_server.url}/web/episodes/inspect-page?token={live_server.token}")
         assert "greeting" in dom and "ZeroDivisionError" in dom
         # printed markup is shown as text, never parsed into the page
         assert '<b id="injected">' not in dom and '&lt;b id="injected"&gt;' in dom
-        listing = rendered_dom(chromium, f"{live_server.url}/web")
+        listing = rendered_dom(chromium, f"{live_server.url}/web?token={live_server.token}")
         assert "inspect-page" in listing and "/web/episodes/inspect-page" in listing
