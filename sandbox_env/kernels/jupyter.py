@@ -1,11 +1,14 @@
 """The embedded default backend: one local ipykernel per episode, driven through jupyter_client.
 
-Confinement (see `limits.py`): own cgroups (memory+swap, pids, CPU quota) or rlimits, a private
-working directory, an environment built from scratch (none of the server's variables), its own
-session. The wall-time limit is enforced from outside: SIGINT first, then SIGKILL of every process
-in the kernel's cgroup/session and a fresh kernel. This protects against accidents, not attacks:
-the kernel runs as the server's user on the server's filesystem. The Docker backend is the one
-for untrusted code.
+Isolation (`jupyter_sandbox.py`, docs/jupyter-isolation.md): each kernel, and each program it runs,
+lives in a bubblewrap sandbox of its own (private mount, pid, ipc, uts, network and cgroup
+namespaces, a read-only system, its own bounded tmpfs workspace and /tmp), as a uid of its own
+with no capability, under no_new_privs and a seccomp filter. Confinement (`limits.py`): own
+cgroups (memory+swap, pids, CPU quota) or rlimits, an environment built from scratch. The
+wall-time limit is enforced from outside: an interrupt first, then SIGKILL of every process in the
+kernel's cgroup and a fresh kernel (with a fresh workspace). Without bwrap the backend refuses to
+start unless `jupyter_unisolated` says the code is trusted; the kernel then runs as the server's
+user on the server's filesystem, as a plain subprocess.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import json
 import logging
 import os
 import queue
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,6 +35,8 @@ from jupyter_client.kernelspec import KernelSpec
 from jupyter_client.manager import AsyncKernelManager
 
 from sandbox_env.errors import KernelError, KernelStartError
+from sandbox_env.inside.slate import empty
+from sandbox_env.kernels import jupyter_sandbox as sandbox
 from sandbox_env.kernels.base import Kernel
 from sandbox_env.kernels.limits import MB, Confinement, Limits
 from sandbox_env.kernels.output import BoundedOutput, StepCollector, kernel_shim
@@ -42,6 +46,7 @@ from sandbox_env.policy import Policy
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 30.0
+SIGNAL_MAX = 64
 POLL_S = 0.2  # how often a silent step checks that the kernel process is alive
 # The policy's pids/open_files are what the code may use; ipykernel's own share comes on top
 # (idle: 12 tasks, i.e. threads, and ~60 descriptors, mostly zmq; with less it cannot even start).
@@ -60,22 +65,29 @@ INSPECT_EXPR = (
 )
 
 
-def _kernel_env(root: Path, workdir: Path, token: str) -> dict[str, str]:
-    """Built from scratch, so none of the server's variables (secrets) reach the kernel."""
-    return {
+def _kernel_env(root: Path, workdir: Path, token: str, *, isolated: bool) -> dict[str, str]:
+    """Built from scratch, so none of the server's variables (secrets) reach the kernel. In the
+    sandbox the config dirs are read-only and the user site is off: no start-up file the code
+    writes runs before the next kernel is ready."""
+    config = root / "ro" if isolated else root
+    env = {
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"]),
         "HOME": str(workdir),
-        "TMPDIR": str(root / "tmp"),
+        "TMPDIR": "/tmp" if isolated else str(root / "tmp"),
         "LANG": "C.UTF-8",
         "PYTHONUNBUFFERED": "1",
         "PYTHONDONTWRITEBYTECODE": "1",
-        "IPYTHONDIR": str(root / "ipython"),
-        "JUPYTER_CONFIG_DIR": str(root / "jupyter"),
-        "MPLCONFIGDIR": str(root / "mpl"),
+        "PYTHONNOUSERSITE": "1",
+        "IPYTHONDIR": str(config / "ipython"),
+        "JUPYTER_CONFIG_DIR": str(config / "jupyter"),
+        "MPLCONFIGDIR": str(config / "mpl"),
         "MPLBACKEND": "module://matplotlib_inline.backend_inline",
         "PYDEVD_DISABLE_FILE_VALIDATION": "1",
         "SANDBOX_ENV_KERNEL": token,  # lets the rlimit-only teardown find escaped processes
     }
+    if isolated:
+        env.update(USER="sandbox", LOGNAME="sandbox")
+    return env
 
 
 def _parse_variables(reply: dict[str, Any] | None) -> list[dict[str, str]]:
@@ -93,8 +105,9 @@ _swept_roots: set[str] = set()
 def _sweep_workdirs(parent: str | None) -> None:
     """Once per directory: delete what servers that died without closing their kernels left there.
 
-    Directories carry their server's pid (`sandbox-env-<pid>-*`); a kernel exits on its own when
-    its server dies (ipykernel watches its parent), its cgroups go in `limits.sweep_stale`.
+    Directories carry their server's pid (`sandbox-env-<pid>-*`); a kernel dies with its server
+    (bwrap's --die-with-parent; ipykernel watches its parent when unisolated), its cgroups go in
+    `limits.sweep_stale`.
     """
     base = Path(parent or tempfile.gettempdir())
     if str(base) in _swept_roots:
@@ -102,9 +115,9 @@ def _sweep_workdirs(parent: str | None) -> None:
     _swept_roots.add(str(base))
     for path in base.glob("sandbox-env-*-*"):
         owner = path.name.split("-")[2]
-        if owner.isdigit() and not os.path.exists(f"/proc/{owner}") and path.is_dir():
+        if owner.isdigit() and not os.path.exists(f"/proc/{owner}") and path.is_dir() and not path.is_symlink():
             logger.warning("removing %s, left by a server that is gone", path)
-            shutil.rmtree(path, ignore_errors=True)
+            _remove(path)
 
 
 _ZMQ_CONTEXT: zmq.asyncio.Context | None = None
@@ -126,9 +139,14 @@ class _Process:
     conf: Confinement
     proc: subprocess.Popen[bytes] | None = None
     kc: AsyncKernelClient | None = None
+    sandboxed: bool = False  # proc is bwrap, which reports death by signal N as exit 128+N
 
     def exit_status(self) -> int | None:
-        return self.proc.poll() if self.proc is not None else -9
+        """As Popen reports it: -N for death by signal N."""
+        code = self.proc.poll() if self.proc is not None else -9
+        if self.sandboxed and code is not None and 128 < code <= 128 + SIGNAL_MAX:
+            return 128 - code
+        return code
 
 
 class JupyterKernel(Kernel):
@@ -137,12 +155,16 @@ class JupyterKernel(Kernel):
     name = "jupyter"
     use_cgroups = True  # tests switch it off to exercise the rlimit-only fallback
 
-    def __init__(self, policy: Policy, *, workdir_root: str | None = None) -> None:
+    def __init__(self, policy: Policy, *, workdir_root: str | None = None, settings: Any = None) -> None:
         super().__init__(policy)
         self.workdir_root = workdir_root
+        self.isolation = sandbox.IsolationOptions.from_settings(settings)
         self.id = uuid.uuid4().hex[:12]
-        self.root: Path | None = None  # private: sockets, logs, TMPDIR, IPYTHONDIR, workdir
-        self.workdir: Path | None = None
+        self.root: Path | None = None  # private: sockets, logs, start-up code (and unisolated: TMPDIR, workdir)
+        self.workdir: Path | None = None  # the kernel's HOME and cwd (in the sandbox: a path only there)
+        self._runtime: sandbox.Runtime | None = None
+        self._layout: sandbox.Layout | None = None  # None: unisolated
+        self._lease: sandbox.UidLease | None = None
         self._cur: _Process | None = None
         self._generation = 0
         self._lock = asyncio.Lock()
@@ -151,6 +173,7 @@ class JupyterKernel(Kernel):
         self._note = ""  # told to the next step (the kernel died between steps)
         self._started = self._closed = False
         self._relaunch = False  # run_program stopped the kernel: the next step starts a fresh one
+        self._program_running = False
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -160,13 +183,23 @@ class JupyterKernel(Kernel):
         if self._started:
             return
         self._started = True
-        if self.workdir_root:
-            os.makedirs(self.workdir_root, exist_ok=True)
-        if str(self.workdir_root or tempfile.gettempdir()) not in _swept_roots:
-            await asyncio.to_thread(_sweep_workdirs, self.workdir_root)
-        root = Path(tempfile.mkdtemp(prefix=f"sandbox-env-{os.getpid()}-", dir=self.workdir_root))
-        self.root, self.workdir = root, root / "work"
         try:
+            if self.isolation.unisolated:
+                _warn_unisolated()
+            else:  # KernelStartError saying how to get isolation, when this machine has none
+                self._runtime = await asyncio.to_thread(sandbox.runtime, self.isolation)
+            if self.workdir_root:
+                os.makedirs(self.workdir_root, exist_ok=True)
+            if str(self.workdir_root or tempfile.gettempdir()) not in _swept_roots:
+                await asyncio.to_thread(_sweep_workdirs, self.workdir_root)
+            root = Path(tempfile.mkdtemp(prefix=f"sandbox-env-{os.getpid()}-", dir=self.workdir_root))
+            self.root, self.workdir = root, root / "work"
+            if self._runtime is not None:
+                self._lease = sandbox.UidLease.take() if self._runtime.setpriv else None
+                uid, gid = (self._lease.uid,) * 2 if self._lease else (os.geteuid(), os.getegid())
+                self._layout = sandbox.Layout(root, uid, gid, workspace_mb=self.policy.workspace_mb,
+                                              tmp_mb=self.policy.tmp_mb, network=self.policy.network)
+                sandbox.prepare(self._layout)
             await self._launch()
         except BaseException:
             await self.close()
@@ -176,43 +209,70 @@ class JupyterKernel(Kernel):
         """Start a kernel process: the first one, or a replacement with an empty namespace."""
         assert self.root is not None and self.workdir is not None
         self._generation += 1
-        gen, run = self._generation, self.root / "run"
-        for sub in ("work", "tmp", "run"):  # again on restarts: the code may have deleted them
-            (self.root / sub).mkdir(mode=0o700, exist_ok=True)
+        gen, box = self._generation, self._layout
+        if box is None:
+            for sub in ("work", "tmp", "run"):  # again on restarts: the code may have deleted them
+                _fresh_dir(self.root / sub)
+            run = self.root / "run"
+        else:
+            run = sandbox.run_dir(box, gen)
         limits = dataclasses.replace(Limits.from_policy(self.policy), pids=self.policy.pids + KERNEL_TASKS,
                                      open_files=self.policy.open_files + KERNEL_FDS)
-        conf = Confinement(f"{self.id}-{gen}", limits, token=f"{self.id}-{gen}", use_cgroups=self.use_cgroups)
+        conf = Confinement(f"{self.id}-{gen}", limits, token=f"{self.id}-{gen}", use_cgroups=self.use_cgroups,
+                           uid=None if box is None else box.uid)
         conf.create()
-        km = AsyncKernelManager(transport="ipc", ip=str(run / f"k{gen}"),
+        km = AsyncKernelManager(transport="ipc", ip=str(run / (f"k{gen}" if box is None else "s")),
                                 connection_file=str(run / f"kernel-{gen}.json"), context=_zmq_context())
-        shim = run / "startup.py"
-        if not shim.exists():
-            shim.write_text(kernel_shim(self.policy.output_limit_bytes))
-        km._kernel_spec = KernelSpec(  # absolute interpreter path: never a shim on PATH
-            argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}", *KERNEL_ARGS,
-                  f"--IPKernelApp.exec_lines=exec(open({str(shim)!r}).read())"],
-            env={}, display_name="sandbox-env", language="python")
-        self._cur = cur = _Process(km, conf)
+        shim = self._startup_file()
+        command = [sys.executable, "-s", "-m", "ipykernel_launcher", "-f", "{connection_file}", *KERNEL_ARGS,
+                   f"--IPKernelApp.exec_lines=exec(open({str(shim)!r}).read())"]
+        env = _kernel_env(self.root, self.workdir, conf.token, isolated=box is not None)
+        self._cur = cur = _Process(km, conf, sandboxed=box is not None)
         t0 = time.perf_counter()
         try:
-            log = os.open(self.root / "kernel.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            try:
-                await km.start_kernel(env=_kernel_env(self.root, self.workdir, conf.token),
-                                      cwd=str(self.workdir), preexec_fn=conf.preexec,
-                                      stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-            finally:
-                os.close(log)
+            with contextlib.ExitStack() as stack:
+                if box is None:  # absolute interpreter path: never a shim on PATH
+                    launch: dict[str, Any] = {"env": env, "cwd": str(self.workdir)}
+                else:
+                    assert self._runtime is not None
+                    km.write_connection_file()
+                    sandbox.hand_over(Path(km.connection_file), box)
+                    fd = stack.enter_context(sandbox.seccomp_fd())
+                    command = sandbox.sandbox_argv(self._runtime, box, command, env=env, seccomp=fd, run_dir=run)
+                    launch = {"env": {"PATH": "/usr/bin:/bin"}, "cwd": "/", "pass_fds": (fd,)}
+                # In the sandbox a signal to bwrap would kill it: interrupts go over the control channel.
+                km._kernel_spec = KernelSpec(argv=command, env={}, display_name="sandbox-env", language="python",
+                                             interrupt_mode="signal" if box is None else "message")
+                log = os.open(self.root / "kernel.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                stack.callback(os.close, log)
+                await km.start_kernel(**launch, preexec_fn=conf.preexec, stdin=subprocess.DEVNULL,
+                                      stdout=log, stderr=log)
             cur.proc = km.provisioner.process  # type: ignore[union-attr]
             conf.attach(cur.proc.pid)  # type: ignore[union-attr]
+            if box is not None:
+                await sandbox.seal(run, _socket_paths(km), box, alive=lambda: cur.exit_status() is None,
+                                   timeout_s=START_TIMEOUT_S)
+                if conf.version == "none":
+                    conf.measured_pid = sandbox.interpreter_pid(cur.proc.pid)  # type: ignore[union-attr]
             cur.kc = km.client()
             cur.kc.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
             await cur.kc.wait_for_ready(timeout=START_TIMEOUT_S)
         except Exception as exc:
-            log_tail = (self.root / "kernel.log").read_bytes()[-2000:].decode(errors="replace")
+            tail = _log_tail(self.root / "kernel.log")
             await self._teardown()
-            raise KernelStartError(f"ipykernel failed to start: {exc}\n{log_tail}") from exc
-        logger.info("kernel %s-%d ready in %.0f ms (pid %s, limits: %s)", self.id, gen,
-                    (time.perf_counter() - t0) * 1000, cur.proc.pid, conf.mechanism)
+            raise KernelStartError(f"ipykernel failed to start: {exc!r}; its log ends with: {tail!r}") from exc
+        logger.info("kernel %s-%d ready in %.0f ms (pid %s, limits: %s, %s)", self.id, gen,
+                    (time.perf_counter() - t0) * 1000, cur.proc.pid, conf.mechanism,
+                    "unisolated" if self._runtime is None else self._runtime.describe())
+
+    def _startup_file(self) -> Path:
+        """The kernel's start-up code: read-only for the kernel (root's file on a read-only bind)."""
+        assert self.root is not None
+        shim = (self.root / "ro" if self._layout is not None else self.root) / "startup.py"
+        if not shim.exists():
+            shim.write_text(kernel_shim(self.policy.output_limit_bytes))
+            shim.chmod(0o644)
+        return shim
 
     async def _teardown(self) -> None:
         """Kill every process of the current kernel; release its sockets, cgroups and files.
@@ -242,6 +302,8 @@ class JupyterKernel(Kernel):
             await cur.km.cleanup_resources()
         except Exception as exc:  # noqa: BLE001 - leftover socket files go with the root dir
             logger.debug("kernel %s cleanup: %s", self.id, exc)
+        if self._layout is not None:  # this process's own folder: nothing of it runs any more
+            await asyncio.to_thread(_remove, Path(cur.km.connection_file).parent)
 
     def _schedule_restart(self) -> None:
         """Replace the kernel in the background, so the step that lost it returns at once."""
@@ -295,8 +357,20 @@ class JupyterKernel(Kernel):
             if self._teardowns:
                 await asyncio.gather(*self._teardowns, return_exceptions=True)
         finally:
-            if self.root is not None:  # rmtree works on fds and never follows symlinks out of the tree
-                await asyncio.to_thread(shutil.rmtree, self.root, True)
+            if self.root is not None:
+                await asyncio.to_thread(_remove, self.root)
+            self._free_lease()
+
+    def _free_lease(self) -> None:
+        """The uid goes back once closed and no process can be left running as it."""
+        if self._lease is None or not self._closed or self._program_running:
+            return
+        lease, self._lease = self._lease, None
+        pending = [t for t in self._teardowns if not t.done()]
+        if pending:
+            asyncio.gather(*pending, return_exceptions=True).add_done_callback(lambda _: lease.release())
+        else:
+            lease.release()
 
     def is_alive(self) -> bool:
         if self._closed or not self._started:
@@ -397,26 +471,43 @@ class JupyterKernel(Kernel):
 
     async def run_program(self, source: str, *, stdin: bytes = b"", timeout_s: float) -> ExecutionResult:
         """`python3 -I -c source` as the only process of this kernel's confinement: the kernel's
-        whole tree is killed and its working directory and TMPDIR emptied first (and after); the
-        kernel itself is started again lazily, by the next step."""
+        whole tree is killed first; the program gets a sandbox of its own (a fresh workspace and
+        /tmp; unisolated: the working directory and TMPDIR emptied before and after). The kernel
+        itself is started again lazily, by the next step."""
         async with self._lock:
             await self._settled()  # no kernel is started just to be killed: the next step starts one
             assert self.root is not None and self.workdir is not None
             await self._teardown()  # every process of the kernel's cgroup/session, daemons included
             self._relaunch = True
-            await asyncio.to_thread(_empty, self.workdir, self.root / "tmp")
+            box = self._layout
+            if box is None:
+                await asyncio.to_thread(_empty, self.workdir, self.root / "tmp")
             self._generation += 1
             conf = Confinement(f"{self.id}-p{self._generation}", Limits.from_policy(self.policy),
-                               token=f"{self.id}-p{self._generation}", use_cgroups=self.use_cgroups)
+                               token=f"{self.id}-p{self._generation}", use_cgroups=self.use_cgroups,
+                               uid=None if box is None else box.uid)
             conf.create()
+            command = [sys.executable, "-I", "-c", source]
+            env = _kernel_env(self.root, self.workdir, conf.token, isolated=box is not None)
+            self._program_running = True
             try:
-                return await _run_confined(conf, source, stdin, timeout_s, cwd=self.workdir,
-                                           env=_kernel_env(self.root, self.workdir, conf.token),
-                                           keep=self.policy.output_bytes, limit=self.policy.output_limit_bytes)
+                with contextlib.ExitStack() as stack:
+                    launch: dict[str, Any] = {"cwd": self.workdir, "env": env}
+                    if box is not None:
+                        assert self._runtime is not None
+                        fd = stack.enter_context(sandbox.seccomp_fd())
+                        command = sandbox.sandbox_argv(self._runtime, box, command, env=env, seccomp=fd)
+                        launch = {"cwd": Path("/"), "env": {"PATH": "/usr/bin:/bin"}, "pass_fds": (fd,),
+                                  "exit_by_signal": True}
+                    return await _run_confined(conf, command, stdin, timeout_s, **launch,
+                                               keep=self.policy.output_bytes, limit=self.policy.output_limit_bytes)
             finally:
                 await asyncio.to_thread(conf.kill_all)
                 await asyncio.to_thread(conf.destroy)
-                await asyncio.to_thread(_empty, self.workdir, self.root / "tmp")
+                if box is None:
+                    await asyncio.to_thread(_empty, self.workdir, self.root / "tmp")
+                self._program_running = False
+                self._free_lease()
 
     async def _reply(self, kc: AsyncKernelClient, msg_id: str, end: float) -> dict[str, Any] | None:
         """The execute_reply of `msg_id` (stale replies of interrupted steps are skipped)."""
@@ -445,25 +536,68 @@ class JupyterKernel(Kernel):
 
 
 def _empty(*folders: Path) -> None:
-    """Delete what is inside `folders` (never following symlinks); the folders stay."""
+    """Delete what is inside `folders`, however deep and never following symlinks; the folders stay
+    (made anew when the code replaced one). Never raises for what the code did to its files."""
     for folder in folders:
-        folder.mkdir(mode=0o700, exist_ok=True)
-        for entry in list(folder.iterdir()):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    entry.unlink()
+        try:
+            _fresh_dir(folder)
+            empty(str(folder))
+        except OSError as exc:
+            logger.warning("could not empty %s: %r", folder, exc)
 
 
-async def _run_confined(conf: Confinement, source: str, stdin: bytes, timeout_s: float, *, cwd: Path,
-                        env: dict[str, str], keep: int, limit: int) -> ExecutionResult:
-    """Run one confined program; stdout is kept whole up to `limit` (a verdict must not be cut)."""
+def _fresh_dir(path: Path) -> None:
+    """`path` as a real folder: whatever the code put in its place (a symlink, a file) goes."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink()
+    path.mkdir(mode=0o700, exist_ok=True)
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder and everything in it (iterative, two fds at most, no symlink followed)."""
+    try:
+        empty(str(path))
+        path.rmdir()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        logger.warning("could not remove %s: %r", path, exc)
+
+
+def _socket_paths(km: AsyncKernelManager) -> list[Path]:
+    info = km.get_connection_info()
+    return [Path(f"{info['ip']}-{info[port]}") for port in
+            ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")]
+
+
+def _log_tail(path: Path, size: int = 2000) -> str:
+    """The end of a kernel's log (the code may have made it huge)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - size))
+            return f.read(size).decode(errors="replace")
+    except OSError:
+        return ""
+_warned_unisolated = False
+
+
+def _warn_unisolated() -> None:
+    global _warned_unisolated
+    if not _warned_unisolated:
+        _warned_unisolated = True
+        logger.warning("jupyter kernels run WITHOUT isolation (jupyter_unisolated): trusted code only")
+
+
+async def _run_confined(conf: Confinement, command: list[str], stdin: bytes, timeout_s: float, *, cwd: Path,
+                        env: dict[str, str], keep: int, limit: int, pass_fds: tuple[int, ...] = (),
+                        exit_by_signal: bool = False) -> ExecutionResult:
+    """Run one confined program; stdout is kept whole up to `limit` (a verdict must not be cut).
+    `exit_by_signal`: a launcher in between (bwrap) reports death by signal N as exit 128+N."""
     cpu0, oom0 = conf.cpu_time_s(), conf.oom_kills()
     started = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-I", "-c", source, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, cwd=str(cwd), env=env, preexec_fn=conf.preexec)
+        *command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(cwd),
+        env=env, preexec_fn=conf.preexec, pass_fds=pass_fds)
     conf.attach(proc.pid)
     out, err = BoundedOutput(limit), BoundedOutput(keep)
     over = asyncio.Event()
@@ -494,6 +628,8 @@ async def _run_confined(conf: Confinement, source: str, stdin: bytes, timeout_s:
         status = ExecStatus.TIMEOUT
     await asyncio.to_thread(conf.kill_all)
     code = await proc.wait()
+    if exit_by_signal and 128 < code <= 128 + SIGNAL_MAX:
+        code = 128 - code
     await asyncio.gather(*tasks, return_exceptions=True)
     overflow.cancel()
     if status is None:

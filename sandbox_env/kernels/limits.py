@@ -132,13 +132,16 @@ def _read_int(path: Path, key: str | None = None) -> int | None:
 class Confinement:
     """Limits and teardown for one process tree (one kernel)."""
 
-    def __init__(self, name: str, limits: Limits, *, token: str = "", use_cgroups: bool = True) -> None:
+    def __init__(self, name: str, limits: Limits, *, token: str = "", use_cgroups: bool = True,
+                 uid: int | None = None) -> None:
         self.name, self.limits, self.token = name, limits, token
+        self.uid = uid  # the tree's own uid, when it is not the server's (RLIMIT_NPROC then counts it alone)
         version, parents = cgroup_layout() if use_cgroups else ("none", {})
         self.version = version
         # The server's pid in the name lets a later server remove what a crashed one left behind.
         self.dirs: dict[str, Path] = {c: p / f"{os.getpid()}-{name}" for c, p in parents.items()}
         self.root_pid: int | None = None
+        self.measured_pid: int | None = None  # without cgroups: the interpreter, below any launcher
         self.session_id: int | None = None
         self.network_isolated = False
         self._user_processes = 0
@@ -155,7 +158,7 @@ class Confinement:
     def create(self) -> None:
         """Create the cgroups and write the limits; falls back to rlimits on any failure."""
         if self.version == "none":
-            if self.limits.pids and os.geteuid() != 0:
+            if self.limits.pids and os.geteuid() != 0 and self.uid is None:
                 self._user_processes = _count_user_processes()
             logger.info("confinement %s: no usable cgroups, rlimits only", self.name)
             return
@@ -234,7 +237,7 @@ class Confinement:
             # RLIMIT_DATA (not RLIMIT_AS): counts only writable private memory, so the address
             # space that threaded libraries reserve does not count against it.
             settings.append((resource.RLIMIT_DATA, lim.memory_mb * MB))
-        if lim.pids and self._dir("pids") is None and os.geteuid() != 0:
+        if lim.pids and self._dir("pids") is None and (os.geteuid() != 0 or self.uid is not None):
             # Per-uid count (root ignores it): leave room for the user's other processes.
             settings.append((resource.RLIMIT_NPROC, lim.pids + self._user_processes))
         for which, value in settings:
@@ -309,8 +312,8 @@ class Confinement:
     def reset_peak(self) -> None:
         if (d := self._dir("memory")) is not None:
             _write(d / ("memory.max_usage_in_bytes" if self.version == "v1" else "memory.peak"), "0")
-        elif self.root_pid:
-            _write(Path(f"/proc/{self.root_pid}/clear_refs"), "5")  # resets VmHWM
+        elif pid := self.measured_pid or self.root_pid:
+            _write(Path(f"/proc/{pid}/clear_refs"), "5")  # resets VmHWM
 
     def peak_memory_bytes(self) -> int | None:
         if (d := self._dir("memory")) is not None:
@@ -325,14 +328,15 @@ class Confinement:
             us = _read_int(self.dirs[""] / "cpu.stat", "usage_usec")
             return None if us is None else us / 1e6
         try:  # utime + stime + cutime + cstime of the root (reaped children included)
-            with open(f"/proc/{self.root_pid}/stat", "rb") as f:
+            with open(f"/proc/{self.measured_pid or self.root_pid}/stat", "rb") as f:
                 fields = f.read().rsplit(b")", 1)[1].split()
             return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
         except (OSError, ValueError, IndexError):
             return None
 
     def _proc_status(self, key: str) -> int | None:
-        kib = _read_int(Path(f"/proc/{self.root_pid}/status"), key) if self.root_pid else None
+        pid = self.measured_pid or self.root_pid
+        kib = _read_int(Path(f"/proc/{pid}/status"), key) if pid else None
         return None if kib is None else kib * 1024
 
     def oom_kills(self) -> int | None:
