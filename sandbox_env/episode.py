@@ -41,8 +41,12 @@ class Episode:
     """Reset always takes a fresh kernel, so no namespace, file or process survives a reset."""
 
     def __init__(self, acquire: KernelSource, *, backend: str, tasks: TaskResolver | None = None,
-                 reward: str | None = None) -> None:
+                 reward: str | None = None, owner: str = "") -> None:
         self._acquire = acquire
+        self.owner = owner  # the tenant (token) that opened it
+        # Names the episode from its first moment (its episode_id comes with the first reset), so
+        # inspection lists it and DELETE reaches it before any reset; MCP session ids are this.
+        self.session_id = uuid.uuid4().hex
         self._resolve_task = tasks
         self._reward = reward  # the server's default reward policy
         self.task: Task | None = None

@@ -145,6 +145,19 @@ class ForbiddenError(SandboxEnvError):
     http_status = 403
 
 
+class QuotaError(CapacityError):
+    """This token has used its share of the server (sessions or concurrent gradings)."""
+
+    code = "quota_exceeded"
+    http_status = 429
+
+    def __init__(self, what: str, used: int, limit: int) -> None:
+        SandboxEnvError.__init__(
+            self, f"Quota reached: {used}/{limit} {what} for this token. Retry later.",
+            quota=what, active_sessions=used, max_sessions=limit)
+        self.what, self.active, self.limit = what, used, limit
+
+
 class ClientError(SandboxEnvError, ConnectionError):
     """The client could not reach the server or the server answered with an error frame."""
 
@@ -169,6 +182,9 @@ def error_from_dict(data: dict[str, Any]) -> SandboxEnvError:
     details = {k: v for k, v in data.items() if k not in ("code", "message")}
     if code in ("capacity_reached", "CAPACITY_REACHED"):
         return CapacityError(int(details.get("active_sessions", 0)), int(details.get("max_sessions", 0)))
+    if code == QuotaError.code:
+        return QuotaError(str(details.get("quota", "sessions")), int(details.get("active_sessions", 0)),
+                          int(details.get("max_sessions", 0)))
     cls = _BY_CODE.get(code, SandboxEnvError)
     err = cls(message, **details)
     return err

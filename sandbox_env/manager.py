@@ -10,7 +10,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from sandbox_env.episode import Episode
-from sandbox_env.errors import CapacityError, ConfigError, PolicyNotFoundError, TaskError, TaskNotFoundError
+from sandbox_env.errors import (
+    CapacityError,
+    ConfigError,
+    PolicyNotFoundError,
+    QuotaError,
+    TaskError,
+    TaskNotFoundError,
+)
 from sandbox_env.grading import choose_reward, grade
 from sandbox_env.kernels.base import Kernel
 from sandbox_env.kernels.pool import KernelPool
@@ -51,6 +58,7 @@ class SessionManager:
             reward_policy(self.settings.reward)  # a bad server default fails at start, not mid-episode
         self._graders: dict[str, list[Kernel]] = {}
         self.grading = 0
+        self.gradings: dict[str, int] = {}  # per owner (tenant)
         self._counted = False
 
     @property
@@ -93,12 +101,15 @@ class SessionManager:
             if _LIVE_MANAGERS[self.kernel_class] == 0:
                 await self.kernel_class.teardown_backend()
 
-    async def open_episode(self) -> Episode:
-        """Take a session slot; the episode gets its kernel at its first reset."""
+    async def open_episode(self, owner: str = "") -> Episode:
+        """Take a session slot for `owner` (a tenant); the episode gets its kernel at its first reset."""
         if not self.ready():
             raise CapacityError(self.active, self.capacity)
+        limit = self.settings.tenant_max_sessions
+        if limit is not None and (used := len(self.owned(owner))) >= limit:
+            raise QuotaError("sessions", used, limit)
         episode = Episode(self._acquire, backend=self.settings.backend, tasks=self.resolve_task,
-                          reward=self.settings.reward)
+                          reward=self.settings.reward, owner=owner)
         self.episodes[id(episode)] = episode
         return episode
 
@@ -106,10 +117,14 @@ class SessionManager:
         self.episodes.pop(id(episode), None)
         await episode.close()
 
+    def owned(self, owner: str | None) -> list[Episode]:
+        """Live episodes of one tenant (None: everyone's)."""
+        return [ep for ep in self.episodes.values() if owner is None or ep.owner == owner]
+
     @contextlib.asynccontextmanager
-    async def stateless(self) -> AsyncIterator[Episode]:
+    async def stateless(self, owner: str = "") -> AsyncIterator[Episode]:
         """A throwaway episode for one HTTP call (OpenEnv's stateless /reset and /step)."""
-        episode = await self.open_episode()
+        episode = await self.open_episode(owner)
         try:
             yield episode
         finally:
@@ -138,10 +153,14 @@ class SessionManager:
         raise TaskNotFoundError(f"no task {task_id!r} on this server", task_id=task_id)
 
     async def grade(self, task: Task, submission: str, *, policy: str | None = None,
-                    reward: str | None = None) -> Grading:
-        """One-shot grading on a warm kernel; counts toward capacity while it runs."""
+                    reward: str | None = None, owner: str = "") -> Grading:
+        """One-shot grading on a warm kernel; counts toward capacity (and `owner`'s grading quota)
+        while it runs."""
         if not self.ready():
             raise CapacityError(self.active, self.capacity)
+        limit = self.settings.tenant_max_gradings
+        if limit is not None and (used := self.gradings.get(owner, 0)) >= limit:
+            raise QuotaError("concurrent gradings", used, limit)
         if reward:
             try:
                 reward_policy(reward)
@@ -149,6 +168,7 @@ class SessionManager:
                 raise TaskError(exc.message) from exc
         name = self.policy(policy).name
         self.grading += 1
+        self.gradings[owner] = self.gradings.get(owner, 0) + 1
         kernel: Kernel | None = None
         try:
             stash = self._graders.setdefault(name, [])
@@ -168,6 +188,9 @@ class SessionManager:
             raise
         finally:
             self.grading -= 1
+            self.gradings[owner] -= 1
+            if not self.gradings[owner]:
+                del self.gradings[owner]
         # run_program leaves a clean slate (no process, no file), so the kernel may grade again.
         if result.status == "graded" and kernel.is_alive() and len(stash) < self.settings.grader_stash and not self.draining:
             stash.append(kernel)
@@ -175,8 +198,9 @@ class SessionManager:
             await kernel.close()
         return result
 
-    def find(self, episode_id: str) -> Episode | None:
-        return next((ep for ep in self.episodes.values() if ep.id == episode_id), None)
+    def find(self, key: str) -> Episode | None:
+        """A live episode by its episode_id or its session_id."""
+        return next((ep for ep in self.episodes.values() if key in (ep.id, ep.session_id)), None)
 
     def policy(self, name: str | None) -> Policy:
         """Resolve a policy a client asked for; only names, never paths."""

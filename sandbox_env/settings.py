@@ -21,7 +21,8 @@ class Settings(BaseSettings):
     max_sessions: int = Field(32, ge=1, description="concurrent episodes (WebSocket sessions)")
     pool_size: int = Field(2, ge=0, description="warm kernels kept ready per policy")
     grader_stash: int = Field(2, ge=0, description="kernels kept for the next one-shot grading, per policy")
-    session_timeout_s: float | None = Field(None, gt=0, description="close idle sessions after this")
+    session_timeout_s: float | None = Field(600.0, gt=0, description="close sessions idle this long "
+                                            "(no request; keepalive pings do not count); None: never")
     max_message_bytes: int = Field(16 << 20, ge=1024, description="largest accepted WS/HTTP message")
     allowed_policies: list[str] | None = Field(None, description="policies a reset may ask for")
     workdir_root: str | None = Field(None, description="parent of per-episode working directories")
@@ -46,3 +47,6 @@ class Settings(BaseSettings):
                                      "loopback names and the bind address ('*': any)")
     allowed_origins: list[str] = Field(default_factory=list, description="cross-origin Origins accepted "
                                        "on /ws and state-changing HTTP, e.g. https://ui.example")
+    tenant_max_sessions: int | None = Field(None, ge=1, description="open sessions per token "
+                                            "(WebSocket, MCP and HTTP calls); None: max_sessions")
+    tenant_max_gradings: int | None = Field(None, ge=1, description="concurrent gradings per token")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import uuid
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request
@@ -20,6 +19,8 @@ from fastapi.responses import Response
 from sandbox_env._version import __version__
 from sandbox_env.errors import SandboxEnvError
 from sandbox_env.models import CodeAction, CodeObservation, ExecStatus
+from sandbox_env.server.auth import ANONYMOUS, Tenant
+from sandbox_env.server.guard import tenant_of
 from sandbox_env.server.metrics import ServerMetrics, timed_step
 from sandbox_env.server.routes import JSONResponse
 
@@ -56,8 +57,10 @@ RUN_PYTHON_TOOL: dict[str, Any] = {
 
 
 class McpSessions:
-    """Episodes opened over HTTP with `openenv/session/create`; they count toward capacity, and the
-    manager's idle reaper closes forgotten ones like any other episode."""
+    """Episodes opened over HTTP with `openenv/session/create`: episodes like any other. They
+    count toward capacity and their tenant's quota, `/episodes` lists them under their session id
+    (which is the MCP session id) from the start, `DELETE /episodes/{id}` closes them, and the
+    manager's idle reaper closes forgotten ones. Only their tenant (or the admin) can use them."""
 
     def __init__(self) -> None:
         self._episodes: dict[str, Episode] = {}
@@ -65,30 +68,30 @@ class McpSessions:
     def __len__(self) -> int:
         return len(self._episodes)
 
-    async def create(self, manager: SessionManager) -> str:
-        episode = await manager.open_episode()
-        session_id = str(uuid.uuid4())
-        self._episodes[session_id] = episode
-        return session_id
+    async def create(self, manager: SessionManager, tenant: Tenant) -> str:
+        self._episodes = {k: ep for k, ep in self._episodes.items() if not ep.closed}
+        episode = await manager.open_episode(tenant.name)
+        self._episodes[episode.session_id] = episode
+        return episode.session_id
 
-    def get(self, session_id: str) -> Episode | None:
+    def get(self, session_id: str, tenant: Tenant) -> Episode | None:
         episode = self._episodes.get(session_id)
-        if episode is not None and episode.closed:  # reaped while idle
+        if episode is not None and episode.closed:  # reaped while idle, or closed by DELETE
             del self._episodes[session_id]
             return None
-        return episode
+        return episode if episode is not None and tenant.may_touch(episode.owner) else None
 
-    async def close(self, manager: SessionManager, session_id: str) -> bool:
-        episode = self._episodes.pop(session_id, None)
-        if episode is None:
+    async def close(self, manager: SessionManager, session_id: str, tenant: Tenant) -> bool:
+        if self.get(session_id, tenant) is None:
             return False
+        episode = self._episodes.pop(session_id)
         await manager.close_episode(episode)
         return True
 
     async def close_all(self, manager: SessionManager) -> None:
         for session_id in list(self._episodes):
             try:
-                await self.close(manager, session_id)
+                await self.close(manager, session_id, ANONYMOUS)
             except Exception:
                 log.exception("closing MCP session %s failed", session_id)
 
@@ -145,7 +148,7 @@ def _parse_call(params: dict[str, Any]) -> tuple[CodeAction, float | None] | str
 
 
 async def handle_jsonrpc(payload: Any, *, manager: SessionManager, metrics: ServerMetrics,
-                         sessions: McpSessions | None = None,
+                         tenant: Tenant, sessions: McpSessions | None = None,
                          episode: Episode | None = None) -> dict[str, Any] | None:
     """Answer one JSON-RPC request; None for a notification (which gets no response)."""
     if isinstance(payload, list):
@@ -167,7 +170,7 @@ async def handle_jsonrpc(payload: Any, *, manager: SessionManager, metrics: Serv
         return None
     try:
         return await _dispatch(method, params, request_id, manager=manager, metrics=metrics,
-                               sessions=sessions, episode=episode)
+                               tenant=tenant, sessions=sessions, episode=episode)
     except SandboxEnvError as exc:
         metrics.observe_error(exc.code)
         return _error(SERVER_ERROR, exc.message, request_id, data=exc.to_dict())
@@ -177,7 +180,7 @@ async def handle_jsonrpc(payload: Any, *, manager: SessionManager, metrics: Serv
 
 
 async def _dispatch(method: str, params: dict[str, Any], request_id: Any, *,
-                    manager: SessionManager, metrics: ServerMetrics,
+                    manager: SessionManager, metrics: ServerMetrics, tenant: Tenant,
                     sessions: McpSessions | None, episode: Episode | None) -> dict[str, Any]:
     if method == "initialize":
         return _result({
@@ -191,17 +194,17 @@ async def _dispatch(method: str, params: dict[str, Any], request_id: Any, *,
         return _result({"tools": [RUN_PYTHON_TOOL]}, request_id)
     if method == "openenv/session/create":
         if episode is not None:  # on /ws the connection already is the session
-            return _result({"session_id": episode.state.episode_id}, request_id)
+            return _result({"session_id": episode.id or episode.session_id}, request_id)
         if sessions is None:
             return _error(METHOD_NOT_FOUND, f"Method not found: {method}", request_id)
-        return _result({"session_id": await sessions.create(manager)}, request_id)
+        return _result({"session_id": await sessions.create(manager, tenant)}, request_id)
     if method == "openenv/session/close":
         session_id = params.get("session_id")
         if not isinstance(session_id, str) or not session_id:
             return _error(INVALID_PARAMS, "Invalid params - 'session_id' is required", request_id)
         if episode is not None or sessions is None:
             return _error(INVALID_REQUEST, "Cannot close a WebSocket-managed session via MCP", request_id)
-        if not await sessions.close(manager, session_id):
+        if not await sessions.close(manager, session_id, tenant):
             return _error(INVALID_PARAMS, f"Unknown session_id: {session_id}", request_id)
         return _result({"session_id": session_id, "closed": True}, request_id)
     if method != "tools/call":
@@ -214,13 +217,13 @@ async def _dispatch(method: str, params: dict[str, Any], request_id: Any, *,
     target = episode
     session_id = params.get("session_id")
     if target is None and session_id is not None:
-        target = sessions.get(str(session_id)) if sessions is not None else None
+        target = sessions.get(str(session_id), tenant) if sessions is not None else None
         if target is None:
             return _error(INVALID_PARAMS, f"Unknown session_id: {session_id}", request_id)
     if target is not None:
         observation = await timed_step(metrics, target, action, timeout_s=timeout_s)
     else:
-        async with manager.stateless() as throwaway:
+        async with manager.stateless(tenant.name) as throwaway:
             observation = await timed_step(metrics, throwaway, action, timeout_s=timeout_s)
     return _result(tool_result(observation), request_id)
 
@@ -242,7 +245,7 @@ async def mcp_http(request: Request) -> Response:
         return JSONResponse(_error(INVALID_REQUEST, "Invalid Request: empty body"))
     sessions: McpSessions = state.mcp_sessions
     reply = await handle_jsonrpc(payload, manager=state.manager, metrics=state.metrics,
-                                 sessions=sessions)
+                                 tenant=tenant_of(request), sessions=sessions)
     if reply is None:
         return Response(status_code=202)
     return JSONResponse(reply)

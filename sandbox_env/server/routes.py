@@ -32,6 +32,7 @@ from sandbox_env.models import (
     StepRequest,
     StepResponse,
 )
+from sandbox_env.server.guard import tenant_of
 from sandbox_env.server.metrics import timed_step
 
 if TYPE_CHECKING:
@@ -77,7 +78,7 @@ def observation_response(observation: CodeObservation) -> JSONResponse:
 
 def error_response(exc: SandboxEnvError) -> JSONResponse:
     """A service error as `{"detail": {...}}` with its HTTP status; 503 carries Retry-After."""
-    headers = {"Retry-After": RETRY_AFTER_S} if exc.http_status == 503 else None
+    headers = {"Retry-After": RETRY_AFTER_S} if exc.http_status in (429, 503) else None
     return JSONResponse({"detail": jsonable_encoder(exc.to_dict())}, status_code=exc.http_status,
                         headers=headers)
 
@@ -115,7 +116,7 @@ _OBS_RESPONSES: dict[int | str, dict[str, Any]] = {
 @router.post("/reset", response_model=StepResponse, tags=["Environment"], responses=_OBS_RESPONSES,
              summary="Reset a throwaway episode (stateless, as in OpenEnv)")
 async def reset(request: Request, body: Annotated[ResetRequest | None, Body()] = None) -> Response:
-    async with _manager(request).stateless() as episode:
+    async with _manager(request).stateless(tenant_of(request).name) as episode:
         observation = await episode.reset(**(body or ResetRequest()).reset_kwargs())
     return observation_response(observation)
 
@@ -127,7 +128,7 @@ async def step(request: Request, body: StepRequest) -> Response:
         action = CodeAction.model_validate(body.action)
     except ValidationError as exc:
         return JSONResponse({"detail": validation_errors(exc)}, status_code=422)
-    async with _manager(request).stateless() as episode:
+    async with _manager(request).stateless(tenant_of(request).name) as episode:
         observation = await timed_step(request.app.state.metrics, episode, action,
                                        timeout_s=body.timeout_s)
     return observation_response(observation)
@@ -155,7 +156,8 @@ async def grade(request: Request, body: GradeRequest) -> Response:
         return JSONResponse({"detail": [{"loc": ["body", "task"], "type": "value_error",
                                          "msg": "give exactly one of task and task_id"}]}, status_code=422)
     task = manager.resolve_task(body.task_id, body.task)
-    result = await manager.grade(task, body.submission, policy=body.policy, reward=body.reward)
+    result = await manager.grade(task, body.submission, policy=body.policy, reward=body.reward,
+                                 owner=tenant_of(request).name)
     return JSONResponse(result.model_dump(mode="json"))
 
 

@@ -15,6 +15,7 @@ from fastapi.responses import HTMLResponse
 
 from sandbox_env.episode import Episode
 from sandbox_env.manager import SessionManager
+from sandbox_env.server.guard import tenant_of
 
 router = APIRouter()
 INSPECT_TIMEOUT_S = 3.0
@@ -29,7 +30,10 @@ def _summary(episode: Episode) -> dict[str, Any]:
     state = episode.state
     last = episode.history[-1]["result"] if episode.history else None
     return {
+        "id": state.episode_id or episode.session_id,  # what /episodes/{id} and DELETE take
         "episode_id": state.episode_id,
+        "session_id": episode.session_id,
+        "owner": episode.owner,
         "backend": state.backend,
         "policy": state.policy,
         "step_count": state.step_count,
@@ -41,11 +45,17 @@ def _summary(episode: Episode) -> dict[str, Any]:
     }
 
 
-@router.get("/episodes", tags=["Inspection"], summary="Live episodes")
+@router.get("/episodes", tags=["Inspection"], summary="Live episodes (the caller's; the admin's: all)")
 async def list_episodes(request: Request) -> dict[str, Any]:
     manager = _manager(request)
-    return {"active": manager.active, "capacity": manager.capacity, "pools": manager.pool_stats(),
-            "episodes": [_summary(ep) for ep in manager.episodes.values() if ep.id is not None]}
+    tenant = tenant_of(request)
+    if tenant.admin:
+        return {"active": manager.active, "capacity": manager.capacity, "pools": manager.pool_stats(),
+                "episodes": [_summary(ep) for ep in manager.owned(None)]}
+    own = manager.owned(tenant.name)
+    quota = manager.settings.tenant_max_sessions
+    return {"active": len(own), "capacity": min(quota or manager.capacity, manager.capacity),
+            "episodes": [_summary(ep) for ep in own]}
 
 
 @router.get("/episodes/{episode_id}", tags=["Inspection"],
@@ -70,8 +80,9 @@ async def close_episode(episode_id: str, request: Request) -> dict[str, Any]:
 
 
 def _find(request: Request, episode_id: str) -> Episode:
+    """The episode, if the caller may see it: another tenant's is as absent as a closed one."""
     episode = _manager(request).find(episode_id)
-    if episode is None:
+    if episode is None or not tenant_of(request).may_touch(episode.owner):
         raise HTTPException(404, {"message": f"no live episode {episode_id!r}", "code": "episode_not_found"})
     return episode
 
@@ -109,13 +120,13 @@ function el(tag, text, cls) { const e = document.createElement(tag);
 function table(rows, cols) { const t = el("table"), h = el("tr");
   cols.forEach(c => h.appendChild(el("th", c))); t.appendChild(h);
   rows.forEach(r => { const tr = el("tr"); cols.forEach(c => { const td = el("td");
-    if (c === "episode_id") { const a = el("a", r[c]); a.href = "/web/episodes/" + encodeURIComponent(r[c]); td.appendChild(a); }
+    if (c === "id") { const a = el("a", r[c]); a.href = "/web/episodes/" + encodeURIComponent(r[c]); td.appendChild(a); }
     else td.textContent = r[c] === undefined || r[c] === null ? "" : String(r[c]);
     tr.appendChild(td); }); t.appendChild(tr); }); return t; }
 async function renderList(root) {
   const data = await (await fetch("/episodes")).json();
   document.getElementById("title").textContent = `${data.active}/${data.capacity} sessions`;
-  root.replaceChildren(table(data.episodes, ["episode_id","backend","policy","step_count",
+  root.replaceChildren(table(data.episodes, ["id","owner","backend","policy","step_count",
     "last_status","last_exit_code","busy","age_s","idle_s"]));
   if (!data.episodes.length) root.appendChild(el("p", "No live episodes.", "muted"));
 }

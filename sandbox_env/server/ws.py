@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sandbox_env.errors import CapacityError, SandboxEnvError
 from sandbox_env.models import CodeAction, ResetRequest
+from sandbox_env.server.auth import Tenant
+from sandbox_env.server.guard import tenant_of
 from sandbox_env.server.mcp import handle_jsonrpc
 from sandbox_env.server.metrics import ServerMetrics, timed_step
 from sandbox_env.server.routes import json_dumps, validation_errors
@@ -84,8 +86,9 @@ class WsSession:
     """Protocol state of one connection; `handle` turns one text frame into one reply."""
 
     def __init__(self, episode: Episode, *, manager: SessionManager, metrics: ServerMetrics,
-                 max_message_bytes: int) -> None:
+                 max_message_bytes: int, tenant: Tenant) -> None:
         self.episode = episode
+        self.tenant = tenant
         self.manager = manager
         self.metrics = metrics
         self.max_message_bytes = max_message_bytes
@@ -140,7 +143,7 @@ class WsSession:
             return {"type": "state", "data": self.episode.state.model_dump(mode="json")}
         if isinstance(message, McpMessage):
             reply = await handle_jsonrpc(message.data, manager=self.manager, metrics=self.metrics,
-                                         episode=self.episode)
+                                         tenant=self.tenant, episode=self.episode)
             # A JSON-RPC notification has no response, but every frame here gets exactly one reply:
             # a client pairing replies by order must not fall out of step.
             return {"type": "mcp", "data": reply}
@@ -238,9 +241,10 @@ async def websocket_session(websocket: WebSocket) -> None:
     state = websocket.app.state
     manager: SessionManager = state.manager
     metrics: ServerMetrics = state.metrics
+    tenant = tenant_of(websocket)
     await websocket.accept()
     try:
-        episode = await manager.open_episode()
+        episode = await manager.open_episode(tenant.name)
     except CapacityError as exc:
         metrics.observe_error(exc.code)
         await _send(websocket, error_frame(exc.message, "CAPACITY_REACHED",
@@ -254,7 +258,7 @@ async def websocket_session(websocket: WebSocket) -> None:
         return
 
     session = WsSession(episode, manager=manager, metrics=metrics,
-                        max_message_bytes=state.settings.max_message_bytes)
+                        max_message_bytes=state.settings.max_message_bytes, tenant=tenant)
     inbox = _Inbox(websocket)
     close_code = CLOSE_GOING_AWAY
     try:
