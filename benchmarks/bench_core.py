@@ -179,13 +179,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--resets", type=int, default=10)
     parser.add_argument("--churn", type=int, default=100, help="episodes in the docker churn run")
-    parser.add_argument("--backends", default="jupyter,docker")
+    parser.add_argument("--backends", default="jupyter,docker,isolation")
     args = parser.parse_args()
     results: dict[str, Any] = {}
     if "jupyter" in args.backends:
         results.update(bench_jupyter_server(args))
     if "docker" in args.backends:
         results.update(bench_docker_server(args))
+    if "isolation" in args.backends:
+        results.update(jupyter_isolation_costs(args))
     write_results("core", results)
     print("| metric | value |\n|---|---|")
     for key, value in results.items():
@@ -225,6 +227,62 @@ def bench_jupyter_server(args: argparse.Namespace) -> dict[str, Any]:
         "steps": args.steps,
     }
     return results
+
+
+def jupyter_isolation_costs(args: argparse.Namespace) -> dict[str, Any]:
+    """Issue-8 figures for the sandboxed kernel, ratios from one run: a step against raw
+    jupyter_client on the same (sandboxed) kernel, kernel start against an unisolated start,
+    and the warm reset of a server whose kernels are sandboxed."""
+    from sandbox_env.kernels.jupyter import JupyterKernel
+    from sandbox_env.policy import load_policy
+    from sandbox_env.settings import Settings
+
+    policy = load_policy("default")
+    unisolated = Settings(jupyter_unisolated=True)
+
+    async def starts() -> tuple[list[float], list[float]]:
+        sandboxed, plain = [], []
+        for _ in range(args.resets):  # interleaved against drift
+            for settings, samples in ((None, sandboxed), (unisolated, plain)):
+                kernel = JupyterKernel(policy, settings=settings)
+                t0 = time.perf_counter()
+                await kernel.start()
+                samples.append(time.perf_counter() - t0)
+                await kernel.close()
+        return sandboxed, plain
+
+    async def steps() -> tuple[list[float], list[float]]:
+        kernel = JupyterKernel(policy)
+        await kernel.start()
+        try:
+            ours, raw = [], []
+            await kernel.execute("print(1)")
+            kc = kernel._cur.kc  # type: ignore[union-attr]  # the client our backend drives
+            for _ in range(args.steps):
+                t0 = time.perf_counter()
+                result = await kernel.execute("print(1)")
+                ours.append(time.perf_counter() - t0)
+                assert result.stdout == "1\n", result
+                t0 = time.perf_counter()
+                await kc.execute_interactive("print(1)", output_hook=lambda msg: None, timeout=10)
+                raw.append(time.perf_counter() - t0)
+            return ours, raw
+        finally:
+            await kernel.close()
+
+    sandboxed_starts, plain_starts = asyncio.run(starts())
+    ours, raw = asyncio.run(steps())
+    with ServerProcess("--backend", "jupyter", "--pool-size", "2") as server:
+        resets = asyncio.run(warm_resets(server.url, args.resets, 1.5))
+    return {
+        "isolated_step_print1_ms": median_ms(ours),
+        "raw_jupyter_client_same_kernel_ms": median_ms(raw),
+        "isolated_step_over_raw_ratio": round(median_ms(ours) / median_ms(raw), 3),
+        "isolated_kernel_start_ms": median_ms(sandboxed_starts),
+        "unisolated_kernel_start_ms": median_ms(plain_starts),
+        "isolated_start_over_unisolated_ratio": round(median_ms(sandboxed_starts) / median_ms(plain_starts), 3),
+        "isolated_warm_reset_ms": median_ms(resets),
+    }
 
 
 if __name__ == "__main__":
