@@ -25,7 +25,7 @@ class ExecStatus(str, Enum):
     ERROR = "error"  # the code raised
     TIMEOUT = "timeout"  # wall-time limit of the step
     OOM = "oom"  # memory limit
-    KILLED = "killed"  # the interpreter died (signal, exit, pid or CPU-time limit)
+    KILLED = "killed"  # the interpreter was killed by a signal (crash, pid or CPU-time limit)
     OUTPUT_LIMIT = "output_limit"  # stopped for printing more than the policy allows
 
 

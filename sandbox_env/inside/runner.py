@@ -244,8 +244,13 @@ class Supervisor:
             status, exit_code, note = "output_limit", EXIT_OUTPUT, f"output passed {self.limit} bytes"
         elif ended is not None:
             oom = (self.oom_kills() or 0) > (oom_before or 0)
-            status, exit_code = ("oom", 137) if oom else ("killed", ended[0])
-            note = "the memory limit was hit" if oom else f"the interpreter died (exit code {ended[0]})"
+            if oom:
+                status, exit_code, note = "oom", 137, "the memory limit was hit"
+            elif ended[1]:
+                status, exit_code, note = "killed", ended[0], f"the interpreter died (exit code {ended[0]})"
+            else:  # os._exit(n): the code's own status, as a program's
+                status, exit_code = "ok" if ended[0] == 0 else "error", ended[0]
+                note = f"the interpreter exited (exit code {ended[0]})"
         elif out.total + err.total > self.limit:
             status, exit_code, note = "output_limit", EXIT_OUTPUT, f"output passed {self.limit} bytes"
         else:

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,7 @@ from sandbox_env.inside.slate import empty
 from sandbox_env.kernels import jupyter_sandbox as sandbox
 from sandbox_env.kernels.base import Kernel
 from sandbox_env.kernels.limits import MB, Confinement, Limits
-from sandbox_env.kernels.output import BoundedOutput, StepCollector, kernel_shim
+from sandbox_env.kernels.output import BoundedOutput, KernelAnomaly, StepCollector, check_reply, died, kernel_shim
 from sandbox_env.models import ExecStatus, ExecutionResult
 from sandbox_env.policy import Policy
 
@@ -92,13 +93,15 @@ def _kernel_env(root: Path, workdir: Path, token: str, *, isolated: bool) -> dic
     return env
 
 
-def _parse_variables(reply: dict[str, Any] | None) -> list[dict[str, str]]:
-    value = ((reply or {}).get("content", {}).get("user_expressions") or {}).get("v") or {}
+def _parse_variables(reply: dict[str, Any] | None, rows_max: int = 1000, chars: int = 1000) -> list[dict[str, str]]:
+    """The rows of INSPECT_EXPR; whatever the kernel answered, a bounded list of strings."""
     try:
-        rows = json.loads(ast.literal_eval(value["data"]["text/plain"]))
-    except (KeyError, TypeError, ValueError, SyntaxError):
+        text = reply["content"]["user_expressions"]["v"]["data"]["text/plain"]  # type: ignore[index]
+        rows = json.loads(ast.literal_eval(text)) if isinstance(text, str) and len(text) < 8 * MB else []
+        return [{"name": n[:chars], "type": t[:chars], "repr": r[:chars]} for n, t, r in rows[:rows_max]
+                if isinstance(n, str) and isinstance(t, str) and isinstance(r, str)]
+    except Exception:  # noqa: BLE001 - malformed, deep, huge: no variables
         return []
-    return [{"name": n, "type": t, "repr": r} for n, t, r in rows]
 
 
 _swept_roots: set[str] = set()
@@ -122,15 +125,38 @@ def _sweep_workdirs(parent: str | None) -> None:
             _remove(path)
 
 
-_ZMQ_CONTEXT: zmq.asyncio.Context | None = None
+# What the server takes from a kernel: messages of at most max(4 MiB, 2 x output_limit_bytes) (the
+# kernel's start-up code keeps honest ones far smaller) and RCVHWM of them queued per socket; a
+# kernel sending a bigger one loses its connection (`_disconnected`), the server no memory.
+MIN_MESSAGE, RCVHWM = 4 * MB, 8
+_ZMQ_CONTEXTS: dict[int, zmq.asyncio.Context] = {}
 
 
-def _zmq_context() -> zmq.asyncio.Context:
-    """One context (one I/O thread) for every kernel of the process."""
-    global _ZMQ_CONTEXT
-    if _ZMQ_CONTEXT is None or _ZMQ_CONTEXT.closed:
-        _ZMQ_CONTEXT = zmq.asyncio.Context()
-    return _ZMQ_CONTEXT
+def _zmq_context(output_limit_bytes: int = 0) -> zmq.asyncio.Context:
+    """One context (one I/O thread) per message-size bound, shared by the kernels of the process."""
+    size = max(MIN_MESSAGE, 2 * output_limit_bytes)
+    ctx = _ZMQ_CONTEXTS.get(size)
+    if ctx is None or ctx.closed:
+        ctx = _ZMQ_CONTEXTS[size] = zmq.asyncio.Context()
+        ctx.setsockopt(zmq.MAXMSGSIZE, size)  # defaults for the sockets created from now on
+        ctx.setsockopt(zmq.RCVHWM, RCVHWM)
+    return ctx
+
+
+def _disconnected(kc: AsyncKernelClient) -> bool:
+    """True once the kernel's iopub or shell connection dropped (a message over the size bound,
+    or a dead kernel); zmq would reconnect silently."""
+    found = False
+    for channel in (kc.iopub_channel, kc.shell_channel):
+        sock = channel.socket
+        if sock is None or sock.closed:
+            continue
+        watch = sock._monitor_socket  # set by get_monitor_socket: one per channel socket
+        if watch is None:
+            watch = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED, f"inproc://sandbox-env-{uuid.uuid4().hex}")
+            weakref.finalize(sock, watch.close, 0)
+        found = found or bool(watch.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+    return found
 
 
 @dataclasses.dataclass
@@ -256,7 +282,7 @@ class JupyterKernel(Kernel):
                                    timeout_s=START_TIMEOUT_S)
                 if conf.version == "none":
                     conf.measured_pid = sandbox.interpreter_pid(cur.proc.pid)  # type: ignore[union-attr]
-            cur.kc = km.client()
+            cur.kc = km.client(context=_zmq_context(self.policy.output_limit_bytes))
             cur.kc.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
             await cur.kc.wait_for_ready(timeout=START_TIMEOUT_S)
         except Exception as exc:
@@ -423,7 +449,7 @@ class JupyterKernel(Kernel):
             try:
                 msg = await kc.get_iopub_msg(timeout=max(0.001, min(end - now, POLL_S)))
             except queue.Empty:
-                if cur.exit_status() is not None:
+                if cur.exit_status() is not None or _disconnected(kc):
                     break
                 continue
             except asyncio.CancelledError:
@@ -431,17 +457,29 @@ class JupyterKernel(Kernel):
                 if self._cur is cur or (task is not None and task.cancelling()):
                     raise
                 break  # close() shut the sockets under us: not our caller's cancellation
-            except Exception as exc:
+            except zmq.ZMQError as exc:  # the socket itself: ours, not the kernel's doing
                 if self._cur is cur:
                     raise KernelError(f"lost the kernel's connection: {exc}") from exc
                 break
-            if msg["parent_header"].get("msg_id") == msg_id and step.add(msg):
-                break  # idle: the kernel finished the request
+            except Exception as exc:  # noqa: BLE001 - what the kernel sent does not parse
+                step.anomaly = f"an unreadable message ({type(exc).__name__})"
+                break
+            if step.add(msg, msg_id):
+                break  # idle, exiting, or broken
         wall = time.perf_counter() - t0
-        exit_status = cur.exit_status()
-        lost = exit_status is not None or not step.idle
+        exit_status = await self._exit_status(cur, step) if self._cur is cur else cur.exit_status()
+        reply = None
+        if exit_status is None and step.idle and step.anomaly is None:
+            try:
+                reply = await self._reply(kc, msg_id, end=loop.time() + 1.0)
+                if reply is None and status is None:  # an interrupt can cost the reply, nothing else
+                    step.anomaly = "idle without a reply"
+            except KernelAnomaly as exc:
+                step.anomaly = str(exc)
+        lost = exit_status is not None or not step.idle or step.anomaly is not None
+        code: int | None = None
         if not lost:
-            status = status or step.status_from(await self._reply(kc, msg_id, end=loop.time() + 1.0))
+            status = status or step.status_from(reply)
             if status in (ExecStatus.OK, ExecStatus.ERROR) and (conf.oom_kills() or 0) > (oom0 or 0):
                 status = ExecStatus.OOM  # a child process hit the memory limit; the kernel survived
                 step.out.write("stderr", "[sandbox-env] a process started by this step was killed: "
@@ -449,12 +487,23 @@ class JupyterKernel(Kernel):
         elif self._cur is not cur:
             status = status or ExecStatus.KILLED
             step.out.write("stderr", "[sandbox-env] the kernel was shut down during the step.\n")
-        elif status is None:
+        elif step.anomaly is not None:
+            status = ExecStatus.KILLED
+            logger.warning("kernel %s broke the protocol (%s); replaced", self.id, step.anomaly)
+            step.out.write("stderr", f"[sandbox-env] the kernel broke the message protocol ({step.anomaly}); "
+                           "it was killed and restarted with an empty namespace.\n")
+        elif step.exited:  # os._exit(n), told by the kernel, which now waits to be killed
+            status = status or step.status_from(None)
+            step.out.write("stderr", f"[sandbox-env] the interpreter exited (os._exit({step.exit_code})); "
+                           "it was restarted with an empty namespace.\n")
+        elif status is None and exit_status is not None:
             oom = (conf.oom_kills() or 0) > (oom0 or 0)
-            status = ExecStatus.OOM if oom else ExecStatus.KILLED
-            step.out.write("stderr", f"[sandbox-env] the interpreter died (exit status {exit_status}"
-                           f"{', out of memory' if oom else ''}); it was restarted with an empty namespace.\n")
+            status, code = (ExecStatus.OOM, 137) if oom else died(exit_status)
+            step.out.write("stderr", f"[sandbox-env] the interpreter {'died' if exit_status < 0 or oom else 'exited'}"
+                           f" (exit status {exit_status}{', out of memory' if oom else ''}); it was restarted "
+                           "with an empty namespace.\n")
         else:
+            status = status or ExecStatus.KILLED
             step.out.write("stderr", "[sandbox-env] the interpreter did not stop on interrupt; it was killed "
                            "and restarted with an empty namespace.\n")
         if status is ExecStatus.TIMEOUT:
@@ -467,9 +516,23 @@ class JupyterKernel(Kernel):
             await asyncio.to_thread(conf.kill_all)  # now, not later: nothing of it keeps running
             if not self._closed and self._cur is cur:
                 self._schedule_restart()
-        return step.result(status=status or ExecStatus.OK, wall=wall, exit_status=exit_status,
+        return step.result(status=status, wall=wall, exit_code=code,
                            cpu=None if cpu0 is None or cpu1 is None else max(0.0, cpu1 - cpu0),
                            peak_mb=None if peak is None else peak / MB)
+
+    @staticmethod
+    async def _exit_status(cur: _Process, step: StepCollector) -> int | None:
+        """The kernel process's exit status (None: alive). A dropped connection with a live process
+        is an anomaly, once the process had a moment to finish dying (its sockets close first)."""
+        exit_status = cur.exit_status()
+        if exit_status is not None or step.anomaly is not None or cur.kc is None or not _disconnected(cur.kc):
+            return exit_status
+        for _ in range(50):
+            await asyncio.sleep(0.02)
+            if (exit_status := cur.exit_status()) is not None:
+                return exit_status
+        step.anomaly = "a message over the size limit, or a dropped connection"
+        return None
 
     async def run_program(self, source: str, *, stdin: bytes = b"", timeout_s: float) -> ExecutionResult:
         """`python3 -I -c source` as the only process of this kernel's confinement: the kernel's
@@ -512,15 +575,20 @@ class JupyterKernel(Kernel):
                 self._free_lease()
 
     async def _reply(self, kc: AsyncKernelClient, msg_id: str, end: float) -> dict[str, Any] | None:
-        """The execute_reply of `msg_id` (stale replies of interrupted steps are skipped)."""
+        """The execute_reply of `msg_id` (stale replies of interrupted steps are skipped); raises
+        KernelAnomaly for a message that does not parse or does not fit."""
         loop = asyncio.get_running_loop()
         while (left := end - loop.time()) > 0:
             try:
                 msg = await kc.get_shell_msg(timeout=left)
             except queue.Empty:
                 return None
-            if msg["parent_header"].get("msg_id") == msg_id:
-                return msg
+            except (asyncio.CancelledError, zmq.ZMQError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - what the kernel sent does not parse
+                raise KernelAnomaly(f"an unreadable reply ({type(exc).__name__})") from exc
+            if (reply := check_reply(msg, msg_id)) is not None:
+                return reply
         return None
 
     async def inspect(self) -> dict[str, Any]:
@@ -530,7 +598,14 @@ class JupyterKernel(Kernel):
             assert cur.kc is not None
             msg_id = cur.kc.execute("", silent=True, store_history=False, allow_stdin=False,
                                     user_expressions={"v": INSPECT_EXPR})
-            reply = await self._reply(cur.kc, msg_id, end=asyncio.get_running_loop().time() + 5.0)
+            try:
+                reply = await self._reply(cur.kc, msg_id, end=asyncio.get_running_loop().time() + 5.0)
+            except KernelAnomaly as exc:  # the kernel is lost: the next step gets a fresh one
+                logger.warning("kernel %s broke the protocol (%s); replaced", self.id, exc)
+                reply = None
+                if not self._closed and self._restart is None and self._cur is cur:
+                    self._note = f"[sandbox-env] the kernel broke the message protocol ({exc}); it was restarted.\n"
+                    self._schedule_restart()
             memory = cur.conf.memory_bytes()
             return {"variables": _parse_variables(reply), "cpu_time_s": cur.conf.cpu_time_s(),
                     "memory_mb": None if memory is None else round(memory / MB, 1),

@@ -1,14 +1,18 @@
-"""A step's output on the server: stdout + stderr bounded (`inside.bounded`), a hard cap, rich outputs."""
+"""A step's output on the server: stdout + stderr bounded (`inside.bounded`), a hard cap, rich outputs;
+the Jupyter kernel's messages checked, and its start-up code."""
 
 from __future__ import annotations
 
 import re
 from typing import Any
 
+from sandbox_env.inside import bundle
 from sandbox_env.inside.bounded import TRUNCATION_MARK, BoundedOutput
+from sandbox_env.inside.kernel_startup import NOTE
 from sandbox_env.models import DisplayOutput, ExceptionInfo, ExecStatus, ExecutionResult
 
-__all__ = ["TRUNCATION_MARK", "BoundedOutput", "OutputCapture", "StepCollector", "strip_ansi"]
+__all__ = ["TRUNCATION_MARK", "BoundedOutput", "KernelAnomaly", "OutputCapture", "StepCollector", "check_reply",
+           "died", "kernel_shim", "strip_ansi"]
 
 
 class OutputCapture:
@@ -35,75 +39,36 @@ class OutputCapture:
         return self.total > self.hard_limit
 
 
-# Jupyter backend, kernel side. Runs once in the kernel at start, leaving no names behind:
-# * plain Python has sys.stdout.buffer, ipykernel's OutStream does not; writing bytes is a common
-#   idiom, so it gets an adapter that decodes incrementally with errors="replace";
-# * ipykernel buffers output for 0.2 s before sending it, so a print loop can pile up hundreds of
-#   MB in the kernel (an OOM instead of `output_limit`) and send them as one huge message. Here a
-#   stream is flushed every CHUNK characters, and writes past the step's output limit are dropped
-#   (the server stops the step at that point anyway).
-KERNEL_SHIM = """
-def _sbx_install(limit, chunk=65536):
-    import codecs, ipykernel.iostream as iostream
-    class _Buffer:
-        def __init__(self, stream):
-            self._stream, self._dec = stream, codecs.getincrementaldecoder("utf-8")("replace")
-        def write(self, data):
-            self._stream.write(self._dec.decode(bytes(data)))
-            return len(data)
-        def flush(self):
-            self._stream.flush()
-    def buffer(stream):
-        buf = stream.__dict__.get("_sbx_buffer")
-        if buf is None:
-            buf = stream.__dict__["_sbx_buffer"] = _Buffer(stream)
-        return buf
-    out = iostream.OutStream
-    out.buffer = property(buffer)
-    out._sbx_pending = 0
-    written = [0]
-    write = out.write
-    def bounded_write(self, text):
-        if not isinstance(text, str):
-            return write(self, text)
-        size = len(text)
-        before = written[0]
-        written[0] = before + size
-        if size < chunk and before + size <= limit:  # the common case: a small write
-            write(self, text)
-            pending = self._sbx_pending + size
-            if pending >= chunk:
-                pending = 0
-                self.flush()
-            self._sbx_pending = pending
-            return size
-        room = max(0, limit + chunk - before)
-        for start in range(0, min(size, room), chunk):
-            write(self, text[start:start + min(chunk, room - start)])
-            self._sbx_pending = 0
-            self.flush()
-        return size
-    out.write = bounded_write
-    def reset():
-        written[0] = 0
-    get_ipython().events.register("pre_execute", reset)
-_sbx_install(@LIMIT@)
-del _sbx_install
-"""
-
-
 def kernel_shim(output_limit_bytes: int) -> str:
-    """The start-up code above, for one policy's output limit."""
-    return KERNEL_SHIM.replace("@LIMIT@", str(int(output_limit_bytes)))
+    """The kernel's start-up code (`inside/kernel_startup.py`) for one policy's output limit; it
+    runs in the user namespace (`--IPKernelApp.exec_lines`) and leaves no name behind."""
+    return bundle("procs", "kernel_startup") + (
+        "__import__('sys').modules['sandbox_env.inside.kernel_startup']"
+        f".install(get_ipython(), {int(output_limit_bytes)})\n")
 
 
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07]*\x07")
 EXIT_CODES = {ExecStatus.OK: 0, ExecStatus.ERROR: 1, ExecStatus.TIMEOUT: 124, ExecStatus.OOM: 137,
-              ExecStatus.OUTPUT_LIMIT: 1}
+              ExecStatus.KILLED: 137, ExecStatus.OUTPUT_LIMIT: 1}
+STATES = ("busy", "idle", "starting")
+RICH = ("execute_result", "display_data", "update_display_data")
+MAX_DEPTH = 32  # nesting of a JSON display (the observation is serialised recursively)
+
+
+class KernelAnomaly(Exception):
+    """A message no honest kernel sends (or none at all where one is due): the kernel is lost."""
 
 
 def strip_ansi(text: str) -> str:
     return _ANSI.sub("", text)
+
+
+def died(exit_status: int) -> tuple[ExecStatus, int]:
+    """A kernel process that ended by itself: its own exit status n (`ok` for 0, as a program's),
+    or `killed` by signal s (exit code 128 + s)."""
+    if exit_status < 0:
+        return ExecStatus.KILLED, 128 - exit_status
+    return (ExecStatus.OK if exit_status == 0 else ExecStatus.ERROR), exit_status
 
 
 def _bounded(text: str, keep_bytes: int) -> str:
@@ -116,11 +81,61 @@ def _size(data: dict[str, Any]) -> int:
     return sum(len(v) if isinstance(v, (str, bytes)) else len(str(v)) for v in data.values())
 
 
+def _shallow(value: Any) -> bool:
+    """JSON values nested at most MAX_DEPTH deep."""
+    level = [value]
+    for _ in range(MAX_DEPTH):
+        level = [v for item in level for v in (item.values() if isinstance(item, dict) else
+                                                 item if isinstance(item, list) else ())]
+        if not level:
+            return True
+    return False
+
+
+def _need(ok: bool, what: str) -> None:
+    if not ok:
+        raise KernelAnomaly(what)
+
+
+def parent_id(msg: Any) -> str | None:
+    """The request a message answers (None: none); raises KernelAnomaly for a malformed one."""
+    _need(isinstance(msg, dict), "a message that is not an object")
+    parent, content = msg.get("parent_header"), msg.get("content")
+    _need(isinstance(msg.get("msg_type"), str), "a message without a type")
+    _need(isinstance(parent, dict) and isinstance(parent.get("msg_id", ""), str), "a malformed parent header")
+    _need(isinstance(content, dict), f"{msg['msg_type'][:40]!r} without a content object")
+    return parent.get("msg_id")
+
+
+def check_reply(msg: Any, msg_id: str) -> dict[str, Any] | None:
+    """`msg` if it is the execute_reply to `msg_id`, None if it answers another request."""
+    if parent_id(msg) != msg_id:
+        return None
+    content = msg["content"]
+    _need(msg["msg_type"] == "execute_reply", "a reply of the wrong type")
+    _need(isinstance(content.get("status"), str), "a reply without a status")
+    count = content.get("execution_count")
+    _need(count is None or type(count) is int, "a reply with a malformed execution count")
+    _need(isinstance(content.get("user_expressions", {}), dict), "a reply with malformed expressions")
+    return msg  # type: ignore[no-any-return]
+
+
+def _rich(content: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    data, metadata = content.get("data"), content.get("metadata") or {}
+    _need(isinstance(data, dict) and all(isinstance(k, str) for k in data), "a display without a data object")
+    _need(isinstance(metadata, dict), "a display with malformed metadata")
+    _need(_shallow(data) and _shallow(metadata), "a display nested too deep")
+    return data, metadata
+
+
 class StepCollector:
     """Turns the iopub messages of one Jupyter execute request into an `ExecutionResult`.
 
     Rich displays share the byte budget of the text streams: each is kept while the displays
-    total at most `keep_bytes`, and every byte counts toward the hard limit.
+    total at most `keep_bytes`, and every byte counts toward the hard limit. The kernel's start-up
+    code (`inside/kernel_startup.py`) adds notes: its meter cut the output at the limit, the code
+    exited with status n. Whatever the kernel sends is checked: a malformed message, or one that
+    breaks the protocol, ends the step with `anomaly` set (the kernel is lost).
     """
 
     def __init__(self, keep_bytes: int, hard_limit: int) -> None:
@@ -132,72 +147,113 @@ class StepCollector:
         self.execution_count: int | None = None
         self.idle = False
         self.capturing = True
+        self.cut = False  # the kernel's meter stopped the output at the limit
+        self.exit_code: int | None = None  # SystemExit(n) or os._exit(n), as the kernel reported
+        self.exited = False  # os._exit: the process ends
+        self.anomaly: str | None = None
 
     @property
     def over_limit(self) -> bool:
-        return self.out.over_limit
+        return self.cut or self.out.over_limit
 
     def stop_capturing(self) -> None:
         """After an output flood: drain what is still queued without keeping it."""
         self.capturing = False
 
-    def add(self, msg: dict[str, Any]) -> bool:
-        """Record one iopub message of this request; True once the kernel reports idle."""
-        kind, content = msg["msg_type"], msg["content"]
+    def add(self, msg: Any, msg_id: str | None = None) -> bool:
+        """Record one iopub message (only those of request `msg_id`, when given); True once the
+        step is over: the kernel is idle, its process is exiting, or it broke the protocol."""
+        try:
+            parent = parent_id(msg)
+            if msg_id is not None and parent != msg_id:
+                return False
+            return self._add(msg["msg_type"], msg["content"])
+        except KernelAnomaly as exc:
+            self.anomaly = str(exc)
+        except Exception as exc:  # noqa: BLE001 - whatever the kernel sent, it never breaks the server
+            self.anomaly = f"an unreadable message ({type(exc).__name__})"
+        return True
+
+    def _add(self, kind: str, content: dict[str, Any]) -> bool:
         if kind == "status":
-            self.idle = content.get("execution_state") == "idle"
+            state = content.get("execution_state")
+            _need(state in STATES, "a malformed status")
+            self.idle = state == "idle"
             return self.idle
+        if kind == NOTE:
+            return self._note(content)
         if kind == "error":  # bounded like the streams: a deep recursion has a huge traceback
-            tb = _bounded(strip_ansi("\n".join(content.get("traceback") or [])), self.keep_bytes)
-            message = _bounded(strip_ansi(str(content.get("evalue", ""))), min(self.keep_bytes, 8192))
-            self.exception = ExceptionInfo(type=str(content.get("ename", ""))[:200], message=message, traceback=tb)
+            ename, evalue, tb = content.get("ename", ""), content.get("evalue", ""), content.get("traceback") or []
+            _need(isinstance(ename, str) and isinstance(evalue, str) and isinstance(tb, list)
+                  and all(isinstance(line, str) for line in tb), "a malformed error")
+            if ename == "SystemExit" and self.exit_code == 0:
+                return False  # a clean exit is no error
+            text = _bounded(strip_ansi("\n".join(tb)), self.keep_bytes)
+            message = _bounded(strip_ansi(evalue), min(self.keep_bytes, 8192))
+            self.exception = ExceptionInfo(type=ename[:200], message=message, traceback=text)
             if self.capturing:
-                self.out.write("stderr", (tb or f"{self.exception.type}: {self.exception.message}") + "\n")
-            return False
-        if not self.capturing:
+                self.out.write("stderr", (text or f"{self.exception.type}: {self.exception.message}") + "\n")
             return False
         if kind == "stream":
-            self.out.write(content.get("name", "stdout"), content.get("text", ""))
-        elif kind == "execute_result":
-            data = content.get("data") or {}
-            self.execution_count = content.get("execution_count")
-            if "text/plain" in data:
+            name, text = content.get("name"), content.get("text")
+            _need(name in ("stdout", "stderr") and isinstance(text, str), "a malformed stream")
+            if self.capturing:
+                self.out.write(name, text)  # type: ignore[arg-type]
+        elif kind in RICH:
+            data, metadata = _rich(content)
+            count = content.get("execution_count")
+            _need(count is None or type(count) is int, "a malformed execution count")
+            if kind == "execute_result":
+                self.execution_count = count
+            if not self.capturing:
+                return False
+            if kind == "execute_result" and "text/plain" in data:
                 self.out.write("stdout", str(data["text/plain"]) + "\n")
-            if set(data) - {"text/plain"}:
-                self._display("execute_result", content)
-        elif kind in ("display_data", "update_display_data"):
-            self._display("display_data", content)
+            if kind != "execute_result" or set(data) - {"text/plain"}:
+                self._display("execute_result" if kind == "execute_result" else "display_data", data, metadata)
         return False
 
-    def _display(self, kind: str, content: dict[str, Any]) -> None:
-        data = content.get("data") or {}
+    def _note(self, content: dict[str, Any]) -> bool:
+        event, code = content.get("event"), content.get("code")
+        if event == "output_limit":
+            self.cut = True
+            return False
+        _need(event in ("exit", "os_exit") and type(code) is int and 0 <= code <= 255, "a malformed note")
+        self.exit_code = code
+        self.exited = event == "os_exit"
+        return self.exited
+
+    def _display(self, kind: str, data: dict[str, Any], metadata: dict[str, Any]) -> None:
         size = _size(data)
         self.out.extra += size
         self.display_bytes += size
         if self.display_bytes > self.display_budget:
             self.dropped_displays += 1
             return
-        self.displays.append(DisplayOutput(kind=kind, data=data, metadata=content.get("metadata") or {}))
+        self.displays.append(DisplayOutput(kind=kind, data=data, metadata=metadata))
 
     def status_from(self, reply: dict[str, Any] | None) -> ExecStatus:
+        """The status of a step that ended normally, from its execute_reply (`check_reply`)."""
         content = (reply or {}).get("content", {})
         if content.get("execution_count") is not None:
             self.execution_count = content["execution_count"]
+        if self.exit_code is not None:  # SystemExit(n) / os._exit(n): n says it
+            return ExecStatus.OK if self.exit_code == 0 else ExecStatus.ERROR
         if self.exception is not None or content.get("status") in ("error", "aborted"):
             return ExecStatus.ERROR
         return ExecStatus.OK
 
-    def result(self, *, status: ExecStatus, wall: float, exit_status: int | None, cpu: float | None,
+    def result(self, *, status: ExecStatus, wall: float, exit_code: int | None = None, cpu: float | None,
                peak_mb: float | None) -> ExecutionResult:
+        """`exit_code` by default: the code's own (SystemExit, os._exit) for ok/error, else the status's."""
         if self.dropped_displays:
             self.out.write("stderr", f"[sandbox-env] {self.dropped_displays} rich outputs dropped "
                            f"(over {self.display_budget} bytes).\n")
-        if status is ExecStatus.KILLED:
-            code = 1 if not exit_status else (exit_status if exit_status > 0 else 128 - exit_status)
-        else:
-            code = EXIT_CODES.get(status, 1)
+        if exit_code is None:
+            own = self.exit_code if status in (ExecStatus.OK, ExecStatus.ERROR) else None
+            exit_code = own if own is not None else EXIT_CODES.get(status, 1)
         return ExecutionResult(
-            stdout=self.out.stdout.getvalue(), stderr=self.out.stderr.getvalue(), exit_code=code,
+            stdout=self.out.stdout.getvalue(), stderr=self.out.stderr.getvalue(), exit_code=exit_code,
             status=status, exception=self.exception, wall_time_s=wall, cpu_time_s=cpu,
             peak_memory_mb=peak_mb, stdout_truncated=self.out.stdout.truncated,
             stderr_truncated=self.out.stderr.truncated, displays=self.displays,

@@ -155,12 +155,55 @@ async def test_input_fails_fast(kernel) -> None:
         ExecStatus.OK, ExecStatus.ERROR)
 
 
-async def test_os_exit_killed(kernel) -> None:
-    result = await kernel.execute("import os\nos._exit(3)")
-    assert result.status is ExecStatus.KILLED
-    assert result.exit_code != 0
-    after = await kernel.execute("print('back')")
-    assert after.status is ExecStatus.OK and after.stdout.endswith("back\n")
+# How a step ends: (code, status, exit_code, stdout, whether the namespace survives). The code's own
+# exit gives its own status, as a program's would; only a signal is `killed` (and on Jupyter what
+# was flushed just before a SIGKILL may still be in the kernel's zmq queue: not checked).
+EXITS = {
+    "sys.exit(7)": ("import sys\nsys.exit(7)", ExecStatus.ERROR, 7, "", True),
+    "SystemExit(5)": ("print('before')\nraise SystemExit(5)", ExecStatus.ERROR, 5, "before\n", True),
+    "sys.exit(0)": ("import sys\nprint('done')\nsys.exit(0)", ExecStatus.OK, 0, "done\n", True),
+    "sys.exit()": ("import sys\nsys.exit()", ExecStatus.OK, 0, "", True),
+    "exit(2)": ("exit(2)", ExecStatus.ERROR, 2, "", True),
+    "sys.exit(message)": ("import sys\nsys.exit('bye')", ExecStatus.ERROR, 1, "", True),
+    "os._exit(3)": ("import os\nprint('flushed', flush=True)\nos._exit(3)", ExecStatus.ERROR, 3, "flushed\n", False),
+    "os._exit(0)": ("import os\nprint('flushed', flush=True)\nos._exit(0)", ExecStatus.OK, 0, "flushed\n", False),
+    "SIGKILL": ("import os, signal\nprint('x', flush=True)\nos.kill(os.getpid(), signal.SIGKILL)",
+                ExecStatus.KILLED, 137, None, False),
+}
+
+
+@pytest.mark.parametrize(("code", "status", "exit_code", "stdout", "kept"), EXITS.values(), ids=EXITS.keys())
+async def test_how_a_step_ends(kernel, code: str, status: ExecStatus, exit_code: int, stdout: str | None,
+                               kept: bool) -> None:
+    await kernel.execute("kept = 41")
+    result = await kernel.execute(code)
+    assert (result.status, result.exit_code) == (status, exit_code), result.stderr
+    assert stdout is None or result.stdout == stdout
+    if "SystemExit" in code or "sys.exit" in code or "exit(" in code[:5]:
+        assert (result.exception is not None) == (exit_code != 0)
+        assert result.exception is None or result.exception.type == "SystemExit"
+    after = await kernel.execute("print(kept + 1)")
+    assert (after.status is ExecStatus.OK) == kept
+    assert (await kernel.execute("print('back')")).stdout.endswith("back\n")
+
+
+async def test_stray_child_does_not_change_the_exit(kernel) -> None:
+    """A child holding stdout outlives its parent's os._exit: the parent's status and output stand."""
+    tok = token()
+    code = ("import os\nprint('parent', flush=True)\n"
+            f"if os.fork() == 0:\n    os.execv('/bin/sleep', [{tok!r}, '300'])\n"
+            "os._exit(0)")
+    result = await kernel.execute(code)
+    assert (result.status, result.exit_code, result.stdout) == (ExecStatus.OK, 0, "parent\n")
+    assert (await kernel.execute("print('back')")).stdout.endswith("back\n")
+    assert wait_gone(tok) == []  # the interpreter's replacement took the child with it
+
+
+async def test_subprocess_given_sys_stdout_is_captured(kernel) -> None:
+    result = await kernel.execute("import subprocess, sys\n_ = subprocess.run(['echo', 'via fileno'], "
+                                  "stdout=sys.stdout, stderr=sys.stderr)")
+    assert result.status is ExecStatus.OK
+    assert result.stdout == "via fileno\n"
 
 
 async def test_memory_hog(make_kernel: KernelFactory) -> None:

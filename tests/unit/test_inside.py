@@ -26,7 +26,8 @@ def imported_roots(path: Path) -> set[tuple[str, str]]:
 
 
 def test_every_inside_module_imports_only_the_stdlib_and_its_siblings() -> None:
-    assert {"runner", "worker", "zygote", "grader", "grader_loader", "wire", "bounded", "procs"} <= set(MODULES)
+    assert {"runner", "worker", "zygote", "grader", "grader_loader", "wire", "bounded", "procs",
+            "kernel_startup"} <= set(MODULES)
     for name in [*MODULES, "__init__"]:
         for root, full in imported_roots(HERE / f"{name}.py"):
             inside_sibling = full.startswith("sandbox_env.inside")
@@ -43,3 +44,14 @@ def test_a_bundle_runs_in_a_bare_interpreter() -> None:
     out = subprocess.run([sys.executable, "-I", "-S", "-c", program], capture_output=True, text=True,
                          cwd="/", check=True)
     assert "'total': 100" in out.stdout and "90 bytes truncated" in out.stdout
+
+
+def test_kernel_startup_bundle_loads_without_ipykernel() -> None:
+    """The kernel's start-up code reaches ipykernel only at run time: its bundle loads bare."""
+    program = bundle("procs", "kernel_startup") + (
+        "import sys\n"
+        "startup = sys.modules['sandbox_env.inside.kernel_startup']\n"
+        "print(startup.NOTE, 'ipykernel' in sys.modules, 'zmq' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", program], capture_output=True, text=True,
+                         cwd="/", check=True)
+    assert out.stdout == "sandbox_env False False\n"
