@@ -38,8 +38,6 @@ from jupyter_client.manager import AsyncKernelManager
 from sandbox_env.errors import KernelError, KernelStartError
 from sandbox_env.inside.slate import empty
 from sandbox_env.kernels import jupyter_sandbox as sandbox
-from sandbox_env.inside.slate import empty
-from sandbox_env.kernels import jupyter_sandbox as sandbox
 from sandbox_env.kernels.base import Kernel
 from sandbox_env.kernels.limits import MB, Confinement, Limits
 from sandbox_env.kernels.output import BoundedOutput, KernelAnomaly, StepCollector, check_reply, died, kernel_shim
