@@ -200,6 +200,7 @@ class DockerKernel(Kernel):
         self._stderr_lines = 0
         self._lock = asyncio.Lock()
         self._boot_task: asyncio.Task[None] | None = None
+        self._removals: set[asyncio.Future[None]] = set()  # outlive a cancelled caller; close() waits
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -244,6 +245,8 @@ class DockerKernel(Kernel):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         await self._discard()
+        if self._removals:
+            await asyncio.gather(*self._removals, return_exceptions=True)
 
     async def _boot(self) -> None:
         client = self._client or get_client()
@@ -251,7 +254,12 @@ class DockerKernel(Kernel):
                                          episode=self.kernel_id)
         try:
             host_config = client.api.create_host_config(**host)
-            created = await _call(client.api.create_container, host_config=host_config, **create)
+            creating = asyncio.ensure_future(_call(client.api.create_container, host_config=host_config, **create))
+            try:
+                created = await asyncio.shield(creating)
+            except asyncio.CancelledError:  # the daemon creates it all the same: remove it then
+                creating.add_done_callback(self._remove_if_created)
+                raise
             self.container_id = created["Id"]
             sock = await _call(client.api.attach_socket, self.container_id,
                                params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
@@ -292,10 +300,23 @@ class DockerKernel(Kernel):
             writer.close()
         container, self.container_id = self.container_id, None
         if container is not None:
-            try:
-                await _call(remove_container, self._client or get_client(), container)
-            except Exception as exc:  # noqa: BLE001 - daemon gone: cleanup_orphans() at the next start
-                logger.warning("could not remove container %s: %r", container[:12], exc)
+            await asyncio.shield(self._remove_later(container))  # even if our caller is cancelled
+
+    def _remove_later(self, container: str) -> asyncio.Future[None]:
+        removal = asyncio.ensure_future(self._remove(container))
+        self._removals.add(removal)
+        removal.add_done_callback(self._removals.discard)
+        return removal
+
+    def _remove_if_created(self, creating: asyncio.Future[Any]) -> None:
+        if not creating.cancelled() and creating.exception() is None:
+            self._remove_later(creating.result()["Id"])
+
+    async def _remove(self, container: str) -> None:
+        try:
+            await _call(remove_container, self._client or get_client(), container)
+        except Exception as exc:  # noqa: BLE001 - daemon gone: cleanup_orphans() at the next start
+            logger.warning("could not remove container %s: %r", container[:12], exc)
 
     # -- steps -----------------------------------------------------------------------------
     async def execute(self, code: str, *, timeout_s: float | None = None) -> ExecutionResult:

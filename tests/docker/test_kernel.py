@@ -218,3 +218,18 @@ async def test_setup_sweeps_dead_servers_orphans_but_not_live_neighbours(docker_
         assert episode_containers(docker_client, live.kernel_id) == []
     finally:
         backend.remove_container(docker_client, orphan["Id"])
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 0.002, 0.01, 0.05])
+async def test_close_right_after_a_cancelled_step_leaves_no_container(make_kernel, docker_client,
+                                                                      delay_s: float) -> None:
+    """A cancelled step replaces the container in the background; close() at any point of that
+    replacement (before or during the removal, during the new create) must still remove both."""
+    kernel = await make_kernel()
+    step = asyncio.ensure_future(kernel.execute("import time; time.sleep(30)"))
+    await asyncio.sleep(0.3)
+    step.cancel()
+    await asyncio.gather(step, return_exceptions=True)
+    await asyncio.sleep(delay_s)
+    await kernel.close()
+    assert episode_containers(docker_client, kernel.kernel_id) == []
