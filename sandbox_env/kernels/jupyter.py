@@ -13,14 +13,15 @@ user on the server's filesystem, as a plain subprocess.
 
 from __future__ import annotations
 
-import ast
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import json
 import logging
 import os
 import queue
+import re
 import subprocess
 import sys
 import tempfile
@@ -60,10 +61,14 @@ KERNEL_ARGS = (
 )
 # One expression, evaluated through user_expressions: no extra request, no history entry.
 INSPECT_EXPR = (
-    "__import__('json').dumps([(k, type(v).__name__, __import__('reprlib').repr(v)) "
-    "for k, v in list(get_ipython().user_ns.items()) if not k.startswith('_') "
-    "and k not in get_ipython().user_ns_hidden and not isinstance(v, type(__import__('sys')))])"
+    "__import__('base64').b64encode(__import__('json').dumps([(k, type(v).__name__, "
+    "__import__('reprlib').repr(v)) for k, v in list(get_ipython().user_ns.items()) if not k.startswith('_') "
+    "and k not in get_ipython().user_ns_hidden and not isinstance(v, type(__import__('sys')))]).encode())"
 )
+# What the server accepts back: the repr of base64 text, checked by one regex before any parsing
+# (the kernel's code may have replaced json or base64 to answer anything).
+INSPECT_REPLY = re.compile(r"b'([A-Za-z0-9+/]*={0,2})'")
+INSPECT_MAX = 1 << 20
 
 
 def _kernel_env(root: Path, workdir: Path, token: str, *, isolated: bool) -> dict[str, str]:
@@ -95,7 +100,8 @@ def _parse_variables(reply: dict[str, Any] | None, rows_max: int = 1000, chars: 
     """The rows of INSPECT_EXPR; whatever the kernel answered, a bounded list of strings."""
     try:
         text = reply["content"]["user_expressions"]["v"]["data"]["text/plain"]  # type: ignore[index]
-        rows = json.loads(ast.literal_eval(text)) if isinstance(text, str) and len(text) < 8 * MB else []
+        match = INSPECT_REPLY.fullmatch(text) if isinstance(text, str) and len(text) <= INSPECT_MAX else None
+        rows = json.loads(base64.b64decode(match.group(1))) if match else []
         return [{"name": n[:chars], "type": t[:chars], "repr": r[:chars]} for n, t, r in rows[:rows_max]
                 if isinstance(n, str) and isinstance(t, str) and isinstance(r, str)]
     except Exception:  # noqa: BLE001 - malformed, deep, huge: no variables

@@ -140,6 +140,7 @@ class StepCollector:
 
     def __init__(self, keep_bytes: int, hard_limit: int) -> None:
         self.out = OutputCapture(keep_bytes, hard_limit)
+        self.hard_limit, self.foreign_bytes = hard_limit, 0  # messages answering no request of ours
         self.keep_bytes = self.display_budget = keep_bytes
         self.displays: list[DisplayOutput] = []
         self.display_bytes = self.dropped_displays = 0
@@ -165,7 +166,9 @@ class StepCollector:
         step is over: the kernel is idle, its process is exiting, or it broke the protocol."""
         try:
             parent = parent_id(msg)
-            if msg_id is not None and parent != msg_id:
+            if msg_id is not None and parent != msg_id:  # cost the server all the same: counted
+                self.foreign_bytes += _size(msg["content"])
+                _need(self.foreign_bytes <= self.hard_limit, "a flood of messages answering no request")
                 return False
             return self._add(msg["msg_type"], msg["content"])
         except KernelAnomaly as exc:

@@ -3,9 +3,11 @@ backends where the hole could exist."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
+from security_helpers import security_policy
 
 pytestmark = pytest.mark.asyncio
 
@@ -58,3 +60,53 @@ async def test_the_kernel_cannot_write_its_connection_file(make_kernel, jupyter_
     result = await kernel.execute(CONNECTION_FILE)
     seen = json.loads(result.stdout)
     assert seen and "writable" not in seen.values(), seen
+
+
+POISON_JSON = ("import json\n"
+               "class Big:\n    def __repr__(self):\n        return '[' + '1,' * 3_999_000 + ']'\n"
+               "json.dumps = lambda *a, **kw: Big()\n")
+
+
+async def test_inspect_takes_nothing_but_its_own_answer(make_kernel, jupyter_only) -> None:
+    """A namespace that answers inspect with 8 MB of Python literal: parsed, it held the server's
+    event loop for 18 s and 3.8 GB. Now the answer is matched by one regex, or dropped."""
+    kernel = await make_kernel()
+    await kernel.execute("x = 41")
+    assert any(v["name"] == "x" for v in (await kernel.inspect())["variables"])
+    result = await kernel.execute(POISON_JSON)
+    assert result.status.value == "ok", result
+    before = _reset_peak_rss()
+    seen = await asyncio.wait_for(kernel.inspect(), 120)
+    grown = _status_kib("VmHWM") - before
+    assert grown < 1 << 20, f"the server's peak memory grew by {grown >> 10} MiB during inspect"
+    assert all(len(v["repr"]) <= 1000 for v in seen["variables"]), seen
+    assert (await kernel.execute("print(x + 1)")).stdout == "42\n"
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def _reset_peak_rss() -> int:
+    """Start VmHWM (the kernel-hosting test process's peak RSS) again from now; the RSS now."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    return _status_kib("VmRSS")
+
+
+FOREIGN_FLOOD = ("k = get_ipython().kernel\n"
+                 "for _ in range(40):\n"
+                 "    k.session.send(k.iopub_socket, 'stream', {'name': 'stdout', 'text': 'x' * 1_000_000},\n"
+                 "                   parent={'header': {'msg_id': 'not-this-step'}})\n"
+                 "print('sent')\n")
+
+
+async def test_messages_answering_no_request_count_against_the_limit(make_kernel, jupyter_only) -> None:
+    """Messages parented to another request were dropped without being counted: free server CPU
+    and memory for as long as the step ran."""
+    kernel = await make_kernel(security_policy(output_limit_bytes=8_000_000))
+    result = await kernel.execute(FOREIGN_FLOOD)
+    assert result.status.value in ("killed", "output_limit"), result
+    assert "sent" not in result.stdout, result
+    assert (await kernel.execute("print(1)")).stdout == "1\n"
