@@ -39,6 +39,7 @@ from jupyter_client.manager import AsyncKernelManager
 from sandbox_env.errors import KernelError, KernelStartError
 from sandbox_env.inside.slate import empty
 from sandbox_env.kernels import jupyter_sandbox as sandbox
+from sandbox_env.kernels import zmq_relay
 from sandbox_env.kernels.base import Kernel
 from sandbox_env.kernels.limits import MB, Confinement, Limits
 from sandbox_env.kernels.output import BoundedOutput, KernelAnomaly, StepCollector, check_reply, died, kernel_shim
@@ -133,6 +134,12 @@ def _sweep_workdirs(parent: str | None) -> None:
 # kernel's start-up code keeps honest ones far smaller) and RCVHWM of them queued per socket; a
 # kernel sending a bigger one loses its connection (`_disconnected`), the server no memory.
 MIN_MESSAGE, RCVHWM = 4 * MB, 8
+# The server connects to a relay of the kernel's (`zmq_relay.py`), never to the kernel: it takes
+# messages of at most RELAY_FRAMES frames (a Jupyter message has 7 with its topic: no `buffers`
+# are needed) and of at most the message bound in all; the relay lives in the kernel's confinement.
+RELAY_FRAMES, RELAY_TASKS = 7 + 8, 4  # tasks: the relay's threads (main, zmq I/O, reaper)
+RELAY_AS = 192 * MB  # the relay's address space without cgroups, on top of 4 messages in flight
+_RELAY_SOURCE = Path(zmq_relay.__file__).read_text()
 _ZMQ_CONTEXTS: dict[int, zmq.asyncio.Context] = {}
 
 
@@ -172,6 +179,12 @@ class _Process:
     proc: subprocess.Popen[bytes] | None = None
     kc: AsyncKernelClient | None = None
     sandboxed: bool = False  # proc is bwrap, which reports death by signal N as exit 128+N
+    relay: subprocess.Popen[bytes] | None = None  # the server's only way to the kernel (zmq_relay)
+    generation: int = 0
+
+    def relay_status(self) -> int | None:
+        """The relay's exit status (None: running)."""
+        return self.relay.poll() if self.relay is not None else None
 
     def exit_status(self) -> int | None:
         """As Popen reports it: -N for death by signal N."""
@@ -248,7 +261,7 @@ class JupyterKernel(Kernel):
             run = self.root / "run"
         else:
             run = sandbox.run_dir(box, gen)
-        limits = dataclasses.replace(Limits.from_policy(self.policy), pids=self.policy.pids + KERNEL_TASKS,
+        limits = dataclasses.replace(Limits.from_policy(self.policy), pids=self.policy.pids + KERNEL_TASKS + RELAY_TASKS,
                                      open_files=self.policy.open_files + KERNEL_FDS)
         conf = Confinement(f"{self.id}-{gen}", limits, token=f"{self.id}-{gen}", use_cgroups=self.use_cgroups,
                            uid=None if box is None else box.uid)
@@ -259,7 +272,7 @@ class JupyterKernel(Kernel):
         command = [sys.executable, "-s", "-m", "ipykernel_launcher", "-f", "{connection_file}", *KERNEL_ARGS,
                    f"--IPKernelApp.exec_lines=exec(open({str(shim)!r}).read())"]
         env = _kernel_env(self.root, self.workdir, conf.token, isolated=box is not None)
-        self._cur = cur = _Process(km, conf, sandboxed=box is not None)
+        self._cur = cur = _Process(km, conf, sandboxed=box is not None, generation=gen)
         t0 = time.perf_counter()
         try:
             with contextlib.ExitStack() as stack:
@@ -277,6 +290,7 @@ class JupyterKernel(Kernel):
                                              interrupt_mode="signal" if box is None else "message")
                 log = os.open(self.root / "kernel.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
                 stack.callback(os.close, log)
+                cur.relay, front = self._start_relay(gen, conf, log)  # starts while the kernel does
                 await km.start_kernel(**launch, preexec_fn=conf.preexec, stdin=subprocess.DEVNULL,
                                       stdout=log, stderr=log)
             cur.proc = km.provisioner.process  # type: ignore[union-attr]
@@ -286,7 +300,7 @@ class JupyterKernel(Kernel):
                                    timeout_s=START_TIMEOUT_S)
                 if conf.version == "none":
                     conf.measured_pid = sandbox.interpreter_pid(cur.proc.pid)  # type: ignore[union-attr]
-            cur.kc = km.client(context=_zmq_context(self.policy.output_limit_bytes))
+            cur.kc = await self._connect_relay(cur, front)
             cur.kc.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
             await cur.kc.wait_for_ready(timeout=START_TIMEOUT_S)
         except Exception as exc:
@@ -296,6 +310,55 @@ class JupyterKernel(Kernel):
         logger.info("kernel %s-%d ready in %.0f ms (pid %s, limits: %s, %s)", self.id, gen,
                     (time.perf_counter() - t0) * 1000, cur.proc.pid, conf.mechanism,
                     "unisolated" if self._runtime is None else self._runtime.describe())
+
+    def _start_relay(self, gen: int, conf: Confinement, log: int) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+        """The kernel's relay (`zmq_relay.py`), in the kernel's confinement: it binds its sockets in a
+        folder of the server's (0700, hidden from the kernel under its tmpfs) and waits for the
+        kernel's addresses. Returns the process and the client's connection info for its sockets."""
+        assert self.root is not None
+        folder = self.root / f"r{gen}"
+        _fresh_dir(folder)
+        ports = {"shell": 1, "iopub": 2, "control": 3}
+        front = {name: f"ipc://{folder}/r-{port}" for name, port in ports.items()}
+        size = max(MIN_MESSAGE, 2 * self.policy.output_limit_bytes)
+        config = {"front": front, "max_frames": RELAY_FRAMES, "max_bytes": size}
+
+        def preexec() -> None:
+            conf.preexec()  # the kernel's cgroups (memory, pids, CPU) and rlimits
+            if conf._dir("memory") is None:  # rlimits only: the relay's memory is bounded on its own
+                import resource
+                resource.setrlimit(resource.RLIMIT_AS, (RELAY_AS + 4 * size,) * 2)
+
+        proc = subprocess.Popen([sys.executable, "-I", "-c", _RELAY_SOURCE, json.dumps(config)],
+                                stdin=subprocess.PIPE, stdout=log, stderr=log, cwd=str(folder),
+                                env={"SANDBOX_ENV_KERNEL": conf.token}, preexec_fn=preexec, start_new_session=True)
+        info = {"ip": f"{folder}/r", **{f"{name}_port": port for name, port in ports.items()},
+                "stdin_port": 4, "hb_port": 5, "_front": front}
+        return proc, info
+
+    async def _connect_relay(self, cur: _Process, front: dict[str, Any]) -> AsyncKernelClient:
+        """Once the kernel's sockets are sealed: the relay connects to them, the client (and the
+        manager's control socket, for interrupts) to the relay."""
+        relay, km = cur.relay, cur.km
+        assert relay is not None and relay.stdin is not None
+        info = km.get_connection_info()
+        kernel = {name: f"ipc://{info['ip']}-{info[f'{name}_port']}" for name in ("shell", "iopub", "control")}
+        relay.stdin.write(json.dumps(kernel).encode() + b"\n")
+        relay.stdin.flush()
+        paths = [Path(url.removeprefix("ipc://")) for url in front["_front"].values()]
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not all(map(sandbox._is_socket, paths)):  # bound long ago, unless it failed
+            if relay.poll() is not None or time.monotonic() > deadline:
+                raise KernelStartError(f"the message relay did not start (status {relay.poll()})")
+            await asyncio.sleep(0.005)
+        ctx = _zmq_context(self.policy.output_limit_bytes)
+        if km._control_socket is not None:  # connected to the kernel itself by start_kernel
+            km._control_socket.close(linger=0)
+        km._control_socket = ctx.socket(zmq.DEALER)
+        km._control_socket.linger = 100
+        km._control_socket.connect(front["_front"]["control"])
+        ports = {k: v for k, v in front.items() if k != "_front"}
+        return km.client(context=ctx, transport="ipc", **ports)
 
     def _startup_file(self) -> Path:
         """The kernel's start-up code: read-only for the kernel (root's file on a read-only bind)."""
@@ -329,6 +392,15 @@ class JupyterKernel(Kernel):
                 cur.proc.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 await asyncio.to_thread(cur.proc.wait, 5)  # reap it before removing its cgroups
+        if cur.relay is not None:
+            with contextlib.suppress(OSError):
+                cur.relay.kill()
+            with contextlib.suppress(OSError):
+                cur.relay.stdin.close()  # type: ignore[union-attr]
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(cur.relay.wait, 5)
+            if self.root is not None:
+                await asyncio.to_thread(_remove, self.root / f"r{cur.generation}")
         await asyncio.to_thread(cur.conf.destroy)
         try:
             await cur.km.cleanup_resources()
@@ -360,7 +432,7 @@ class JupyterKernel(Kernel):
         if self._cur is None and self._relaunch:
             self._relaunch = False
             await self._launch()
-        if self._cur is None or self._cur.exit_status() is not None:
+        if self._cur is None or self._cur.exit_status() is not None or self._cur.relay_status() is not None:
             logger.warning("kernel %s died between steps; restarting", self.id)
             self._note = "[sandbox-env] the interpreter died after the previous step; its state is lost.\n"
             await self._teardown()
@@ -408,7 +480,7 @@ class JupyterKernel(Kernel):
         if self._closed or not self._started:
             return False
         return self._restart is not None or self._relaunch or (
-            self._cur is not None and self._cur.exit_status() is None)
+            self._cur is not None and self._cur.exit_status() is None and self._cur.relay_status() is None)
 
     # -- execution -------------------------------------------------------------------------------
 
@@ -453,7 +525,7 @@ class JupyterKernel(Kernel):
             try:
                 msg = await kc.get_iopub_msg(timeout=max(0.001, min(end - now, POLL_S)))
             except queue.Empty:
-                if cur.exit_status() is not None or _disconnected(kc):
+                if cur.exit_status() is not None or cur.relay_status() is not None or _disconnected(kc):
                     break
                 continue
             except asyncio.CancelledError:
@@ -528,14 +600,21 @@ class JupyterKernel(Kernel):
     async def _exit_status(cur: _Process, step: StepCollector) -> int | None:
         """The kernel process's exit status (None: alive). A dropped connection with a live process
         is an anomaly, once the process had a moment to finish dying (its sockets close first)."""
-        exit_status = cur.exit_status()
-        if exit_status is not None or step.anomaly is not None or cur.kc is None or not _disconnected(cur.kc):
+        oversize = f"a message over {RELAY_FRAMES} frames or the size limit"
+        exit_status, relay = cur.exit_status(), cur.relay_status()
+        if exit_status is None and step.anomaly is None and relay == zmq_relay.OVERSIZE:
+            step.anomaly = oversize
+            return None
+        if exit_status is not None or step.anomaly is not None or cur.kc is None or (
+                relay is None and not _disconnected(cur.kc)):
             return exit_status
         for _ in range(50):
             await asyncio.sleep(0.02)
             if (exit_status := cur.exit_status()) is not None:
                 return exit_status
-        step.anomaly = "a message over the size limit, or a dropped connection"
+        relay = cur.relay_status()
+        step.anomaly = (oversize if relay == zmq_relay.OVERSIZE else "a message over the size limit, or a dropped "
+                        "connection" if relay in (None, zmq_relay.DROPPED) else f"its relay died (exit status {relay})")
         return None
 
     async def run_program(self, source: str, *, stdin: bytes = b"", timeout_s: float) -> ExecutionResult:

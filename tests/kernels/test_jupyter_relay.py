@@ -1,0 +1,116 @@
+"""Jupyter backend: the server never receives a kernel's zmq traffic itself.
+
+A relay process of the kernel's own (`sandbox_env/kernels/zmq_relay.py`), confined with it, takes
+every message and forwards only those of a few frames and bounded size. A multipart message of many
+big frames (libzmq assembles it whole in the receiving process, whatever MAXMSGSIZE says) costs the
+episode its kernel, never the server its memory.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from kernel_helpers import KernelFactory
+
+from sandbox_env.kernels.jupyter import JupyterKernel
+from sandbox_env.models import ExecStatus
+
+MB = 1 << 20
+SEND = ("k = get_ipython().kernel; b = b'A' * {size}\n"
+        "for i in range({times}):\n"
+        "    k.session.send(k.iopub_socket, 'stream', {{'name': 'stdout', 'text': 'hi'}}, "
+        "parent=k.get_parent(), buffers=[b] * {frames})\n")
+
+
+@pytest.fixture
+def backend() -> str:
+    return "jupyter"
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:  # VmHWM := VmRSS
+        f.write("5")
+
+
+async def _lost(kernel: JupyterKernel, code: str) -> None:
+    await kernel.execute("kept = 1")
+    result = await kernel.execute(code)
+    assert result.status is ExecStatus.KILLED, (result.status, result.stderr[-500:])
+    assert result.exit_code == 137
+    assert "broke the message protocol" in result.stderr
+    assert kernel.is_alive()
+    lost = await kernel.execute("print(kept)")  # a fresh kernel
+    assert lost.exception is not None and lost.exception.type == "NameError"
+    assert (await kernel.execute("print('fresh')")).stdout == "fresh\n"
+
+
+@pytest.mark.parametrize("cgroups", [True, False], ids=["cgroups", "rlimits"])
+async def test_many_big_frames_cost_the_kernel_not_the_server(make_kernel: KernelFactory, cgroups: bool,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The red team's reproducer, smaller: 2 messages of 50 frames of 4 MB (each frame under the
+    per-frame bound). The server (this process) does not grow; the step is a lost kernel."""
+    monkeypatch.setattr(JupyterKernel, "use_cgroups", cgroups)
+    kernel = await make_kernel(memory_mb=1024, timeout_s=60)
+    await kernel.execute("print(1)")
+    rss0 = _status("VmRSS:")
+    _reset_peak()
+    await _lost(kernel, SEND.format(size=4_000_000, times=2, frames=50))  # type: ignore[arg-type]
+    grown = _status("VmHWM:") - rss0
+    assert grown < 100 * MB, f"the server grew by {grown / MB:.0f} MB"
+
+
+async def test_too_many_frames_cost_the_kernel(make_kernel: KernelFactory) -> None:
+    """Small frames, but more than a Jupyter message has (no `buffers` are taken)."""
+    await _lost(await make_kernel(timeout_s=60), SEND.format(size=10, times=1, frames=20))  # type: ignore[arg-type]
+
+
+async def test_one_frame_over_the_bound_costs_the_kernel(make_kernel: KernelFactory) -> None:
+    kernel = await make_kernel(timeout_s=60)
+    rss0 = _status("VmRSS:")
+    _reset_peak()
+    await _lost(kernel, SEND.format(size=5 * MB, times=1, frames=1))  # type: ignore[arg-type]
+    assert _status("VmHWM:") - rss0 < 100 * MB
+
+
+async def test_relay_is_in_the_kernel_confinement_and_the_server_only_talks_to_it(
+        make_kernel: KernelFactory) -> None:
+    kernel = await make_kernel()
+    assert isinstance(kernel, JupyterKernel)
+    cur = kernel._cur
+    assert cur is not None and cur.relay is not None and cur.kc is not None
+    assert cur.relay.poll() is None
+    if cur.conf.dirs:
+        assert cur.relay.pid in cur.conf.pids()
+    kernel_dir = str(kernel.root / f"k{cur.generation}") if kernel._layout is not None else cur.km.ip
+    for channel in (cur.kc.shell_channel, cur.kc.iopub_channel):
+        url = channel.socket.last_endpoint.decode()
+        assert url.startswith(f"ipc://{kernel.root}/r{cur.generation}/"), url
+        assert kernel_dir not in url
+    # a killed relay is a lost kernel for the next step
+    cur.relay.kill()
+    cur.relay.wait()
+    assert not kernel.is_alive()
+    result = await kernel.execute("print('after')")
+    assert result.status is ExecStatus.OK and "after\n" in result.stdout
+
+
+async def test_steps_displays_inspect_and_interrupts_pass_the_relay(make_kernel: KernelFactory) -> None:
+    kernel = await make_kernel(timeout_s=2, memory_mb=512)
+    result = await kernel.execute("x = 41\nprint(x + 1)")
+    assert (result.status, result.stdout) == (ExecStatus.OK, "42\n")
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8  # a display of 2 kB
+    result = await kernel.execute(f"from IPython.display import Image, display\ndisplay(Image(data={png!r}))")
+    assert result.status is ExecStatus.OK, result.stderr
+    pngs = [d for d in result.displays if "image/png" in d.data]
+    assert pngs and base64.b64decode(pngs[0].data["image/png"]) == png
+    info = await kernel.inspect()
+    assert any(v["name"] == "x" and v["repr"] == "41" for v in info["variables"]), info
+    result = await kernel.execute("import time\ntime.sleep(30)")  # interrupted over the control channel
+    assert result.status is ExecStatus.TIMEOUT
+    assert (await kernel.execute("print(x)")).stdout == "41\n"  # the interrupt kept the kernel
