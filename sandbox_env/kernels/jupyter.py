@@ -689,6 +689,15 @@ class JupyterKernel(Kernel):
                 if not self._closed and self._restart is None and self._cur is cur:
                     self._note = f"[sandbox-env] the kernel broke the message protocol ({exc}); it was restarted.\n"
                     self._schedule_restart()
+            for _ in range(64):  # iopub is nobody's between steps: drop its status messages, or the
+                try:  # kernel's iopub (which waits rather than drop) would stall once its queue is full
+                    await cur.kc.get_iopub_msg(timeout=0)
+                except queue.Empty:
+                    break
+                except (asyncio.CancelledError, zmq.ZMQError):
+                    raise
+                except Exception:  # noqa: BLE001, S112 - unreadable: dropped all the same
+                    continue
             memory = cur.conf.memory_bytes()
             return {"variables": _parse_variables(reply), "cpu_time_s": cur.conf.cpu_time_s(),
                     "memory_mb": None if memory is None else round(memory / MB, 1),
@@ -738,6 +747,8 @@ def _log_tail(path: Path, size: int = 2000) -> str:
             return f.read(size).decode(errors="replace")
     except OSError:
         return ""
+
+
 _warned_unisolated = False
 
 
