@@ -136,3 +136,13 @@ async def test_inspect_survives_a_poisoned_namespace(make_kernel: KernelFactory)
     info = await kernel.inspect()
     assert info["variables"] == []  # unreadable: nothing, and no exception
     assert (await kernel.execute("print(x)")).stdout == "1\n"
+
+
+async def test_inspect_between_steps_never_stalls_iopub(make_kernel: KernelFactory) -> None:
+    """The kernel's iopub waits for its reader rather than drop messages (XPUB_NODROP): the status
+    messages of many inspections (a live web page) must not stall it between steps."""
+    kernel = await make_kernel()
+    await kernel.execute("x = 1")
+    for _ in range(600):  # 1200 status messages: more than iopub's queues hold
+        assert [v["name"] for v in (await kernel.inspect())["variables"]] == ["x"]
+    assert (await kernel.execute("print(x)")).stdout == "1\n"
