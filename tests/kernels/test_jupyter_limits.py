@@ -19,7 +19,7 @@ from kernel_helpers import (
 )
 
 from sandbox_env.kernels import jupyter, limits
-from sandbox_env.kernels.jupyter import KERNEL_FDS, KERNEL_TASKS, JupyterKernel
+from sandbox_env.kernels.jupyter import KERNEL_FDS, KERNEL_TASKS, RELAY_TASKS, JupyterKernel
 from sandbox_env.kernels.limits import MB, cgroup_layout
 from sandbox_env.models import ExecStatus
 
@@ -44,7 +44,7 @@ async def test_cgroups_written_and_removed(make_kernel: KernelFactory) -> None:
         assert int((memory / "memory.limit_in_bytes").read_text()) == 200 * MB
         if (memory / "memory.memsw.limit_in_bytes").exists():
             assert int((memory / "memory.memsw.limit_in_bytes").read_text()) == 200 * MB
-        assert int((dirs["pids"] / "pids.max").read_text()) == 40 + KERNEL_TASKS
+        assert int((dirs["pids"] / "pids.max").read_text()) == 40 + KERNEL_TASKS + RELAY_TASKS
         assert int((dirs["cpu"] / "cpu.cfs_quota_us").read_text()) == 50_000
         for d in dirs.values():
             assert str(pid) in (d / "cgroup.procs").read_text().split()
@@ -111,8 +111,8 @@ async def test_fork_bomb_in_child_contained(make_kernel: KernelFactory) -> None:
     assert result.status is ExecStatus.OK
     await asyncio.sleep(1.0)
     assert kernel._cur is not None
-    assert len(kernel._cur.conf.pids()) <= 24 + KERNEL_TASKS
-    assert len(processes_with(tok)) <= 24 + KERNEL_TASKS
+    assert len(kernel._cur.conf.pids()) <= 24 + KERNEL_TASKS + RELAY_TASKS
+    assert len(processes_with(tok)) <= 24 + KERNEL_TASKS + RELAY_TASKS
     await kernel.close()
     assert wait_gone(tok) == []
 
