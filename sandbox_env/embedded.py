@@ -25,7 +25,8 @@ class EmbeddedSandboxEnv:
         policy: Resource policy applied to the episode unless `reset(policy=...)` names another.
         **settings_overrides: Any other `Settings` field, e.g. `pool_size=0` for a one-shot run.
             Fields not given come from `SANDBOX_ENV_*` variables, then defaults; `pool_size`
-            defaults to 1 here (one kernel warming for the next reset).
+            defaults to 1 here (one kernel warming for the next reset), and `allowed_policies` to
+            every installed policy.
 
     Example:
         >>> async with EmbeddedSandboxEnv() as env:  # doctest: +SKIP
@@ -37,6 +38,7 @@ class EmbeddedSandboxEnv:
 
     def __init__(self, backend: str = "jupyter", policy: str = "default", **settings_overrides: Any) -> None:
         settings_overrides.setdefault("pool_size", 1)
+        settings_overrides.setdefault("allowed_policies", ["*"])  # in-process: the caller is the operator
         self.settings = Settings(backend=backend, policy=policy, **settings_overrides)
         self._manager: SessionManager | None = None
         self._episode: Episode | None = None
@@ -76,7 +78,7 @@ class EmbeddedSandboxEnv:
         """Grade `submission` against a task without an episode (same as `SandboxEnv.grade`)."""
         await self._ensure_episode()
         assert self._manager is not None
-        resolved = self._manager.resolve_task(task_id, task)
+        resolved = self._manager.resolve_task(task_id, task, policy)
         return await self._manager.grade(resolved, submission, policy=policy, reward=reward)
 
     async def close(self) -> None:

@@ -30,8 +30,8 @@ from sandbox_env.tasks import Task
 
 # (policy name or None for the default) -> a started, never-used kernel
 KernelSource = Callable[[str | None], Awaitable[Kernel]]
-# (task_id, inline task) -> the task; raises TaskNotFoundError / TaskError
-TaskResolver = Callable[[str | None, Any], Task]
+# (task_id, inline task, policy name) -> the task; raises TaskNotFoundError / TaskError
+TaskResolver = Callable[[str | None, Any, str | None], Task]
 HISTORY_LIMIT = 100
 # State fields a reset option must not overwrite (a client could otherwise plant a fake grading).
 RESERVED_STATE_KEYS = frozenset(EpisodeState.model_fields) | {"task_id", "grading", "seed"}
@@ -91,7 +91,7 @@ class Episode:
             if task_id is not None or task is not None:
                 if self._resolve_task is None:
                     raise EpisodeError("this episode has no task source")
-                new_task = self._resolve_task(task_id, task)
+                new_task = self._resolve_task(task_id, task, policy)
             reserved = RESERVED_STATE_KEYS & set(options)
             if reserved:
                 raise InvalidRequestError(f"reset options may not set {', '.join(sorted(reserved))}",

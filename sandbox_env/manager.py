@@ -18,7 +18,7 @@ from sandbox_env.errors import (
     TaskError,
     TaskNotFoundError,
 )
-from sandbox_env.grading import choose_reward, grade
+from sandbox_env.grading import PYTEST_BUDGET_TESTS, STARTUP_S, choose_reward, grade
 from sandbox_env.kernels.base import Kernel
 from sandbox_env.kernels.pool import KernelPool
 from sandbox_env.kernels.registry import load_kernel_class
@@ -31,6 +31,7 @@ from sandbox_env.tasks import (
     humaneval_tasks,
     load_tasks,
     parse_task,
+    test_count,
 )
 
 log = logging.getLogger(__name__)
@@ -130,15 +131,18 @@ class SessionManager:
         finally:
             await self.close_episode(episode)
 
-    def resolve_task(self, task_id: str | None = None, task: Any = None) -> Task:
-        """An inline task (validated), or one of the server's tasks, or a HumanEval task by id."""
+    def resolve_task(self, task_id: str | None = None, task: Any = None, policy: str | None = None) -> Task:
+        """An inline task (validated, limited for `policy`: see `limit_inline`), or one of the
+        server's tasks, or a HumanEval task by id."""
         if task is not None:
-            if isinstance(task, Task):
-                return task
-            try:
-                return parse_task(task)
-            except ConfigError as exc:
-                raise TaskError(exc.message) from exc
+            if not self.settings.allow_inline_tasks:
+                raise TaskError("inline tasks are turned off on this server: name one of its tasks with task_id")
+            if not isinstance(task, Task):
+                try:
+                    task = parse_task(task)
+                except ConfigError as exc:
+                    raise TaskError(exc.message) from exc
+            return self.limit_inline(task, self.policy(policy))
         if task_id is None:
             raise TaskError("task: give task_id or task")
         if task_id in self.tasks:
@@ -151,6 +155,15 @@ class SessionManager:
             if found is not None:
                 return found
         raise TaskNotFoundError(f"no task {task_id!r} on this server", task_id=task_id)
+
+    def limit_inline(self, task: Task, policy: Policy) -> Task:
+        """A client's own task cannot hold a sandbox longer than the server allows: each test gets
+        at most the policy's step limit, and all of them together (the grading budget, as
+        `grading.grade` computes it) at most `max_grading_s`."""
+        count = test_count(task) or PYTEST_BUDGET_TESTS
+        per_test = min(task.timeout_s or policy.timeout_s, policy.timeout_s,
+                       max(0.001, (self.settings.max_grading_s - STARTUP_S) / count))
+        return task if per_test == task.timeout_s else task.model_copy(update={"timeout_s": per_test})
 
     async def grade(self, task: Task, submission: str, *, policy: str | None = None,
                     reward: str | None = None, owner: str = "") -> Grading:
@@ -206,7 +219,9 @@ class SessionManager:
         """Resolve a policy a client asked for; only names, never paths."""
         name = name or self.default_policy.name
         allowed = self.settings.allowed_policies
-        if "/" in name or name.endswith(".toml") or (allowed is not None and name not in allowed):
+        if allowed is None:  # only the server's own: a policy an operator adds opens to no one
+            allowed = [self.default_policy.name]
+        if "/" in name or name.endswith(".toml") or ("*" not in allowed and name not in allowed):
             raise PolicyNotFoundError(f"policy {name!r} is not available on this server", policy=name)
         if name not in self._policies:
             self._policies[name] = load_policy(name)

@@ -24,7 +24,8 @@ class Settings(BaseSettings):
     session_timeout_s: float | None = Field(600.0, gt=0, description="close sessions idle this long "
                                             "(no request; keepalive pings do not count); None: never")
     max_message_bytes: int = Field(16 << 20, ge=1024, description="largest accepted WS/HTTP message")
-    allowed_policies: list[str] | None = Field(None, description="policies a reset may ask for")
+    allowed_policies: list[str] | None = Field(None, description="policies a client may ask for by name; "
+                                               "None: only `policy`; ['*']: every installed one")
     workdir_root: str | None = Field(None, description="parent of per-episode working directories")
     # Jupyter isolation (docs/jupyter-isolation.md)
     jupyter_unisolated: bool = Field(False, description="run Jupyter kernels without their sandbox "
@@ -50,3 +51,8 @@ class Settings(BaseSettings):
     tenant_max_sessions: int | None = Field(None, ge=1, description="open sessions per token "
                                             "(WebSocket, MCP and HTTP calls); None: max_sessions")
     tenant_max_gradings: int | None = Field(None, ge=1, description="concurrent gradings per token")
+    # Limits a client cannot lift (a client's own task is clamped, whatever it asks for).
+    allow_inline_tasks: bool = Field(True, description="accept tasks sent by clients (reset task=, "
+                                     "/grade task); False: only the server's task_ids")
+    max_grading_s: float = Field(300.0, gt=15, description="longest a client's inline task may grade, "
+                                 "all tests together (each test also at most the policy's step limit)")

@@ -137,7 +137,7 @@ def live_server() -> Iterator[LiveServer]:
 
     The backend is `SANDBOX_ENV_BACKEND` (default: jupyter), so the suite can run on docker too.
     """
-    with run_live_server(max_sessions=8) as server:
+    with run_live_server(max_sessions=8, allowed_policies=["default", "strict"]) as server:
         yield server
 
 
