@@ -22,6 +22,7 @@ import logging
 import os
 import queue
 import re
+import stat
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,7 @@ from sandbox_env.kernels import jupyter_sandbox as sandbox
 from sandbox_env.kernels import zmq_relay
 from sandbox_env.kernels.base import Kernel
 from sandbox_env.kernels.limits import MB, Confinement, Limits
+from sandbox_env.kernels.seccomp import bpf_program as seccomp_bpf_program
 from sandbox_env.kernels.output import BoundedOutput, KernelAnomaly, StepCollector, check_reply, died, kernel_shim
 from sandbox_env.models import ExecStatus, ExecutionResult
 from sandbox_env.policy import Policy
@@ -130,10 +132,12 @@ def _sweep_workdirs(parent: str | None) -> None:
             _remove(path)
 
 
-# What the server takes from a kernel: messages of at most max(4 MiB, 2 x output_limit_bytes) (the
-# kernel's start-up code keeps honest ones far smaller) and RCVHWM of them queued per socket; a
-# kernel sending a bigger one loses its connection (`_disconnected`), the server no memory.
-MIN_MESSAGE, RCVHWM = 4 * MB, 8
+# What the server takes from a kernel: messages of at most MESSAGE bytes, whatever the output limit
+# (the kernel's start-up code sends streams in chunks of 64 K characters; a single display bigger
+# than this costs the kernel), and RCVHWM of them queued per socket; a kernel sending a bigger one
+# loses its connection (`_disconnected`), the server no memory. The relay checks every message is
+# cheap to parse first (`zmq_relay.check`): DRAIN bounds how many are read in a row between steps.
+MESSAGE, RCVHWM, DRAIN = 4 * MB, 2, 64
 # The server connects to a relay of the kernel's (`zmq_relay.py`), never to the kernel: it takes
 # messages of at most RELAY_FRAMES frames (a Jupyter message has 7 with its topic: no `buffers`
 # are needed) and of at most the message bound in all; the relay lives in the kernel's confinement.
@@ -143,9 +147,9 @@ _RELAY_SOURCE = Path(zmq_relay.__file__).read_text()
 _ZMQ_CONTEXTS: dict[int, zmq.asyncio.Context] = {}
 
 
-def _zmq_context(output_limit_bytes: int = 0) -> zmq.asyncio.Context:
-    """One context (one I/O thread) per message-size bound, shared by the kernels of the process."""
-    size = max(MIN_MESSAGE, 2 * output_limit_bytes)
+def _zmq_context() -> zmq.asyncio.Context:
+    """One context (one I/O thread), shared by the kernels of the process."""
+    size = MESSAGE
     ctx = _ZMQ_CONTEXTS.get(size)
     if ctx is None or ctx.closed:
         ctx = _ZMQ_CONTEXTS[size] = zmq.asyncio.Context()
@@ -320,8 +324,18 @@ class JupyterKernel(Kernel):
         _fresh_dir(folder)
         ports = {"shell": 1, "iopub": 2, "control": 3}
         front = {name: f"ipc://{folder}/r-{port}" for name, port in ports.items()}
-        size = max(MIN_MESSAGE, 2 * self.policy.output_limit_bytes)
+        size = MESSAGE
         config = {"front": front, "max_frames": RELAY_FRAMES, "max_bytes": size}
+        box = self._layout
+        drop = box is not None and os.geteuid() == 0 and box.uid != 0
+        if drop:  # the relay binds as the kernel's uid: the folder is its own until sealed
+            assert box is not None
+            os.chown(self.root, 0, box.gid)  # traversable by the kernel's gid (the kernel, in its
+            os.chmod(self.root, 0o710)  # own mount namespace, never sees this folder)
+            os.chown(folder, box.uid, box.gid)
+        if box is not None:  # it drops to the kernel's uid and loads its seccomp filter itself, once
+            # its modules are imported (the interpreter may live in root's home) and before any thread
+            config.update(uid=box.uid, gid=box.gid, seccomp=seccomp_bpf_program().hex())
 
         def preexec() -> None:
             conf.preexec()  # the kernel's cgroups (memory, pids, CPU) and rlimits
@@ -341,20 +355,30 @@ class JupyterKernel(Kernel):
         manager's control socket, for interrupts) to the relay."""
         relay, km = cur.relay, cur.km
         assert relay is not None and relay.stdin is not None
-        info = km.get_connection_info()
-        kernel = {name: f"ipc://{info['ip']}-{info[f'{name}_port']}" for name in ("shell", "iopub", "control")}
-        relay.stdin.write(json.dumps(kernel).encode() + b"\n")
-        relay.stdin.flush()
         paths = [Path(url.removeprefix("ipc://")) for url in front["_front"].values()]
         deadline = time.monotonic() + START_TIMEOUT_S
         while not all(map(sandbox._is_socket, paths)):  # bound long ago, unless it failed
             if relay.poll() is not None or time.monotonic() > deadline:
                 raise KernelStartError(f"the message relay did not start (status {relay.poll()})")
             await asyncio.sleep(0.005)
-        ctx = _zmq_context(self.policy.output_limit_bytes)
+        box = self._layout
+        if box is not None and os.geteuid() == 0:  # sealed before the relay reads a kernel's byte
+            folder = paths[0].parent
+            os.chmod(folder, 0o711)
+            os.chown(folder, 0, 0)
+            for path in paths:
+                found = os.lstat(path)
+                if not stat.S_ISSOCK(found.st_mode) or found.st_uid != box.uid:
+                    raise KernelStartError(f"unexpected file at the relay's socket path {str(path)!r}")
+        info = km.get_connection_info()
+        kernel = {name: f"ipc://{info['ip']}-{info[f'{name}_port']}" for name in ("shell", "iopub", "control")}
+        relay.stdin.write(json.dumps(kernel).encode() + b"\n")
+        relay.stdin.flush()
+        ctx = _zmq_context()
         if km._control_socket is not None:  # connected to the kernel itself by start_kernel
             km._control_socket.close(linger=0)
         km._control_socket = ctx.socket(zmq.DEALER)
+        km._control_socket.rcvhwm = 1  # never read: the relay forwards no control reply
         km._control_socket.linger = 100
         km._control_socket.connect(front["_front"]["control"])
         ports = {k: v for k, v in front.items() if k != "_front"}
@@ -540,6 +564,7 @@ class JupyterKernel(Kernel):
             except Exception as exc:  # noqa: BLE001 - what the kernel sent does not parse
                 step.anomaly = f"an unreadable message ({type(exc).__name__})"
                 break
+            await asyncio.sleep(0)  # a queue of ready messages never holds the event loop
             if step.add(msg, msg_id):
                 break  # idle, exiting, or broken
         wall = time.perf_counter() - t0
@@ -670,6 +695,7 @@ class JupyterKernel(Kernel):
                 raise
             except Exception as exc:  # noqa: BLE001 - what the kernel sent does not parse
                 raise KernelAnomaly(f"an unreadable reply ({type(exc).__name__})") from exc
+            await asyncio.sleep(0)  # stale replies queued: one at a time
             if (reply := check_reply(msg, msg_id)) is not None:
                 return reply
         return None
@@ -689,7 +715,7 @@ class JupyterKernel(Kernel):
                 if not self._closed and self._restart is None and self._cur is cur:
                     self._note = f"[sandbox-env] the kernel broke the message protocol ({exc}); it was restarted.\n"
                     self._schedule_restart()
-            for _ in range(64):  # iopub is nobody's between steps: drop its status messages, or the
+            for _ in range(DRAIN):  # iopub is nobody's between steps: drop its status messages, or the
                 try:  # kernel's iopub (which waits rather than drop) would stall once its queue is full
                     await cur.kc.get_iopub_msg(timeout=0)
                 except queue.Empty:
@@ -698,6 +724,8 @@ class JupyterKernel(Kernel):
                     raise
                 except Exception:  # noqa: BLE001, S112 - unreadable: dropped all the same
                     continue
+                finally:
+                    await asyncio.sleep(0)  # one message at a time; at most DRAIN (the rest: next step)
             memory = cur.conf.memory_bytes()
             return {"variables": _parse_variables(reply), "cpu_time_s": cur.conf.cpu_time_s(),
                     "memory_mb": None if memory is None else round(memory / MB, 1),

@@ -5,9 +5,14 @@ frame, and MAXMSGSIZE bounds frames, not messages: a kernel sending many big fra
 receiver use unbounded memory. So the receiver is this small process, started by the server for
 each kernel process and confined with it (the kernel's cgroup, or rlimits with an RLIMIT_AS): a
 huge message costs the episode's memory, never the server's. It forwards raw frames (signatures
-stay valid) and only messages of at most `max_frames` frames and `max_bytes` bytes; on any other
-it exits with OVERSIZE, and with DROPPED when a kernel connection drops (the kernel died, or sent a
-frame over MAXMSGSIZE, which libzmq refuses itself). The server reads either as a lost kernel.
+stay valid) and only messages of at most `max_frames` frames and `max_bytes` bytes (a fixed bound,
+whatever the output limit) that are cheap for the server to parse (`check`): it parses them first,
+on the episode's CPU and memory. On any other it exits with OVERSIZE, and with DROPPED when a
+kernel connection drops (the kernel died, or sent a frame over MAXMSGSIZE, which libzmq refuses
+itself). The server reads either as a lost kernel. Replies on the control channel (to interrupts
+and shutdowns, which nobody reads) are checked and dropped, never queued at the server.
+
+It runs as the kernel's uid (when the server is root), with no capability and no_new_privs.
 
 Run by the server as `python -I -c <this file's text> <config json>` (no package import: fast,
 and nothing of the server's environment): binds `front` (the server's side), prints "ready",
@@ -27,11 +32,76 @@ import sys
 import zmq
 
 OVERSIZE, DROPPED = 3, 4  # exit statuses the server reads as a lost kernel
+DELIM = b"<IDS|MSG>"
+# What a message from the kernel may hold: jupyter_client parses header and parent_header with
+# dateutil for every string that looks like a date, so they must be small flat objects; the
+# content is parsed by json (bounded in nodes and depth); no binary buffers.
+HEADER_KEYS, HEADER_STR, METADATA_BYTES, NODES, DEPTH = 16, 256, 64 << 10, 100_000, 32
+
+
+def _flat(value: object) -> bool:
+    return isinstance(value, dict) and len(value) <= HEADER_KEYS and all(
+        item is None or (isinstance(item, int) and not isinstance(item, bool) and abs(item) < 1 << 63)
+        or (isinstance(item, str) and len(item) <= HEADER_STR) for item in value.values())
+
+
+def _small(value: object) -> bool:
+    """At most NODES containers and scalars, nested at most DEPTH deep (iterative)."""
+    nodes, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        nodes += 1
+        if nodes > NODES or depth > DEPTH:
+            return False
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+            nodes += len(item)  # the keys
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return True
+
+
+def check(frames: list[bytes]) -> bool:
+    """A Jupyter message the server can parse cheaply: identities, the delimiter, the signature,
+    then header, parent_header, metadata and content as JSON, and nothing more (no buffers)."""
+    try:
+        at = frames.index(DELIM)
+        if len(frames) != at + 6 or len(frames[at + 1]) > HEADER_STR or len(frames[at + 4]) > METADATA_BYTES:
+            return False
+        header, parent, metadata, content = (json.loads(f) for f in frames[at + 2:])
+        return (_flat(header) and len(header) > 0 and _flat(parent) and isinstance(metadata, dict)
+                and isinstance(content, dict) and _small(metadata) and _small(content))
+    except Exception:  # noqa: BLE001 - unparseable, too deep, out of memory: not forwarded
+        return False
+
+
+def unprivileged(config: dict) -> None:
+    """Before any thread and any byte of the kernel's: the kernel's uid (no capability is left once
+    no uid is 0), no_new_privs, and the kernel's seccomp filter (inherited by zmq's threads)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if "uid" in config and os.geteuid() == 0:
+        os.setgroups([])
+        os.setresgid(config["gid"], config["gid"], config["gid"])
+        os.setresuid(config["uid"], config["uid"], config["uid"])
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
+    if config.get("seccomp"):
+        program = bytes.fromhex(config["seccomp"])
+
+        class Prog(ctypes.Structure):
+            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+
+        prog = Prog(len(program) // 8, program)
+        if libc.prctl(22, 2, ctypes.byref(prog), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+            raise OSError(ctypes.get_errno(), "PR_SET_SECCOMP")
 
 
 def main(argv: list[str]) -> int:
     config = json.loads(argv[1])
     max_frames, max_bytes = int(config["max_frames"]), int(config["max_bytes"])
+    unprivileged(config)
     ctx = zmq.Context(1)
     ctx.setsockopt(zmq.LINGER, 0)
     front, back = {}, {}
@@ -80,6 +150,10 @@ def main(argv: list[str]) -> int:
                     return OVERSIZE
                 if not frame.more:
                     break
+            if checked and not check([f.bytes for f in frames]):
+                return OVERSIZE
+            if sock is back["control"]:
+                continue  # replies to interrupts and shutdowns: nobody reads them
             try:
                 dest.send_multipart(frames, zmq.NOBLOCK, copy=False)
             except zmq.Again:
