@@ -8,7 +8,9 @@ episode its kernel, never the server its memory.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import os
 
 import pytest
 from kernel_helpers import KernelFactory
@@ -114,3 +116,65 @@ async def test_steps_displays_inspect_and_interrupts_pass_the_relay(make_kernel:
     result = await kernel.execute("import time\ntime.sleep(30)")  # interrupted over the control channel
     assert result.status is ExecStatus.TIMEOUT
     assert (await kernel.execute("print(x)")).stdout == "41\n"  # the interrupt kept the kernel
+
+
+# Messages cheap to send but slow or big to parse: the relay parses them first, in the episode.
+DATES = ("k = get_ipython().kernel; h = k.session.msg_header('status')\n"
+         "h['pad'] = ['2020-01-01T00:00:00'] * 150_000\n"  # 3.8 MB: dateutil on each, 3 s in the server
+         "k.session.send(k.iopub_socket, 'status', {'execution_state': 'busy'}, parent=k.get_parent(), header=h)\n")
+EXPANDS = ("k = get_ipython().kernel\nbody = b'{{\"a\":[' + b'{{}},' * {n} + b'{{}}]}}'\n"  # 30x as Python objects
+           "k.session.send(k.iopub_socket, 'status', body, parent={{}})\n")  # nobody's: dropped
+
+
+async def test_a_header_slow_to_parse_costs_the_kernel(make_kernel: KernelFactory) -> None:
+    """jupyter_client parses every date-like string of a header with dateutil, on the server's
+    event loop: headers must be small flat objects; a kernel sending another one is lost."""
+    await _lost(await make_kernel(timeout_s=60), DATES)
+
+
+@pytest.mark.parametrize("n", [1_000_000, 2_400_000], ids=["3MB", "7MB"])
+async def test_json_that_expands_costs_the_kernel_not_the_server(make_kernel: KernelFactory, n: int) -> None:
+    """`{"a":[{},{},...]}`: 3 MB is over the node budget (under the size bound); 7 MB over the size
+    bound, which no longer grows with the output limit. The server does not grow."""
+    kernel = await make_kernel(timeout_s=60, memory_mb=1024, output_limit_bytes=8 * MB)
+    rss0 = _status("VmRSS:")
+    _reset_peak()
+    await _lost(kernel, EXPANDS.format(n=n))
+    grown = _status("VmHWM:") - rss0
+    assert grown < 200 * MB, f"the server grew by {grown / MB:.0f} MB"
+
+
+async def test_a_flood_between_steps_costs_neither_memory_nor_inspect(make_kernel: KernelFactory) -> None:
+    """Big messages sent while no step runs queue at the server (the red team: 12 x 120 MB, +1 GB):
+    now each is over the bound, and few are queued at all; inspect still answers."""
+    kernel = await make_kernel(timeout_s=60, memory_mb=1024, output_limit_bytes=64 * MB)
+    rss0 = _status("VmRSS:")
+    _reset_peak()
+    flood = ("import threading\nk = get_ipython().kernel\nbody = b'\"' + b'a' * (50 << 20) + b'\"'\n"
+             "def go():\n    for i in range(10):\n        k.session.send(k.iopub_socket, 'status', body, parent={})\n"
+             "threading.Thread(target=go, daemon=True).start()\n")
+    await kernel.execute(flood)
+    for _ in range(30):  # the kernel sends them all (or its relay gives up)
+        await asyncio.sleep(0.1)
+    info = await kernel.inspect()
+    assert isinstance(info["variables"], list)
+    grown = _status("VmHWM:") - rss0
+    assert grown < 200 * MB, f"the server grew by {grown / MB:.0f} MB"
+    assert (await kernel.execute("print('next')")).status is ExecStatus.OK
+
+
+async def test_the_relay_runs_unprivileged(make_kernel: KernelFactory) -> None:
+    """It parses the kernel's bytes: as the kernel's uid (as root), no capability, no_new_privs."""
+    kernel = await make_kernel()
+    assert isinstance(kernel, JupyterKernel)
+    cur = kernel._cur
+    assert cur is not None and cur.relay is not None
+    with open(f"/proc/{cur.relay.pid}/status") as f:
+        status = dict(line.split(":", 1) for line in f if ":" in line)
+    assert status["NoNewPrivs"].strip() == "1"
+    assert int(status["CapEff"], 16) == 0
+    if kernel._layout is not None:
+        assert status["Uid"].split() == [str(kernel._layout.uid)] * 4
+        assert status["Seccomp"].strip() == "2"
+    if os.geteuid() == 0 and kernel._layout is not None:
+        assert kernel._layout.uid != 0
