@@ -625,7 +625,7 @@ class JupyterKernel(Kernel):
     async def _exit_status(cur: _Process, step: StepCollector) -> int | None:
         """The kernel process's exit status (None: alive). A dropped connection with a live process
         is an anomaly, once the process had a moment to finish dying (its sockets close first)."""
-        oversize = f"a message over {RELAY_FRAMES} frames or the size limit"
+        oversize = f"a message over {RELAY_FRAMES} frames or the size limit, or slow to parse"
         exit_status, relay = cur.exit_status(), cur.relay_status()
         if exit_status is None and step.anomaly is None and relay == zmq_relay.OVERSIZE:
             step.anomaly = oversize
