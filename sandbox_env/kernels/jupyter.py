@@ -325,7 +325,10 @@ class JupyterKernel(Kernel):
         ports = {"shell": 1, "iopub": 2, "control": 3}
         front = {name: f"ipc://{folder}/r-{port}" for name, port in ports.items()}
         size = MESSAGE
-        config = {"front": front, "max_frames": RELAY_FRAMES, "max_bytes": size}
+        # paths relative to its working folder (this one): as the kernel's uid, it may not pass
+        # the folders above the kernel's (e.g. a workdir_root under /root)
+        config = {"front": {name: f"ipc://r-{port}" for name, port in ports.items()},
+                  "max_frames": RELAY_FRAMES, "max_bytes": size}
         box = self._layout
         drop = box is not None and os.geteuid() == 0 and box.uid != 0
         if drop:  # the relay binds as the kernel's uid: the folder is its own until sealed
@@ -371,7 +374,8 @@ class JupyterKernel(Kernel):
                 if not stat.S_ISSOCK(found.st_mode) or found.st_uid != box.uid:
                     raise KernelStartError(f"unexpected file at the relay's socket path {str(path)!r}")
         info = km.get_connection_info()
-        kernel = {name: f"ipc://{info['ip']}-{info[f'{name}_port']}" for name in ("shell", "iopub", "control")}
+        kernel = {name: "ipc://" + os.path.relpath(f"{info['ip']}-{info[f'{name}_port']}", paths[0].parent)
+                  for name in ("shell", "iopub", "control")}  # from the relay's working folder
         relay.stdin.write(json.dumps(kernel).encode() + b"\n")
         relay.stdin.flush()
         ctx = _zmq_context()
