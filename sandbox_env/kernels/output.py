@@ -77,6 +77,11 @@ def _bounded(text: str, keep_bytes: int) -> str:
     return buf.getvalue()
 
 
+# The in-kernel meter sends a stream every 64 KiB or 0.2 s: a step's honest messages number in the
+# hundreds to low thousands.
+MAX_MESSAGES = 20_000
+
+
 def _size(data: dict[str, Any]) -> int:
     return sum(len(v) if isinstance(v, (str, bytes)) else len(str(v)) for v in data.values())
 
@@ -141,6 +146,7 @@ class StepCollector:
     def __init__(self, keep_bytes: int, hard_limit: int) -> None:
         self.out = OutputCapture(keep_bytes, hard_limit)
         self.hard_limit, self.foreign_bytes = hard_limit, 0  # messages answering no request of ours
+        self.messages = 0  # each costs the server a parse, whatever its size
         self.keep_bytes = self.display_budget = keep_bytes
         self.displays: list[DisplayOutput] = []
         self.display_bytes = self.dropped_displays = 0
@@ -165,6 +171,8 @@ class StepCollector:
         """Record one iopub message (only those of request `msg_id`, when given); True once the
         step is over: the kernel is idle, its process is exiting, or it broke the protocol."""
         try:
+            self.messages += 1
+            _need(self.messages <= MAX_MESSAGES, f"over {MAX_MESSAGES} messages in one step")
             parent = parent_id(msg)
             if msg_id is not None and parent != msg_id:  # cost the server all the same: counted
                 self.foreign_bytes += _size(msg["content"])

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import zmq
@@ -36,13 +37,22 @@ DELIM = b"<IDS|MSG>"
 # What a message from the kernel may hold: jupyter_client parses header and parent_header with
 # dateutil for every string that looks like a date, so they must be small flat objects; the
 # content is parsed by json (bounded in nodes and depth); no binary buffers.
-HEADER_KEYS, HEADER_STR, METADATA_BYTES, NODES, DEPTH = 16, 256, 64 << 10, 100_000, 32
+# Numbers are 64-bit at most: a 4300-digit int costs the server far more to parse and size than
+# the relay. Only `date` may look like a date (each one costs the server a dateutil call).
+HEADER_KEYS, HEADER_STR, METADATA_BYTES, NODES, DEPTH = 16, 256, 64 << 10, 10_000, 32
+DATE_LIKE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}")
 
 
 def _flat(value: object) -> bool:
     return isinstance(value, dict) and len(value) <= HEADER_KEYS and all(
-        item is None or (isinstance(item, int) and not isinstance(item, bool) and abs(item) < 1 << 63)
-        or (isinstance(item, str) and len(item) <= HEADER_STR) for item in value.values())
+        isinstance(key, str) and len(key) <= HEADER_STR and (
+            item is None or _small_int(item)
+            or (isinstance(item, str) and len(item) <= HEADER_STR and (key == "date" or not DATE_LIKE.match(item))))
+        for key, item in value.items())
+
+
+def _small_int(item: object) -> bool:
+    return isinstance(item, int) and not isinstance(item, bool) and abs(item) < 1 << 63
 
 
 def _small(value: object) -> bool:
@@ -58,6 +68,8 @@ def _small(value: object) -> bool:
             nodes += len(item)  # the keys
         elif isinstance(item, list):
             stack.extend((v, depth + 1) for v in item)
+        elif isinstance(item, int) and not isinstance(item, bool) and not _small_int(item):
+            return False
     return True
 
 

@@ -110,3 +110,28 @@ async def test_messages_answering_no_request_count_against_the_limit(make_kernel
     assert result.status.value in ("killed", "output_limit"), result
     assert "sent" not in result.stdout, result
     assert (await kernel.execute("print(1)")).stdout == "1\n"
+
+
+EXPENSIVE = {
+    "huge integers": ("k = get_ipython().kernel\n"
+                      "k.session.send(k.iopub_socket, 'display_data', {'data': {'text/plain': 'x'}, 'metadata': {},\n"
+                      "               'n': [10 ** 4000] * 50}, parent=k.get_parent())\n"
+                      "import time; time.sleep(1)\nprint('sent')\n"),
+    "a date in the header": ("k = get_ipython().kernel\n"
+                             "head = k.session.msg_header('stream')\n"
+                             "head['when'] = '2020-01-01T00:00:00.123456+05:30'\n"
+                             "k.session.send(k.iopub_socket, 'stream', {'name': 'stdout', 'text': 'x'},\n"
+                             "               parent=k.get_parent(), header=head)\n"
+                             "import time; time.sleep(1)\nprint('sent')\n"),
+}
+
+
+@pytest.mark.parametrize("what", sorted(EXPENSIVE))
+async def test_messages_costly_to_parse_lose_the_kernel(make_kernel, jupyter_only, what: str) -> None:
+    """Valid JSON that costs the server far more than the kernel (a 4000-digit int to parse and
+    size, a dateutil call per date-like header value) is refused by the relay: the kernel is lost."""
+    kernel = await make_kernel()
+    result = await kernel.execute(EXPENSIVE[what])
+    assert result.status.value == "killed", result
+    assert "sent" not in result.stdout, result
+    assert (await kernel.execute("print(1)")).stdout == "1\n"
