@@ -272,15 +272,15 @@ def sandbox_argv(rt: Runtime, layout: Layout, command: list[str], *, env: dict[s
             argv += [*parents(path), "--ro-bind", path, path]
     for name in ETC_FILES:
         argv += [*parents(f"/etc/{name}"), "--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
-    for path in _interpreter_dirs():
-        argv += [*parents(path), "--ro-bind", path, path]
-    for path in _task_data_dirs():  # an empty, read-only folder over each
-        argv += ["--perms", "0555", "--size", "4096", "--tmpfs", path]
     # No devpts of its own: every instance draws on the host's one kernel.pty.max.
     argv += ["--proc", "/proc", "--dev", "/dev", "--perms", "0555", "--size", "4096", "--tmpfs", "/dev/pts"]
     for path, size_mb in (("/tmp", layout.tmp_mb), ("/dev/shm", min(layout.tmp_mb, 64)),
                           (str(layout.root), layout.workspace_mb)):
         argv += [*parents(path), "--perms", "1777", "--size", str(size_mb << 20), "--tmpfs", path]
+    for path in _interpreter_dirs():  # after the tmpfs mounts: a virtualenv may live under /tmp
+        argv += [*parents(path), "--ro-bind", path, path]
+    for path in _task_data_dirs():  # an empty, read-only folder over each
+        argv += ["--perms", "0555", "--size", "4096", "--tmpfs", path]
     argv += ["--ro-bind", str(layout.ro), str(layout.ro)]
     for name in ("passwd", "group"):
         if (layout.ro / name).exists():

@@ -512,3 +512,37 @@ async def test_closing_during_many_starts_releases_uids() -> None:
     await asyncio.gather(*(k.close() for k in kernels))
     await asyncio.gather(*starts, return_exceptions=True)
     assert all(k._lease is None for k in kernels)
+
+
+VENV_STEP = """
+import asyncio, os, sys
+from sandbox_env.kernels.jupyter import JupyterKernel
+from sandbox_env.policy import Policy
+
+async def main():
+    kernel = JupyterKernel(Policy(name="venv", timeout_s=20))
+    await kernel.start()
+    try:
+        result = await kernel.execute("import os, sys; print(sys.prefix, os.access(sys.prefix, os.W_OK))")
+        print(result.status.value, result.stdout.strip())
+    finally:
+        await kernel.close()
+
+asyncio.run(main())
+"""
+
+
+def test_a_server_in_a_virtualenv_under_tmp_runs_its_kernels(tmp_path: Path) -> None:
+    """The interpreter is bound read-only after the sandbox's own /tmp is mounted: a virtualenv
+    living under /tmp (as CI systems make them) must not be hidden by it."""
+    venv = tempfile.mkdtemp(prefix="venv-", dir="/tmp")
+    os.chmod(venv, 0o755)  # as `python -m venv` makes it (mkdtemp: 0700, closed to the kernel's uid)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv], check=True)
+        root = str(Path(sandbox_env.__file__).parents[1])
+        out = subprocess.run([f"{venv}/bin/python", "-c", VENV_STEP], capture_output=True, text=True, timeout=120,
+                             cwd="/", env={**os.environ, "PYTHONPATH": root})
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split() == ["ok", venv, "False"], out.stdout
+    finally:
+        subprocess.run(["rm", "-rf", venv], check=False)
