@@ -4,7 +4,7 @@ Standard library only: ipykernel's objects are reached at run time (the shell, `
 never imported.
 
 * Output is metered where it is produced. Every byte written to sys.stdout/sys.stderr (text, the
-  `.buffer` adapter, fd 1/2, which ipykernel pipes into the same streams) and every rich output
+  `.buffer` adapter, fd 1/2, which are pipes read into the same streams) and every rich output
   counts against the policy's limit. Past it, the rest of the request's output is dropped and the
   server is told (an `output_limit` note) and interrupts the cell. The kernel never holds more
   than a chunk of unsent output, whatever ipykernel's version or flush timing.
@@ -25,6 +25,7 @@ import posix
 import select
 import signal
 import sys
+import threading
 import time
 import warnings
 
@@ -49,12 +50,41 @@ class Meter:
         self.pid = os.getpid()
         self.used = 0
         self.tripped = self.told = self.in_cell = False
+        self.pipes: list[tuple[object, int, object]] = []  # (stream, read end of its fd, decoder)
+        self.lock = threading.RLock()  # held while pipe data is read and written: none in flight
+
+    def pump(self, rounds: int = 64) -> None:
+        """Into the streams, what fd 1/2 hold now (a stray child may write forever: `rounds`)."""
+        with self.lock:
+            for entry in list(self.pipes):
+                stream, fid, decoder = entry
+                for _ in range(rounds):
+                    if not select.select([fid], [], [], 0)[0]:
+                        break
+                    data = os.read(fid, CHUNK)
+                    if not data:  # the code closed fd 1/2 (and no child holds them)
+                        self.pipes.remove(entry)
+                        os.close(fid)
+                        break
+                    stream.write(decoder.decode(data))  # type: ignore[attr-defined]
+
+    def pump_forever(self) -> None:
+        while fids := [fid for _, fid, _ in self.pipes]:
+            try:
+                select.select(fids, [], [])
+                self.pump(rounds=1)
+            except Exception:  # noqa: BLE001, S110 - a stream the code broke: keep draining
+                pass
 
     def start(self) -> None:
         self.used, self.tripped, self.told, self.in_cell = 0, False, False, True
 
     def stop(self, *_: object) -> None:
         self.in_cell = False
+        try:
+            self.pump()  # what the cell (or its subprocesses) wrote to fd 1/2 is its own output
+        except Exception:  # noqa: BLE001, S110 - a stream the code broke
+            pass
         try:  # the cell is over: an interrupt meant for it must not hit ipykernel's reply
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # ipykernel sets its own for the next request
         except ValueError:  # not the main thread
@@ -81,16 +111,13 @@ class Meter:
 
     def flush(self, drain: bool = True) -> None:
         """Hand what the streams hold (and what fd 1/2 still have in their pipes) to iopub."""
-        for stream in self.streams:
-            fid = getattr(stream, "_fid", None) if drain else None
-            try:
-                for _ in range(64):  # a stray child may write forever: read what is there now
-                    if fid is None or not select.select([fid], [], [], 0)[0]:
-                        break
-                    stream.write(os.read(fid, CHUNK).decode("utf-8", "replace"))
-                stream.flush()
-            except (OSError, ValueError):
-                pass
+        try:
+            if drain:
+                self.pump()
+            for stream in self.streams:
+                stream.flush()  # type: ignore[attr-defined]
+        except (OSError, ValueError):
+            pass
 
 
 def meter_streams(meter: Meter, cls: type) -> None:
@@ -131,12 +158,25 @@ def meter_streams(meter: Meter, cls: type) -> None:
     original_fileno = cls.fileno
     cls.write, cls.fileno, cls._sbx_pending = metered_write, fileno, 0
     cls.buffer = property(ByteStream.of)
-    null = os.open(os.devnull, os.O_WRONLY)
-    for stream in meter.streams:  # ipykernel echoes fd output to its own stdout (a log file): no more
-        copy = getattr(stream, "_original_stdstream_copy", None)
-        if isinstance(copy, int):
-            os.dup2(null, copy)
-    os.close(null)
+
+
+def capture_fds(meter: Meter) -> None:
+    """fd 1/2 become pipes of ours, read by one thread under `meter.lock`, so the end of a cell
+    takes all that was written before it (ipykernel's own reader may still hold a chunk when the
+    cell's output is flushed, and it echoes all of it to the kernel's log)."""
+    for stream in meter.streams:
+        fd = getattr(stream, "_original_stdstream_fd", None)
+        if getattr(stream, "_fid", None) is None or not isinstance(fd, int):
+            continue
+        stream._should_watch = False  # type: ignore[attr-defined]  # ipykernel's reader: stop after
+        os.write(fd, b"\0")  # this byte, unwritten (its close() would otherwise wait for it forever)
+        read, write = os.pipe()
+        os.dup2(write, fd)  # inheritable: subprocesses write here
+        os.close(write)
+        stream._fid = read  # type: ignore[attr-defined]
+        meter.pipes.append((stream, read, codecs.getincrementaldecoder("utf-8")("replace")))
+    if meter.pipes:
+        threading.Thread(target=meter.pump_forever, name="sandbox-env-fds", daemon=True).start()
 
 
 class ByteStream:
@@ -292,6 +332,7 @@ def install(shell: object, limit: int) -> None:
     meter = Meter(shell, limit)
     if type(meter.streams[0]).__name__ == "OutStream":  # ipykernel's; else the server's count only
         meter_streams(meter, type(meter.streams[0]))
+        capture_fds(meter)
     meter_rich(meter)
     report_errors(meter)
     report_os_exit(meter)

@@ -146,3 +146,13 @@ async def test_inspect_between_steps_never_stalls_iopub(make_kernel: KernelFacto
     for _ in range(600):  # 1200 status messages: more than iopub's queues hold
         assert [v["name"] for v in (await kernel.inspect())["variables"]] == ["x"]
     assert (await kernel.execute("print(x)")).stdout == "1\n"
+
+
+async def test_fd_output_belongs_to_its_step(make_kernel: KernelFactory) -> None:
+    """What a step (or its subprocess) wrote to fd 1/2 before it ended is all in that step's output,
+    never left for a thread to deliver after the step's reply."""
+    kernel = await make_kernel()
+    code = "import os, subprocess\n_ = os.write(1, b'fd\\n')\n_ = subprocess.run(['echo', 'child'])"
+    for _ in range(100):
+        result = await kernel.execute(code)
+        assert (result.status, result.stdout) == (ExecStatus.OK, "fd\nchild\n")
