@@ -80,7 +80,8 @@ def check(frames: list[bytes]) -> bool:
         at = frames.index(DELIM)
         if len(frames) != at + 6 or len(frames[at + 1]) > HEADER_STR or len(frames[at + 4]) > METADATA_BYTES:
             return False
-        header, parent, metadata, content = (json.loads(f) for f in frames[at + 2:])
+        # decoded as jupyter_client decodes them: a lone surrogate printed by the code is no anomaly
+        header, parent, metadata, content = (json.loads(f.decode("utf-8", "replace")) for f in frames[at + 2:])
         return (_flat(header) and len(header) > 0 and _flat(parent) and isinstance(metadata, dict)
                 and isinstance(content, dict) and _small(metadata) and _small(content))
     except Exception:  # noqa: BLE001 - unparseable, too deep, out of memory: not forwarded
