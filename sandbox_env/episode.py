@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,6 +16,7 @@ from sandbox_env.errors import (
     KernelError,
 )
 from sandbox_env.grading import choose_reward, grade
+from sandbox_env.history import StepHistory
 from sandbox_env.kernels.base import Kernel
 from sandbox_env.models import (
     GRADING_KEY,
@@ -32,7 +32,7 @@ from sandbox_env.tasks import Task
 KernelSource = Callable[[str | None], Awaitable[Kernel]]
 # (task_id, inline task, policy name) -> the task; raises TaskNotFoundError / TaskError
 TaskResolver = Callable[[str | None, Any, str | None], Task]
-HISTORY_LIMIT = 100
+HISTORY_BYTES = 1 << 20  # default budget of one episode's step history (Settings.history_bytes)
 # State fields a reset option must not overwrite (a client could otherwise plant a fake grading).
 RESERVED_STATE_KEYS = frozenset(EpisodeState.model_fields) | {"task_id", "grading", "seed"}
 
@@ -41,7 +41,7 @@ class Episode:
     """Reset always takes a fresh kernel, so no namespace, file or process survives a reset."""
 
     def __init__(self, acquire: KernelSource, *, backend: str, tasks: TaskResolver | None = None,
-                 reward: str | None = None, owner: str = "") -> None:
+                 reward: str | None = None, owner: str = "", history_bytes: int = HISTORY_BYTES) -> None:
         self._acquire = acquire
         self.owner = owner  # the tenant (token) that opened it
         # Names the episode from its first moment (its episode_id comes with the first reset), so
@@ -60,7 +60,7 @@ class Episode:
         self._done = False
         self.created_at = time.time()
         self.last_active = time.monotonic()
-        self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_LIMIT)
+        self.history = StepHistory(history_bytes)
 
     @property
     def state(self) -> EpisodeState:
@@ -166,6 +166,9 @@ class Episode:
         """What a submit grades: its own code if any, else every step's code that ran ok, in order."""
         if code.strip():
             return code
+        if not self.history.complete:
+            raise InvalidRequestError("this episode's step history was capped (too many or too large "
+                                      "steps): submit the code itself")
         return "\n".join(h["code"] for h in self.history if h["result"].get("status") == "ok")
 
     async def _submit(self, kernel: Kernel, action: CodeAction) -> CodeObservation:

@@ -110,13 +110,19 @@ class SessionManager:
         if limit is not None and (used := len(self.owned(owner))) >= limit:
             raise QuotaError("sessions", used, limit)
         episode = Episode(self._acquire, backend=self.settings.backend, tasks=self.resolve_task,
-                          reward=self.settings.reward, owner=owner)
+                          reward=self.settings.reward, owner=owner, history_bytes=self.history_budget)
         self.episodes[id(episode)] = episode
         return episode
 
     async def close_episode(self, episode: Episode) -> None:
         self.episodes.pop(id(episode), None)
         await episode.close()
+
+    @property
+    def history_budget(self) -> int:
+        """Bytes of step history one episode may keep: all of them together stay within
+        `history_total_bytes`, since at most `max_sessions` episodes are open."""
+        return min(self.settings.history_bytes, self.settings.history_total_bytes // self.settings.max_sessions)
 
     def owned(self, owner: str | None) -> list[Episode]:
         """Live episodes of one tenant (None: everyone's)."""

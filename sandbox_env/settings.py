@@ -56,3 +56,12 @@ class Settings(BaseSettings):
                                      "/grade task); False: only the server's task_ids")
     max_grading_s: float = Field(300.0, gt=15, description="longest a client's inline task may grade, "
                                  "all tests together (each test also at most the policy's step limit)")
+    # Bounded memory and connections.
+    history_bytes: int = Field(1 << 20, ge=4096, description="step history kept per episode (bytes)")
+    history_total_bytes: int = Field(64 << 20, ge=4096, description="step history kept by the server; "
+                                     "each episode gets at most this / max_sessions")
+    header_timeout_s: float = Field(10.0, gt=0, description="a request's headers must arrive within this")
+    max_header_bytes: int = Field(64 << 10, ge=1024, description="largest request head (line + headers)")
+    keepalive_timeout_s: float = Field(5.0, gt=0, description="close idle keep-alive HTTP connections")
+    max_connections: int = Field(256, ge=4, description="open connections and requests at once; "
+                                 "above it, 503")

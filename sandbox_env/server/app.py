@@ -26,6 +26,7 @@ from sandbox_env.server import mcp, routes, web, ws
 from sandbox_env.server.auth import TokenTable, admin_token, build_table
 from sandbox_env.server.guard import Guard, HostPolicy
 from sandbox_env.server.metrics import ServerMetrics
+from sandbox_env.server.transport import http_protocol
 from sandbox_env.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -33,21 +34,28 @@ log = logging.getLogger(__name__)
 # OpenAPI `info.version` is the OpenEnv HTTP contract version ("1.x" is the profile that
 # `openenv validate` recognises), not the package version; /metadata reports the latter.
 OPENENV_API_VERSION = "1.0.0"
-_MIN_WS_FRAME_BYTES = 64 << 20
+WS_MAX_QUEUE = 4  # frames the transport holds for the app; the app reads ahead on its own (ws._Inbox)
 
 
 def uvicorn_kwargs(settings: Settings) -> dict[str, Any]:
     """Keyword arguments for `uvicorn.run`/`uvicorn.Config` matching these settings.
 
-    The transport accepts frames far above `max_message_bytes`, so an oversized message gets a
-    VALIDATION_ERROR frame from the protocol handler instead of a dropped connection (1009).
+    The WebSocket transport refuses a frame larger than `max_message_bytes` from its header, before
+    reading it (close code 1009), and queues few frames; request heads must arrive within
+    `header_timeout_s` (see `transport`); idle keep-alive connections close after
+    `keepalive_timeout_s`; above `max_connections` connections or requests, uvicorn answers 503.
     """
     return {
         "host": settings.host,
         "port": settings.port,
-        "ws_max_size": max(_MIN_WS_FRAME_BYTES, 4 * settings.max_message_bytes),
+        "http": http_protocol(settings.header_timeout_s, settings.max_header_bytes),
+        "ws_max_size": settings.max_message_bytes,
+        "ws_max_queue": WS_MAX_QUEUE,
         "ws_ping_interval": 20.0,
         "ws_ping_timeout": 20.0,
+        "timeout_keep_alive": settings.keepalive_timeout_s,
+        "limit_concurrency": settings.max_connections,
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
         "timeout_graceful_shutdown": 10,
         "lifespan": "on",
         "proxy_headers": False,

@@ -11,11 +11,12 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 
 from sandbox_env.episode import Episode
 from sandbox_env.manager import SessionManager
 from sandbox_env.server.guard import tenant_of
+from sandbox_env.server.routes import json_dumps
 
 router = APIRouter()
 INSPECT_TIMEOUT_S = 3.0
@@ -60,7 +61,9 @@ async def list_episodes(request: Request) -> dict[str, Any]:
 
 @router.get("/episodes/{episode_id}", tags=["Inspection"],
             summary="One episode: state, variables, resource use and step history")
-async def show_episode(episode_id: str, request: Request) -> dict[str, Any]:
+async def show_episode(episode_id: str, request: Request) -> Response:
+    """The history may hold up to `history_bytes`: it is encoded on a worker thread, so a large
+    one never stalls the event loop (and every other session's steps)."""
     episode = _find(request, episode_id)
     details: dict[str, Any] = {"state": episode.state.model_dump(mode="json"), "kernel": {},
                                "history": list(episode.history)}
@@ -70,7 +73,9 @@ async def show_episode(episode_id: str, request: Request) -> dict[str, Any]:
         except (TimeoutError, Exception):  # noqa: BLE001 - inspection is best effort
             pass
     kernel = {"variables": [], **(details.get("kernel") or {})}
-    return {**details, "kernel": kernel, "summary": _summary(episode)}
+    payload = {**details, "kernel": kernel, "summary": _summary(episode)}
+    body = await asyncio.to_thread(lambda: json_dumps(payload).encode("utf-8"))
+    return Response(body, media_type="application/json")
 
 
 @router.delete("/episodes/{episode_id}", tags=["Inspection"], summary="Close an episode")

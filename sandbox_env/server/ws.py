@@ -31,8 +31,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-# WebSocket close codes (RFC 6455): normal, going away, internal error, try again later.
-CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_INTERNAL, CLOSE_TRY_LATER = 1000, 1001, 1011, 1013
+# WebSocket close codes (RFC 6455): normal, going away (idle, reaped, shutting down), policy
+# violation (sent too much ahead), internal error, try again later (full or draining). The
+# transport itself closes with 1009 a frame larger than max_message_bytes.
+CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_POLICY_VIOLATION, CLOSE_INTERNAL, CLOSE_TRY_LATER = (
+    1000, 1001, 1008, 1011, 1013)
 
 
 class _Message(BaseModel):
@@ -157,11 +160,16 @@ MAX_QUEUED = 64
 class _Inbox:
     """Reads frames ahead in its own task, so a disconnect is seen even while a step runs."""
 
-    def __init__(self, websocket: WebSocket) -> None:
+    def __init__(self, websocket: WebSocket, max_queued_bytes: int) -> None:
         self._websocket = websocket
-        # Unbounded, so the reader never blocks and always sees a disconnect; a client that
-        # pipelines more than MAX_QUEUED frames is cut off instead.
+        # Unbounded in the queue's own terms, so the reader never blocks and always sees a
+        # disconnect; bounded here: a client that sends more than MAX_QUEUED frames or
+        # `max_queued_bytes` ahead of the replies is cut off (1008) instead. Each frame is at most
+        # max_message_bytes already: the transport refuses bigger ones from their header (1009).
         self._frames: asyncio.Queue[str] = asyncio.Queue()
+        self._max_queued_bytes = max_queued_bytes
+        self._queued_bytes = 0
+        self.overflow = False
         self.gone = asyncio.Event()
         self._task = asyncio.create_task(self._read(), name="ws-reader")
 
@@ -174,9 +182,13 @@ class _Inbox:
                 text = message.get("text")
                 if text is None:  # a binary frame: read it as UTF-8 JSON
                     text = (message.get("bytes") or b"").decode("utf-8", "replace")
-                if self._frames.qsize() >= MAX_QUEUED:
-                    log.warning("closing /ws session: more than %d frames sent ahead", MAX_QUEUED)
+                size = len(text)
+                if self._frames.qsize() >= MAX_QUEUED or self._queued_bytes + size > self._max_queued_bytes:
+                    log.warning("closing /ws session: %d frames (%d bytes) sent ahead of the replies",
+                                self._frames.qsize() + 1, self._queued_bytes + size)
+                    self.overflow = True
                     return
+                self._queued_bytes += size
                 self._frames.put_nowait(str(text))
         except (WebSocketDisconnect, RuntimeError, OSError):
             return
@@ -200,7 +212,9 @@ class _Inbox:
         if self.gone.is_set():
             return None
         if getter.done() and not getter.cancelled():
-            return getter.result()
+            frame = getter.result()
+            self._queued_bytes -= len(frame)
+            return frame
         log.info("closing /ws session idle for %.0f s", idle_timeout_s)
         return None
 
@@ -259,7 +273,7 @@ async def websocket_session(websocket: WebSocket) -> None:
 
     session = WsSession(episode, manager=manager, metrics=metrics,
                         max_message_bytes=state.settings.max_message_bytes, tenant=tenant)
-    inbox = _Inbox(websocket)
+    inbox = _Inbox(websocket, state.settings.max_message_bytes)
     close_code = CLOSE_GOING_AWAY
     try:
         while (text := await inbox.next(state.settings.session_timeout_s)) is not None:
@@ -276,6 +290,8 @@ async def websocket_session(websocket: WebSocket) -> None:
                 break
     finally:
         inbox.close()
+        if inbox.overflow:
+            close_code = CLOSE_POLICY_VIOLATION
         try:
             await manager.close_episode(episode)
         except Exception:

@@ -19,10 +19,11 @@ def test_json_never_emits_invalid_utf8() -> None:
     assert json.loads(body.decode("utf-8")) == {"stdout": "?"}
 
 
-def test_uvicorn_kwargs_accept_frames_above_the_message_limit() -> None:
+def test_uvicorn_kwargs_bound_frames_at_the_message_limit() -> None:
     settings = Settings(_env_file=None, max_message_bytes=32 << 20, port=9999)  # type: ignore[call-arg]
     kwargs = app_module.uvicorn_kwargs(settings)
-    assert kwargs["ws_max_size"] >= 2 * settings.max_message_bytes
+    assert kwargs["ws_max_size"] == settings.max_message_bytes
+    assert kwargs["limit_concurrency"] == settings.max_connections
     assert kwargs["port"] == 9999 and kwargs["host"] == settings.host
 
 

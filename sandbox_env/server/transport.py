@@ -1,0 +1,92 @@
+"""uvicorn's HTTP protocol with a deadline on request headers (slowloris).
+
+uvicorn closes a keep-alive connection that stays silent (`timeout_keep_alive`), but a client that
+keeps sending half a header line, one byte at a time, holds its connection forever. Here the
+headers of a request must arrive within `header_timeout_s` of its first byte (of the connection,
+for the first request), and may not exceed `max_header_bytes`; either failure closes the
+connection with 408 or 431. Request bodies are bounded by `BodySizeLimit` and concurrency by
+uvicorn's `limit_concurrency`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import ClassVar
+
+STATUS_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+STATUS_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n"
+                    b"connection: close\r\n\r\n")
+
+
+class _HeaderDeadline:
+    """Mixin for uvicorn's httptools protocol, driven by the parser's own callbacks: a request
+    head is open from the connection's start or the previous message's end until its headers
+    are complete."""
+
+    header_timeout_s: ClassVar[float] = 10.0
+    max_header_bytes: ClassVar[int] = 64 << 10
+
+    transport: asyncio.Transport
+    loop: asyncio.AbstractEventLoop
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._deadline: asyncio.TimerHandle | None = None
+        self._head_open = True
+        self._head_bytes = 0
+        self._arm()  # a connection that sends nothing at all is also closed
+
+    def _arm(self) -> None:
+        if self._deadline is None:
+            self._deadline = self.loop.call_later(self.header_timeout_s, self._expire, STATUS_TIMEOUT)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expire(self, status: bytes) -> None:
+        self._deadline = None
+        if self._head_open and not self.transport.is_closing():
+            self.transport.write(status)
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_open:
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_header_bytes:
+                self._disarm()
+                self._expire(STATUS_TOO_LARGE)
+                return
+        super().data_received(data)  # type: ignore[misc]
+
+    def on_message_begin(self) -> None:
+        self._head_open = True
+        self._arm()  # from the first byte of a request (keep-alive waits are uvicorn's own timer)
+        super().on_message_begin()  # type: ignore[misc]
+
+    def on_headers_complete(self) -> None:
+        self._head_open = False
+        self._head_bytes = 0
+        self._disarm()
+        super().on_headers_complete()  # type: ignore[misc]
+
+    def on_message_complete(self) -> None:
+        self._head_open = True  # what comes next is the head of the next request
+        super().on_message_complete()  # type: ignore[misc]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+
+def http_protocol(header_timeout_s: float, max_header_bytes: int) -> type[asyncio.Protocol] | str:
+    """uvicorn's httptools protocol (what its "auto" picks) with the header deadline, for
+    `uvicorn.Config(http=...)`; without httptools, h11, bounded by `h11_max_incomplete_event_size`
+    only."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # pragma: no cover - httptools is in uvicorn[standard]
+        return "h11"
+    return type("SandboxHttpProtocol", (_HeaderDeadline, HttpToolsProtocol),
+                {"header_timeout_s": header_timeout_s, "max_header_bytes": max_header_bytes})

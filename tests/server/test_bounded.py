@@ -1,0 +1,158 @@
+"""Bounded memory and connections (issue #9, item 4), each finding tried on a real socket.
+
+The findings: 64 queued WebSocket frames of up to 64 MiB each were accepted before the 16 MiB
+check; history kept 100 entries per episode with no byte cap; a connection sending half a header
+line every 15 s was still open after 76 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+KIB = 1024
+
+
+def ws_url(server) -> str:
+    return server.url.replace("http://", "ws://", 1) + "/ws"
+
+
+def port_of(server) -> int:
+    return int(server.url.rsplit(":", 1)[1])
+
+
+async def request(ws, frame: dict) -> dict:
+    await ws.send(json.dumps(frame))
+    return json.loads(await asyncio.wait_for(ws.recv(), 60))
+
+
+async def test_a_frame_above_the_limit_is_refused_from_its_header(live_server_factory) -> None:
+    server = live_server_factory(max_message_bytes=64 * KIB, pool_size=1)
+    async with connect(ws_url(server), additional_headers=server.headers, max_size=None) as ws:
+        assert (await request(ws, {"type": "step", "data": {"code": "x = 1"}}))["type"] == "observation"
+        await ws.send(json.dumps({"type": "step", "data": {"code": "#" * (1 << 20)}}))
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 60)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+
+
+async def test_frames_sent_ahead_are_bounded_in_bytes(live_server_factory) -> None:
+    """Each frame is under the limit; together, sent while a step runs, they are not."""
+    server = live_server_factory(max_message_bytes=64 * KIB, pool_size=1)
+    async with connect(ws_url(server), additional_headers=server.headers, max_size=None) as ws:
+        await request(ws, {"type": "step", "data": {"code": "x = 1"}})
+        await ws.send(json.dumps({"type": "step", "data": {"code": "import time; time.sleep(3)"}}))
+        for _ in range(4):
+            await ws.send(json.dumps({"type": "step", "data": {"code": "#" * (40 * KIB)}}))
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await asyncio.wait_for(ws.recv(), 60)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+    # a client that waits for each reply may send as much, one frame at a time
+    async with connect(ws_url(server), additional_headers=server.headers, max_size=None) as ws:
+        for _ in range(4):
+            reply = await request(ws, {"type": "step", "data": {"code": "#" * (40 * KIB)}})
+            assert reply["type"] == "observation"
+
+
+async def test_step_history_is_capped_per_episode_and_per_server(live_server_factory) -> None:
+    server = live_server_factory(history_bytes=48 * KIB, history_total_bytes=128 * KIB, max_sessions=4,
+                                 pool_size=1)  # 128 KiB / 4 sessions: 32 KiB per episode
+    async with connect(ws_url(server), additional_headers=server.headers, max_size=None) as ws, \
+            httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=60) as http:
+        await request(ws, {"type": "reset", "data": {"episode_id": "chatty", "task": {
+            "id": "t", "prompt": "", "tests": {"kind": "asserts", "asserts": ["assert True"]}}}})
+        for i in range(10):
+            reply = await request(ws, {"type": "step", "data": {"code": f"print({i}, 'y' * 10000)"}})
+            assert reply["type"] == "observation"
+        big = await request(ws, {"type": "step", "data": {"code": "print('z' * 200000)"}})
+        assert len(big["data"]["observation"]["stdout"]) == 200001  # the reply itself is whole
+        detail = (await http.get("/episodes/chatty")).json()
+        history = detail["history"]
+        assert len(json.dumps(history)) <= 32 * KIB + 4 * KIB, len(json.dumps(history))
+        assert history[-1]["code"] == "print('z' * 200000)" and history[-1].get("trimmed") is True
+        assert len(history) < 11
+        # "submit everything run so far" would now miss steps: the server says so
+        refused = await request(ws, {"type": "step", "data": {"code": "", "submit": True}})
+        assert refused["type"] == "error" and "capped" in refused["data"]["message"]
+
+
+def _slow_header(port: int, interval_s: float, bound_s: float) -> tuple[bytes, float]:
+    """Send half a header line, then one more byte every `interval_s`; what the server answers
+    before it closes, and how long the connection lived (bounded by `bound_s`)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=bound_s) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        started = time.monotonic()
+        received = b""
+        sock.settimeout(interval_s)
+        while time.monotonic() - started < bound_s:
+            try:
+                chunk = sock.recv(4096)
+            except TimeoutError:
+                try:
+                    sock.sendall(b"a")
+                except OSError:
+                    break
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            received += chunk
+        return received, time.monotonic() - started
+
+
+async def test_slowloris_half_a_header_line_is_cut_off(live_server_factory) -> None:
+    server = live_server_factory(header_timeout_s=2.0, pool_size=0)
+    received, lived = await asyncio.to_thread(_slow_header, port_of(server), 0.5, 60.0)
+    assert lived < 60.0, "the server kept a slowloris connection open"
+    assert received.startswith(b"HTTP/1.1 408"), received
+    # a connection that never sends anything is closed as well
+    with socket.create_connection(("127.0.0.1", port_of(server)), timeout=60) as idle:
+        answer = await asyncio.to_thread(idle.recv, 4096)  # raises TimeoutError if never closed
+        assert answer in (b"", received[:len(answer)]) or answer.startswith(b"HTTP/1.1 408")
+    # and the server still answers a normal client
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        assert (await http.get("/health")).status_code == 200
+
+
+async def test_oversized_request_heads_are_refused(live_server_factory) -> None:
+    server = live_server_factory(max_header_bytes=8 * KIB, pool_size=0)
+
+    def send_big_head() -> bytes:
+        with socket.create_connection(("127.0.0.1", port_of(server)), timeout=30) as sock:
+            head = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Pad: " + b"p" * (64 * KIB)
+            try:
+                sock.sendall(head)
+            except OSError:
+                pass
+            return sock.recv(4096)
+
+    assert (await asyncio.to_thread(send_big_head)).startswith(b"HTTP/1.1 431")
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        assert (await http.get("/health", headers={"x-pad": "p" * (4 * KIB)})).status_code == 200
+
+
+async def test_connections_are_bounded(live_server_factory) -> None:
+    server = live_server_factory(max_connections=6, header_timeout_s=60.0, pool_size=0)
+    held = [socket.create_connection(("127.0.0.1", port_of(server)), timeout=30) for _ in range(6)]
+    try:
+        for sock in held:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never finished
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            assert (await http.get("/health")).status_code == 503
+    finally:
+        for sock in held:
+            sock.close()
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        deadline = time.monotonic() + 30
+        while (await http.get("/health")).status_code != 200:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
