@@ -72,9 +72,8 @@ def serve(
 
     import logging
 
-    import uvicorn
-
-    from sandbox_env.server.app import banner, create_app, uvicorn_kwargs
+    from sandbox_env.server.app import banner, create_app
+    from sandbox_env.server.serving import serve as serve_app
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -85,7 +84,8 @@ def serve(
         raise _fail(exc.message) from None
     typer.echo(banner(settings, token, reveal=generated), err=True)
     # One worker: sessions live in this process's memory and cannot be shared across workers.
-    uvicorn.run(application, **uvicorn_kwargs(settings), log_level=log_level, workers=1)
+    # SIGTERM drains: steps in flight finish, then sessions close with 1001 (docs/service-security.md).
+    serve_app(application, settings, log_level=log_level)
 
 
 def _with_token(settings: Any) -> tuple[Any, str | None, bool]:

@@ -158,6 +158,18 @@ class QuotaError(CapacityError):
         self.what, self.active, self.limit = what, used, limit
 
 
+class DrainingError(CapacityError):
+    """The server is shutting down: it takes no new sessions."""
+
+    code = "draining"
+    http_status = 503
+
+    def __init__(self, active: int = 0, limit: int = 0) -> None:
+        SandboxEnvError.__init__(self, "The server is shutting down; retry on another instance or later.",
+                                 active_sessions=active, max_sessions=limit)
+        self.active, self.limit = active, limit
+
+
 class ClientError(SandboxEnvError, ConnectionError):
     """The client could not reach the server or the server answered with an error frame."""
 
@@ -182,6 +194,8 @@ def error_from_dict(data: dict[str, Any]) -> SandboxEnvError:
     details = {k: v for k, v in data.items() if k not in ("code", "message")}
     if code in ("capacity_reached", "CAPACITY_REACHED"):
         return CapacityError(int(details.get("active_sessions", 0)), int(details.get("max_sessions", 0)))
+    if code == DrainingError.code:
+        return DrainingError(int(details.get("active_sessions", 0)), int(details.get("max_sessions", 0)))
     if code == QuotaError.code:
         return QuotaError(str(details.get("quota", "sessions")), int(details.get("active_sessions", 0)),
                           int(details.get("max_sessions", 0)))

@@ -13,6 +13,7 @@ from sandbox_env.episode import Episode
 from sandbox_env.errors import (
     CapacityError,
     ConfigError,
+    DrainingError,
     PolicyNotFoundError,
     QuotaError,
     TaskError,
@@ -104,6 +105,8 @@ class SessionManager:
 
     async def open_episode(self, owner: str = "") -> Episode:
         """Take a session slot for `owner` (a tenant); the episode gets its kernel at its first reset."""
+        if self.draining:
+            raise DrainingError(self.active, self.capacity)
         if not self.ready():
             raise CapacityError(self.active, self.capacity)
         limit = self.settings.tenant_max_sessions
@@ -175,6 +178,8 @@ class SessionManager:
                     reward: str | None = None, owner: str = "") -> Grading:
         """One-shot grading on a warm kernel; counts toward capacity (and `owner`'s grading quota)
         while it runs."""
+        if self.draining:
+            raise DrainingError(self.active, self.capacity)
         if not self.ready():
             raise CapacityError(self.active, self.capacity)
         limit = self.settings.tenant_max_gradings

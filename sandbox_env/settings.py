@@ -65,3 +65,8 @@ class Settings(BaseSettings):
     keepalive_timeout_s: float = Field(5.0, gt=0, description="close idle keep-alive HTTP connections")
     max_connections: int = Field(256, ge=4, description="open connections and requests at once; "
                                  "above it, 503")
+    # Shutdown and crash cleanup.
+    drain_grace_s: float | None = Field(None, gt=0, description="on SIGTERM, how long steps in flight may "
+                                        "finish; at least the longest step limit of the allowed policies")
+    reaper: bool = Field(True, description="a watchdog process that removes the server's containers, "
+                         "kernels and work directories within seconds if the server is killed")

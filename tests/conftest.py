@@ -54,6 +54,7 @@ def run_live_server(**settings: Any) -> Iterator[LiveServer]:
     import uvicorn
 
     from sandbox_env.server.app import create_app, uvicorn_kwargs
+    from sandbox_env.server.serving import Server
     from sandbox_env.settings import Settings
 
     settings.setdefault("pool_size", 1)
@@ -68,7 +69,7 @@ def run_live_server(**settings: Any) -> Iterator[LiveServer]:
     options = {**uvicorn_kwargs(config_settings), "timeout_graceful_shutdown": 5}
     options.pop("host"), options.pop("port")  # the pre-bound socket decides both
     config = uvicorn.Config(app, log_level="warning", **options)
-    server = uvicorn.Server(config)
+    server = Server(config, app)  # what `sandbox-env serve` runs: a stop drains first
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
                               name=f"uvicorn-{port}")
     thread.start()

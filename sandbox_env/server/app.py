@@ -8,6 +8,7 @@ WebSocket frame limits and keepalives match what the protocol handler expects.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import ipaddress
 import logging
@@ -22,10 +23,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from sandbox_env._version import __version__
 from sandbox_env.errors import ConfigError, SandboxEnvError
 from sandbox_env.manager import SessionManager
+from sandbox_env.policy import available_policies
 from sandbox_env.server import mcp, routes, web, ws
 from sandbox_env.server.auth import TokenTable, admin_token, build_table
 from sandbox_env.server.guard import Guard, HostPolicy
 from sandbox_env.server.metrics import ServerMetrics
+from sandbox_env.server.reaper import Reaper
 from sandbox_env.server.transport import http_protocol
 from sandbox_env.settings import Settings
 
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 # OpenAPI `info.version` is the OpenEnv HTTP contract version ("1.x" is the profile that
 # `openenv validate` recognises), not the package version; /metadata reports the latter.
 OPENENV_API_VERSION = "1.0.0"
+DRAIN_MARGIN_S = 5.0  # beyond a step's own limit: kernel round trip, the reply
 WS_MAX_QUEUE = 4  # frames the transport holds for the app; the app reads ahead on its own (ws._Inbox)
 
 
@@ -147,6 +151,24 @@ def banner(settings: Settings, token: str | None, *, reveal: bool = True) -> str
             f"                            (or send the header 'Authorization: Bearer <token>')")
 
 
+def drain_grace(settings: Settings, manager: SessionManager) -> float:
+    """How long a drain waits for work in flight: `drain_grace_s`, but never less than the longest
+    step limit of the policies clients may use (plus a margin), so every step can finish."""
+    names = settings.allowed_policies or [manager.default_policy.name]
+    if "*" in names:
+        names = available_policies()
+    longest = manager.default_policy.timeout_s
+    for name in names:
+        try:
+            longest = max(longest, manager.policy(name).timeout_s)
+        except SandboxEnvError:
+            continue
+    floor = longest + DRAIN_MARGIN_S
+    if settings.drain_grace_s is not None and settings.drain_grace_s < floor:
+        log.warning("drain_grace_s=%s is below the longest step limit; using %s s", settings.drain_grace_s, floor)
+    return max(settings.drain_grace_s or 0.0, floor)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; its lifespan owns the SessionManager (kernel pools start there)."""
     settings = settings or Settings()
@@ -154,20 +176,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         manager = SessionManager(settings)
+        # Before any kernel exists: if this process dies without the shutdown below, it sweeps.
+        reaper = Reaper.start(backend=settings.backend, workdir_root=settings.workdir_root) \
+            if settings.reaper else None
         try:
             await manager.start()
         except BaseException:
             await manager.shutdown()  # a half-started backend must not leave kernels behind
+            if reaper is not None:
+                reaper.stand_down()
             raise
         app.state.manager = manager
+        app.state.drain_grace_s = drain_grace(settings, manager)
         log.info("sandbox-env %s serving backend=%s policy=%s max_sessions=%d", __version__,
                  settings.backend, settings.policy, settings.max_sessions)
         try:
             yield
         finally:
+            app.state.draining.set()
             await app.state.mcp_sessions.close_all(manager)
             await manager.shutdown()
             app.state.manager = None
+            if reaper is not None:  # everything is closed: nothing for it to sweep
+                await asyncio.to_thread(reaper.stand_down)
 
     extra: dict[str, Any] = {}
     if "max_body_size" in inspect.signature(FastAPI.__init__).parameters:
@@ -183,6 +214,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.manager = None
+    app.state.draining = asyncio.Event()  # /ws sessions start no new request and close with 1001
+    app.state.ws_sessions = 0
+    app.state.drain_grace_s = settings.drain_grace_s or 0.0
     app.state.metrics = ServerMetrics(lambda: app.state.manager)
     app.state.mcp_sessions = mcp.McpSessions()
     app.add_exception_handler(SandboxEnvError, routes.sandbox_error_handler)
@@ -212,11 +246,11 @@ def __getattr__(name: str) -> Any:
 
 def main() -> None:
     """Serve with settings from `SANDBOX_ENV_*` (the CLI `sandbox-env serve` has flags)."""
-    import uvicorn
+    from sandbox_env.server.serving import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
-    uvicorn.run(create_app(settings), **uvicorn_kwargs(settings))
+    serve(create_app(settings), settings)
 
 
 if __name__ == "__main__":

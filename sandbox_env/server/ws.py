@@ -160,8 +160,9 @@ MAX_QUEUED = 64
 class _Inbox:
     """Reads frames ahead in its own task, so a disconnect is seen even while a step runs."""
 
-    def __init__(self, websocket: WebSocket, max_queued_bytes: int) -> None:
+    def __init__(self, websocket: WebSocket, max_queued_bytes: int, draining: asyncio.Event) -> None:
         self._websocket = websocket
+        self.draining = draining  # the server drains: no new request is started
         # Unbounded in the queue's own terms, so the reader never blocks and always sees a
         # disconnect; bounded here: a client that sends more than MAX_QUEUED frames or
         # `max_queued_bytes` ahead of the replies is cut off (1008) instead. Each frame is at most
@@ -197,19 +198,22 @@ class _Inbox:
 
     async def next(self, idle_timeout_s: float | None) -> str | None:
         """The next frame; None once the client is gone (no reply could reach it) or was idle
-        for `idle_timeout_s`."""
-        if self.gone.is_set():
+        for `idle_timeout_s`, or the server drains. Keepalive pings never reach here: they are
+        no activity."""
+        if self.gone.is_set() or self.draining.is_set():
             return None
         getter = asyncio.ensure_future(self._frames.get())
         gone = asyncio.ensure_future(self.gone.wait())
+        draining = asyncio.ensure_future(self.draining.wait())
         try:
-            await asyncio.wait({getter, gone}, timeout=idle_timeout_s,
+            await asyncio.wait({getter, gone, draining}, timeout=idle_timeout_s,
                                return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
+            draining.cancel()
             if not getter.done():
                 getter.cancel()
-        if self.gone.is_set():
+        if self.gone.is_set() or self.draining.is_set():
             return None
         if getter.done() and not getter.cancelled():
             frame = getter.result()
@@ -259,11 +263,12 @@ async def websocket_session(websocket: WebSocket) -> None:
     await websocket.accept()
     try:
         episode = await manager.open_episode(tenant.name)
-    except CapacityError as exc:
+    except CapacityError as exc:  # full, this tenant's quota, or draining
         metrics.observe_error(exc.code)
-        await _send(websocket, error_frame(exc.message, "CAPACITY_REACHED",
-                                           active_sessions=exc.active, max_sessions=exc.limit))
-        await _close(websocket, CLOSE_TRY_LATER, "server at capacity")
+        finer = {} if type(exc) is CapacityError else {"error_code": exc.code, "retryable": True}
+        await _send(websocket, error_frame(exc.message, "CAPACITY_REACHED", active_sessions=exc.active,
+                                           max_sessions=exc.limit, **finer))
+        await _close(websocket, CLOSE_TRY_LATER, exc.code)
         return
     except Exception as exc:
         log.exception("cannot open an episode for a /ws session")
@@ -273,8 +278,9 @@ async def websocket_session(websocket: WebSocket) -> None:
 
     session = WsSession(episode, manager=manager, metrics=metrics,
                         max_message_bytes=state.settings.max_message_bytes, tenant=tenant)
-    inbox = _Inbox(websocket, state.settings.max_message_bytes)
-    close_code = CLOSE_GOING_AWAY
+    inbox = _Inbox(websocket, state.settings.max_message_bytes, state.draining)
+    close_code, reason = CLOSE_GOING_AWAY, ""
+    state.ws_sessions += 1
     try:
         while (text := await inbox.next(state.settings.session_timeout_s)) is not None:
             finished, reply = await inbox.run_unless_gone(session.handle(text))
@@ -291,12 +297,15 @@ async def websocket_session(websocket: WebSocket) -> None:
     finally:
         inbox.close()
         if inbox.overflow:
-            close_code = CLOSE_POLICY_VIOLATION
+            close_code, reason = CLOSE_POLICY_VIOLATION, "too much sent ahead of the replies"
+        elif state.draining.is_set() and close_code == CLOSE_GOING_AWAY:
+            reason = "server shutting down"
         try:
             await manager.close_episode(episode)
         except Exception:
             log.exception("closing the episode of a /ws session failed")
-        await _close(websocket, close_code)
+        await _close(websocket, close_code, reason)
+        state.ws_sessions -= 1
 
 
 async def _close(websocket: WebSocket, code: int, reason: str = "") -> None:
