@@ -23,7 +23,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -245,7 +245,7 @@ class DockerKernel(Kernel):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         await self._discard()
-        if self._removals:
+        while self._removals:
             await asyncio.gather(*self._removals, return_exceptions=True)
 
     async def _boot(self) -> None:
@@ -258,7 +258,7 @@ class DockerKernel(Kernel):
             try:
                 created = await asyncio.shield(creating)
             except asyncio.CancelledError:  # the daemon creates it all the same: remove it then
-                creating.add_done_callback(self._remove_if_created)
+                self._track(self._remove_when_created(creating))  # before close() gathers removals
                 raise
             self.container_id = created["Id"]
             sock = await _call(client.api.attach_socket, self.container_id,
@@ -303,14 +303,21 @@ class DockerKernel(Kernel):
             await asyncio.shield(self._remove_later(container))  # even if our caller is cancelled
 
     def _remove_later(self, container: str) -> asyncio.Future[None]:
-        removal = asyncio.ensure_future(self._remove(container))
-        self._removals.add(removal)
-        removal.add_done_callback(self._removals.discard)
-        return removal
+        return self._track(self._remove(container))
 
-    def _remove_if_created(self, creating: asyncio.Future[Any]) -> None:
-        if not creating.cancelled() and creating.exception() is None:
-            self._remove_later(creating.result()["Id"])
+    def _track(self, removal: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
+        """A removal that outlives a cancelled caller; close() waits for every one."""
+        future = asyncio.ensure_future(removal)
+        self._removals.add(future)
+        future.add_done_callback(self._removals.discard)
+        return future
+
+    async def _remove_when_created(self, creating: asyncio.Future[Any]) -> None:
+        try:
+            created = await creating
+        except Exception:  # noqa: BLE001 - nothing was created
+            return
+        await self._remove(created["Id"])
 
     async def _remove(self, container: str) -> None:
         try:

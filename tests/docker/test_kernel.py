@@ -220,7 +220,7 @@ async def test_setup_sweeps_dead_servers_orphans_but_not_live_neighbours(docker_
         backend.remove_container(docker_client, orphan["Id"])
 
 
-@pytest.mark.parametrize("delay_s", [0.0, 0.002, 0.01, 0.05])
+@pytest.mark.parametrize("delay_s", [0.0, 0.002, 0.01, 0.05, 0.15, 0.3])
 async def test_close_right_after_a_cancelled_step_leaves_no_container(make_kernel, docker_client,
                                                                       delay_s: float) -> None:
     """A cancelled step replaces the container in the background; close() at any point of that
@@ -233,3 +233,5 @@ async def test_close_right_after_a_cancelled_step_leaves_no_container(make_kerne
     await asyncio.sleep(delay_s)
     await kernel.close()
     assert episode_containers(docker_client, kernel.kernel_id) == []
+    await asyncio.sleep(1.0)  # a create still in flight at close() would show up now
+    assert episode_containers(docker_client, kernel.kernel_id) == [], "created after close()"
