@@ -33,7 +33,9 @@ class _HeaderDeadline:
         super().connection_made(transport)  # type: ignore[misc]
         self._deadline: asyncio.TimerHandle | None = None
         self._head_open = True
-        self._head_bytes = 0
+        self._head_bytes = 0  # received while a head is open (heads that never end)
+        self._head_size = 0  # parsed: request line and headers (heads that do end)
+        self._head_too_large = False
         self._arm()  # a connection that sends nothing at all is also closed
 
     def _arm(self) -> None:
@@ -54,16 +56,41 @@ class _HeaderDeadline:
     def data_received(self, data: bytes) -> None:
         if self._head_open:
             self._head_bytes += len(data)
-            if self._head_bytes > self.max_header_bytes:
-                self._disarm()
-                self._expire(STATUS_TOO_LARGE)
-                return
         super().data_received(data)  # type: ignore[misc]
+        # Still in a head after parsing all of it: the head alone is that long. (A chunk that
+        # ends one message and starts the next counts from the next one's start, about.)
+        if self._head_open and self._head_bytes > self.max_header_bytes:
+            self._disarm()
+            self._expire(STATUS_TOO_LARGE)
 
     def on_message_begin(self) -> None:
         self._head_open = True
+        self._head_size = 0
         self._arm()  # from the first byte of a request (keep-alive waits are uvicorn's own timer)
         super().on_message_begin()  # type: ignore[misc]
+
+    def on_url(self, url: bytes) -> None:
+        self._grow(len(url))
+        super().on_url(url)  # type: ignore[misc]
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._grow(len(name) + len(value) + 4)
+        super().on_header(name, value)  # type: ignore[misc]
+
+    def _grow(self, size: int) -> None:
+        """Exact head size, from the parser: raising here makes it a parse error (no request
+        reaches the app), answered with 431 by `send_400_response` below."""
+        self._head_size += size
+        if self._head_size > self.max_header_bytes:
+            self._head_too_large = True
+            raise ValueError("request head too large")
+
+    def send_400_response(self, msg: str) -> None:
+        if getattr(self, "_head_too_large", False):
+            self._disarm()
+            self._expire(STATUS_TOO_LARGE)
+            return
+        super().send_400_response(msg)  # type: ignore[misc]
 
     def on_headers_complete(self) -> None:
         self._head_open = False
@@ -73,6 +100,7 @@ class _HeaderDeadline:
 
     def on_message_complete(self) -> None:
         self._head_open = True  # what comes next is the head of the next request
+        self._head_bytes = 0
         super().on_message_complete()  # type: ignore[misc]
 
     def connection_lost(self, exc: Exception | None) -> None:

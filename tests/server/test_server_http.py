@@ -178,7 +178,43 @@ def test_openenv_validate_passes(live_server) -> None:
 
 
 async def test_oversized_body_is_413(http, live_server) -> None:
+    """The 413 reaches the client every time, announced or chunked, on a kept-alive connection."""
     body = b'{"action": {"code": "' + b"x" * live_server.settings.max_message_bytes + b'"}}'
-    reply = await http.post("/step", content=body, headers={"content-type": "application/json"})
-    assert reply.status_code == 413
+
+    async def chunks():
+        for start in range(0, len(body), 2**20):
+            yield body[start:start + 2**20]
+
+    for _ in range(5):
+        reply = await http.post("/step", content=body, headers={"content-type": "application/json"})
+        assert reply.status_code == 413, reply.text[:200]
+        reply = await http.post("/step", content=chunks(), headers={"content-type": "application/json"})
+        assert reply.status_code == 413, reply.text[:200]
     assert (await http.get("/health")).status_code == 200
+
+
+def test_413_when_head_and_body_share_a_segment(live_server) -> None:
+    """Body bytes that arrive with the head are not counted as head (that was a 431 and a reset
+    connection whenever the two were coalesced); the client, still sending, reads the 413."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    url = urlsplit(live_server.url)
+    size = live_server.settings.max_message_bytes + 1
+    head = (f"POST /step HTTP/1.1\r\nhost: {url.netloc}\r\ncontent-type: application/json\r\n"
+            f"authorization: Bearer {live_server.token}\r\ncontent-length: {size}\r\n\r\n").encode()
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall(head + b"x" * 65536)
+        time.sleep(0.5)  # the server has decided by now; the rest of the body is still unsent
+        sent = 65536
+        while sent < size:
+            chunk = min(2**20, size - sent)
+            sock.sendall(b"x" * chunk)
+            sent += chunk
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            data = sock.recv(65536)
+            assert data, reply
+            reply += data
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
