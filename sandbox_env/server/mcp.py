@@ -22,7 +22,7 @@ from sandbox_env.models import CodeAction, CodeObservation, ExecStatus
 from sandbox_env.server.auth import ANONYMOUS, Tenant
 from sandbox_env.server.guard import tenant_of
 from sandbox_env.server.metrics import ServerMetrics, timed_step
-from sandbox_env.server.routes import JSONResponse
+from sandbox_env.server.routes import MAX_JSON_DEPTH, JSONResponse, json_depth_ok
 
 if TYPE_CHECKING:
     from sandbox_env.episode import Episode
@@ -239,10 +239,12 @@ async def mcp_http(request: Request) -> Response:
     body = await request.body()
     try:
         payload = json.loads(body) if body.strip() else None
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         return JSONResponse(_error(PARSE_ERROR, f"Parse error: {exc}"))
     if payload is None:
         return JSONResponse(_error(INVALID_REQUEST, "Invalid Request: empty body"))
+    if not json_depth_ok(payload):
+        return JSONResponse(_error(INVALID_REQUEST, f"Invalid Request: nested deeper than {MAX_JSON_DEPTH} levels"))
     sessions: McpSessions = state.mcp_sessions
     reply = await handle_jsonrpc(payload, manager=state.manager, metrics=state.metrics,
                                  tenant=tenant_of(request), sessions=sessions)

@@ -47,10 +47,42 @@ DESCRIPTION = ("Stateful, sandboxed Python execution episodes (one Jupyter kerne
 RETRY_AFTER_S = "1"
 
 
+MAX_JSON_DEPTH = 64  # nesting a request may carry (a deeper one is refused before any use)
+
+
+def json_depth_ok(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether parsed JSON nests at most `limit` containers deep (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return False
+        stack.extend((child, depth + 1) for child in children)
+    return True
+
+
+def _clip_depth(value: Any, limit: int) -> Any:
+    if isinstance(value, dict | list) and limit <= 0:
+        return "[nested too deep]"
+    if isinstance(value, dict):
+        return {k: _clip_depth(v, limit - 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clip_depth(v, limit - 1) for v in value]
+    return value
+
+
 def json_dumps(obj: Any) -> str:
     """Compact JSON text that is always valid UTF-8 (a lone surrogate becomes '?'); values JSON
-    cannot represent (e.g. in error details) become strings rather than failing the reply."""
-    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), default=str)
+    cannot represent (e.g. in error details) become strings rather than failing the reply, and
+    containers nested past MAX_JSON_DEPTH become a marker."""
+    try:
+        text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), default=str)
+    except (ValueError, RecursionError):  # nested deeper than the encoder goes
+        text = json.dumps(_clip_depth(obj, MAX_JSON_DEPTH), ensure_ascii=False, separators=(",", ":"),
+                          default=str)
     if not text.isascii():
         try:
             text.encode("utf-8")
@@ -63,7 +95,10 @@ class JSONResponse(_StarletteJSONResponse):
     """Starlette's JSONResponse raises on lone surrogates in output; this one replaces them."""
 
     def render(self, content: Any) -> bytes:
-        text = json.dumps(content, ensure_ascii=False, separators=(",", ":"), default=str)
+        try:
+            text = json.dumps(content, ensure_ascii=False, separators=(",", ":"), default=str)
+        except (ValueError, RecursionError):
+            text = json_dumps(content)
         return text.encode("utf-8", "replace")
 
 

@@ -88,7 +88,7 @@ def _find(request: Request, episode_id: str) -> Episode:
     """The episode, if the caller may see it: another tenant's is as absent as a closed one."""
     episode = _manager(request).find(episode_id)
     if episode is None or not tenant_of(request).may_touch(episode.owner):
-        raise HTTPException(404, {"message": f"no live episode {episode_id!r}", "code": "episode_not_found"})
+        raise HTTPException(404, {"message": f"no live episode {episode_id[:100]!r}", "code": "episode_not_found"})
     return episode
 
 

@@ -22,7 +22,7 @@ from sandbox_env.server.auth import Tenant
 from sandbox_env.server.guard import tenant_of
 from sandbox_env.server.mcp import handle_jsonrpc
 from sandbox_env.server.metrics import ServerMetrics, timed_step
-from sandbox_env.server.routes import json_dumps, validation_errors
+from sandbox_env.server.routes import MAX_JSON_DEPTH, json_depth_ok, json_dumps, validation_errors
 
 if TYPE_CHECKING:
     from sandbox_env.episode import Episode
@@ -110,10 +110,13 @@ class WsSession:
                 max_message_bytes=self.max_message_bytes)
         try:
             raw = json.loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
             return error_frame(f"Invalid JSON: {exc}", "INVALID_JSON")
         if not isinstance(raw, dict):
             return error_frame("Invalid message: expected a JSON object with a 'type'",
+                               "VALIDATION_ERROR")
+        if not json_depth_ok(raw):
+            return error_frame(f"Invalid message: nested deeper than {MAX_JSON_DEPTH} levels",
                                "VALIDATION_ERROR")
         msg_type = raw.get("type", "")
         model = MESSAGES.get(msg_type) if isinstance(msg_type, str) else None
