@@ -59,8 +59,8 @@ async def raw_async_kernel_roundtrips(n: int) -> list[float]:
             await km.shutdown_kernel(now=True)
 
 
-async def ws_step_roundtrips(url: str, n: int) -> list[float]:
-    async with SandboxEnv(url) as env:
+async def ws_step_roundtrips(url: str, n: int, token: str | None = None) -> list[float]:
+    async with SandboxEnv(url, token=token) as env:
         await env.reset()
         samples = []
         for _ in range(n):
@@ -71,8 +71,8 @@ async def ws_step_roundtrips(url: str, n: int) -> list[float]:
         return samples
 
 
-async def warm_resets(url: str, n: int, refill_wait_s: float) -> list[float]:
-    async with SandboxEnv(url) as env:
+async def warm_resets(url: str, n: int, refill_wait_s: float, token: str | None = None) -> list[float]:
+    async with SandboxEnv(url, token=token) as env:
         samples = []
         for _ in range(n):
             await asyncio.sleep(refill_wait_s)  # let the pool refill: measure the warm path
@@ -179,7 +179,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--resets", type=int, default=10)
     parser.add_argument("--churn", type=int, default=100, help="episodes in the docker churn run")
-    parser.add_argument("--backends", default="jupyter,docker,isolation")
+    parser.add_argument("--backends", default="jupyter,docker,isolation,auth")
     args = parser.parse_args()
     results: dict[str, Any] = {}
     if "jupyter" in args.backends:
@@ -188,6 +188,8 @@ def main() -> None:
         results.update(bench_docker_server(args))
     if "isolation" in args.backends:
         results.update(jupyter_isolation_costs(args))
+    if "auth" in args.backends:
+        results.update(auth_overhead(args))
     write_results("core", results)
     print("| metric | value |\n|---|---|")
     for key, value in results.items():
@@ -291,6 +293,89 @@ def jupyter_isolation_costs(args: argparse.Namespace) -> dict[str, Any]:
         "unisolated_kernel_start_ms": median_ms(plain_starts),
         "isolated_start_over_unisolated_ratio": round(median_ms(sandboxed_starts) / median_ms(plain_starts), 3),
         "isolated_warm_reset_ms": median_ms(resets),
+    }
+
+
+async def session_opens(url: str, n: int, token: str | None) -> list[float]:
+    """A new /ws session (handshake, through the gate) and its first reply."""
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        async with SandboxEnv(url, token=token) as env:
+            await env.state()
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def http_requests(url: str, n: int, headers: dict[str, str]) -> list[float]:
+    import httpx
+
+    samples = []
+    with httpx.Client(base_url=url, headers=headers, timeout=30) as http:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            http.get("/schema").raise_for_status()
+            samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def guard_cost_us(n: int = 20000) -> float:
+    """The gate alone, in process: Host, Origin, token lookup (constant-time over every token)."""
+    from sandbox_env.server.auth import TokenTable
+    from sandbox_env.server.guard import Guard, HostPolicy
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        return None
+
+    token = "t" * 48
+    guard = Guard(app, hosts=HostPolicy("127.0.0.1", []), origins=[], tokens=TokenTable({"admin": token}))
+    scope = {"type": "http", "method": "GET", "path": "/schema", "query_string": b"", "headers": [
+        (b"host", b"127.0.0.1:8000"), (b"authorization", f"Bearer {token}".encode())]}
+
+    async def run() -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            await guard(dict(scope), None, None)  # type: ignore[arg-type]
+        return (time.perf_counter() - t0) / n
+
+    return round(asyncio.run(run()) * 1e6, 2)
+
+
+def auth_overhead(args: argparse.Namespace) -> dict[str, Any]:
+    """Issue-9 figures: the same server with and without auth, measured interleaved (A B A B)."""
+    common = ("--backend", "jupyter", "--pool-size", "2", "--max-sessions", "16")
+    with ServerProcess(*common) as authed, ServerProcess(*common, "--no-auth") as open_:
+        # token None: SANDBOX_ENV_TOKEN (the authed server's); "": send none
+        sides = {"auth": (authed, None, authed.headers), "noauth": (open_, "", {})}
+        steps: dict[str, list[float]] = {k: [] for k in sides}
+        resets: dict[str, list[float]] = {k: [] for k in sides}
+        opens: dict[str, list[float]] = {k: [] for k in sides}
+        https: dict[str, list[float]] = {k: [] for k in sides}
+        rounds = 10  # short alternating rounds: load that comes and goes hits both sides alike
+        for _ in range(rounds):
+            for key, (server, token, headers) in sides.items():
+                steps[key] += asyncio.run(ws_step_roundtrips(server.url, max(args.steps // rounds, 10), token))
+                resets[key] += asyncio.run(warm_resets(server.url, max(args.resets // 3, 2), 1.0, token))
+                opens[key] += asyncio.run(session_opens(server.url, 10, token))
+                https[key] += http_requests(server.url, 60, headers)
+
+    def added(samples: dict[str, list[float]]) -> float:
+        return round(median_ms(samples["auth"]) - median_ms(samples["noauth"]), 3)
+
+    return {
+        "auth_ws_step_ms": median_ms(steps["auth"]),
+        "noauth_ws_step_ms": median_ms(steps["noauth"]),
+        "auth_over_noauth_ws_step_ratio": round(median_ms(steps["auth"]) / median_ms(steps["noauth"]), 3),
+        "auth_warm_reset_ms": median_ms(resets["auth"]),
+        "noauth_warm_reset_ms": median_ms(resets["noauth"]),
+        "auth_added_to_reset_ms": added(resets),
+        "auth_session_open_ms": median_ms(opens["auth"]),
+        "noauth_session_open_ms": median_ms(opens["noauth"]),
+        "auth_added_to_session_open_ms": added(opens),
+        "auth_http_request_ms": median_ms(https["auth"]),
+        "noauth_http_request_ms": median_ms(https["noauth"]),
+        "auth_added_to_http_request_ms": added(https),
+        "guard_per_request_us": guard_cost_us(),
     }
 
 
