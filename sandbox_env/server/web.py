@@ -1,17 +1,20 @@
 """Per-episode inspection: JSON under `/episodes`, and a page at `/web` that renders it.
 
-The page is static HTML plus a small script that polls the JSON routes and renders with
-`textContent` only, so output of the sandboxed code can never inject markup.
+The page is a Jinja2 template (autoescaped) plus a static script that polls the JSON routes and
+renders with `textContent` only, so output of the sandboxed code can never inject markup; the
+Content-Security-Policy allows no inline script and no other origin.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse, Response
+from fastapi.templating import Jinja2Templates
 
 from sandbox_env.episode import Episode
 from sandbox_env.manager import SessionManager
@@ -20,6 +23,16 @@ from sandbox_env.server.routes import json_dumps
 
 router = APIRouter()
 INSPECT_TIMEOUT_S = 3.0
+HERE = Path(__file__).parent
+TEMPLATES = Jinja2Templates(directory=HERE / "templates")  # autoescape on for .html
+STATIC_TYPES = {"episodes.js": "text/javascript", "episodes.css": "text/css"}
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                               "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+                               "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",  # the page's URL may carry ?token=
+}
 
 
 def _manager(request: Request) -> SessionManager:
@@ -93,69 +106,24 @@ def _find(request: Request, episode_id: str) -> Episode:
 
 
 @router.get("/web", response_class=HTMLResponse, include_in_schema=False)
-async def episodes_page() -> str:
-    return PAGE.replace("__MODE__", "list").replace("__ID__", "")
+async def episodes_page(request: Request) -> Response:
+    return _page(request, mode="list", episode_id="")
 
 
 @router.get("/web/episodes/{episode_id}", response_class=HTMLResponse, include_in_schema=False)
-async def episode_page(episode_id: str) -> str:
-    # The id only ever reaches the page as a JSON string literal, read back with JSON.parse.
-    import json
-
-    literal = json.dumps(json.dumps(episode_id)).replace("<", "\\u003c")  # no "</script>" in a literal
-    return PAGE.replace("__MODE__", "detail").replace('"__ID__"', literal)
+async def episode_page(request: Request, episode_id: str) -> Response:
+    return _page(request, mode="detail", episode_id=episode_id)
 
 
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>sandbox-env episodes</title>
-<style>
-body{font-family:system-ui,sans-serif;margin:1.5rem;color:#222}
-table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ccc;padding:.25rem .5rem;text-align:left}
-pre{background:#f6f6f6;padding:.5rem;margin:.25rem 0;white-space:pre-wrap;max-height:20rem;overflow:auto}
-.step{border-left:4px solid #999;padding-left:.75rem;margin:1rem 0}
-.ok{border-color:#2a2}.error{border-color:#c22}.timeout,.oom,.killed,.output_limit{border-color:#e90}
-.badge{font-weight:bold}.muted{color:#777}
-</style></head><body>
-<h1><a href="/web">sandbox-env</a> <span id="title" class="muted"></span></h1>
-<div id="root">loading…</div>
-<script>
-const MODE = "__MODE__", EPISODE = JSON.parse("__ID__" || '""');
-function el(tag, text, cls) { const e = document.createElement(tag);
-  if (text !== undefined && text !== null) e.textContent = String(text); if (cls) e.className = cls; return e; }
-function table(rows, cols) { const t = el("table"), h = el("tr");
-  cols.forEach(c => h.appendChild(el("th", c))); t.appendChild(h);
-  rows.forEach(r => { const tr = el("tr"); cols.forEach(c => { const td = el("td");
-    if (c === "id") { const a = el("a", r[c]); a.href = "/web/episodes/" + encodeURIComponent(r[c]); td.appendChild(a); }
-    else td.textContent = r[c] === undefined || r[c] === null ? "" : String(r[c]);
-    tr.appendChild(td); }); t.appendChild(tr); }); return t; }
-async function renderList(root) {
-  const data = await (await fetch("/episodes")).json();
-  document.getElementById("title").textContent = `${data.active}/${data.capacity} sessions`;
-  root.replaceChildren(table(data.episodes, ["id","owner","backend","policy","step_count",
-    "last_status","last_exit_code","busy","age_s","idle_s"]));
-  if (!data.episodes.length) root.appendChild(el("p", "No live episodes.", "muted"));
-}
-async function renderDetail(root) {
-  const resp = await fetch("/episodes/" + encodeURIComponent(EPISODE));
-  if (!resp.ok) { root.replaceChildren(el("p", "Episode " + EPISODE + " is not live.")); return; }
-  const data = await resp.json(), k = data.kernel || {}, s = data.summary;
-  document.getElementById("title").textContent = "episode " + EPISODE;
-  const parts = [el("h2", "State"), table([s], ["backend","policy","step_count","last_status","busy","age_s","idle_s"]),
-    el("h2", "Resources"), table([{memory_mb: k.memory_mb, cpu_time_s: k.cpu_time_s,
-      processes: k.processes, limits: k.limits}], ["memory_mb","cpu_time_s","processes","limits"]),
-    el("h2", "Variables"), table(k.variables || [], ["name","type","repr"]), el("h2", "History")];
-  (data.history || []).forEach(h => { const r = h.result || {}, box = el("div", null, "step " + r.status);
-    box.appendChild(el("div", `#${h.step}  ${r.status}  exit ${r.exit_code}  ${(r.wall_time_s||0).toFixed(3)} s`, "badge"));
-    box.appendChild(el("pre", h.code));
-    if (r.stdout) box.appendChild(el("pre", r.stdout));
-    if (r.stderr) box.appendChild(el("pre", r.stderr, "muted"));
-    if (r.exception && !r.stderr) box.appendChild(el("pre", r.exception.traceback || (r.exception.type + ": " + r.exception.message)));
-    parts.push(box); });
-  root.replaceChildren(...parts);
-}
-async function tick() { const root = document.getElementById("root");
-  try { await (MODE === "list" ? renderList(root) : renderDetail(root)); }
-  catch (e) { root.replaceChildren(el("p", "Server unreachable: " + e)); } }
-tick(); setInterval(tick, 2000);
-</script></body></html>
-"""
+@router.get("/web/static/{name}", include_in_schema=False)
+async def static_file(name: str) -> Response:
+    if name not in STATIC_TYPES:  # a fixed set: no path ever reaches the filesystem
+        raise HTTPException(404, {"message": "no such file", "code": "not_found"})
+    return Response((HERE / "static" / name).read_bytes(), media_type=STATIC_TYPES[name],
+                    headers={"Cache-Control": "no-cache", **SECURITY_HEADERS})
+
+
+def _page(request: Request, **context: str) -> Response:
+    response = TEMPLATES.TemplateResponse(request, "episodes.html", context)
+    response.headers.update(SECURITY_HEADERS)
+    return response

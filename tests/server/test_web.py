@@ -52,3 +52,22 @@ async def test_episode_page_renders_in_chromium_without_injecting_output(live_se
         assert '<b id="injected">' not in dom and '&lt;b id="injected"&gt;' in dom
         listing = rendered_dom(chromium, f"{live_server.url}/web?token={live_server.token}")
         assert "inspect-page" in listing and "/web/episodes/inspect-page" in listing
+
+
+async def test_page_is_a_template_with_a_strict_csp(live_server) -> None:
+    """The id reaches the page only as an escaped attribute; no inline script may run; the
+    static route serves its fixed files and nothing else of the filesystem."""
+    hostile = '"><img src=x onerror=alert(1)>'
+    async with httpx.AsyncClient(base_url=live_server.url, headers=live_server.headers) as http:
+        page = await http.get("/web/episodes/" + hostile)
+        assert page.status_code == 200
+        assert "<img src=x" not in page.text and "&#34;&gt;&lt;img src=x" in page.text
+        csp = page.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "unsafe-inline" not in csp and "default-src 'none'" in csp
+        assert page.headers["referrer-policy"] == "no-referrer"
+        script = await http.get("/web/static/episodes.js")
+        assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
+        assert "textContent" in script.text
+        for name in ("web.py", "..%2fweb.py", "..%2F..%2Fpyproject.toml", "episodes.html"):
+            assert (await http.get("/web/static/" + name)).status_code == 404, name
+        assert (await httpx.AsyncClient(base_url=live_server.url).get("/web/static/episodes.js")).status_code == 401
