@@ -68,3 +68,20 @@ def test_a_failed_connect_in_with_stops_the_wrapper() -> None:
             pass
     with pytest.raises(RuntimeError, match="closed"):
         env.state()
+
+
+def test_a_client_never_closed_does_not_hold_up_interpreter_exit(live_server) -> None:
+    """Sync clients and blocking calls without close(): the process still exits (their loop
+    threads are daemons, stopped without waiting from finalizers)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\nfrom sandbox_env import SandboxEnv\n"
+        "forgotten = SandboxEnv(sys.argv[1], token=sys.argv[2]).sync().__enter__()\n"
+        "forgotten.reset(); print(forgotten.step('print(40 + 2)').observation.stdout, end='')\n"
+        "blocking = SandboxEnv(sys.argv[1], token=sys.argv[2]); blocking.reset()\n"
+        "print('done')\n")
+    out = subprocess.run([sys.executable, "-c", script, live_server.url, live_server.token or ""],
+                         capture_output=True, text=True, timeout=120)  # a hang fails here
+    assert out.returncode == 0 and out.stdout == "42\ndone\n", (out.stdout, out.stderr[-2000:])
