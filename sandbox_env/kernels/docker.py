@@ -553,19 +553,20 @@ def container_events(client: docker.DockerClient, container_id: str, since: floa
 
 def remove_container(client: docker.DockerClient, container_id: str, wait_s: float = 10.0) -> None:
     """Kill and remove; when the daemon is already auto-removing it, wait until it is gone."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            client.api.remove_container(container_id, force=True)
-        except docker.errors.NotFound:
-            return
-        except docker.errors.APIError as exc:
-            if exc.status_code != 409 or time.monotonic() > deadline:  # 409: removal in progress
-                logger.warning("could not remove container %s: %s", container_id[:12], exc)
-                return
-            time.sleep(0.05)
-            continue
+    try:
+        client.api.remove_container(container_id, force=True)
+    except docker.errors.NotFound:
         return
+    except docker.errors.APIError as exc:
+        if exc.status_code != 409:  # 409: a removal is in progress (auto-remove after a kill)
+            logger.warning("could not remove container %s: %s", container_id[:12], exc)
+            return
+        try:
+            client.api.wait(container_id, timeout=wait_s, condition="removed")
+        except docker.errors.NotFound:
+            return  # gone before the wait began
+        except Exception as exc:  # noqa: BLE001 - a timeout or a daemon in trouble: the sweeps retry
+            logger.warning("container %s still being removed: %r", container_id[:12], exc)
 
 
 def cleanup_orphans(owner: str | None = None, client: docker.DockerClient | None = None, *,

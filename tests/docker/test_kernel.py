@@ -235,3 +235,19 @@ async def test_close_right_after_a_cancelled_step_leaves_no_container(make_kerne
     assert episode_containers(docker_client, kernel.kernel_id) == []
     await asyncio.sleep(1.0)  # a create still in flight at close() would show up now
     assert episode_containers(docker_client, kernel.kernel_id) == [], "created after close()"
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_remove_container_waits_for_an_auto_removal_in_progress(docker_client, attempt: int) -> None:
+    """Killing an auto-remove container starts the daemon's own removal: a removal asked for
+    meanwhile (409) waits for it, so the container is gone when remove_container returns."""
+    from sandbox_env.kernels import docker as backend
+
+    create, host = backend.container_options(sandbox_policy(), image=backend.default_image(),
+                                             owner="pytest-docker", episode=f"pytest-autoremove-{attempt}")
+    create.update(command=["sleep", "60"], stdin_open=False, detach=True)
+    created = docker_client.api.create_container(host_config=docker_client.api.create_host_config(**host), **create)
+    docker_client.api.start(created["Id"])
+    docker_client.api.kill(created["Id"])  # the daemon begins removing it (auto_remove)
+    backend.remove_container(docker_client, created["Id"])
+    assert docker_client.api.containers(all=True, filters={"id": created["Id"]}) == []
