@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from sandbox_env._version import __version__
 from sandbox_env.errors import SandboxEnvError
@@ -125,58 +125,87 @@ def tool_result(observation: CodeObservation) -> dict[str, Any]:
             "structuredContent": observation.to_wire()["observation"]}
 
 
-def _parse_call(params: dict[str, Any]) -> tuple[CodeAction, float | None] | str:
-    """The action and timeout of a `tools/call`, or the reason it is invalid."""
-    name = params.get("name")
-    if not isinstance(name, str) or not name:
-        return "Missing 'name' in params"
-    if name != RUN_PYTHON_TOOL["name"]:
-        return f"Tool not found: {name}"
-    arguments = params.get("arguments") or {}
-    if not isinstance(arguments, dict):
-        return "'arguments' must be an object"
-    unknown = sorted(set(arguments) - {"code", "timeout_s"})
-    if unknown:
-        return f"unexpected arguments: {', '.join(unknown)}"
-    code, timeout_s = arguments.get("code"), arguments.get("timeout_s")
-    if not isinstance(code, str):
-        return "argument 'code' (string) is required"
-    if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float)
-                                  or not math.isfinite(timeout_s) or timeout_s <= 0):
-        return "argument 'timeout_s' must be a positive number"
-    return CodeAction(code=code), (float(timeout_s) if timeout_s is not None else None)
+class _Request(BaseModel):
+    """A JSON-RPC 2.0 request (a notification has no `id`); other members are ignored."""
+
+    jsonrpc: Literal["2.0"]
+    method: Annotated[StrictStr, Field(min_length=1)]
+    id: StrictStr | StrictInt | None = None
+    params: dict[str, Any] | None = None
+
+
+class _RunPythonArguments(BaseModel):
+    """`run_python`'s arguments: its inputSchema above, as a model."""
+
+    model_config = ConfigDict(extra="forbid")
+    code: StrictStr
+    timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)] | None = None
+
+
+class _ToolCall(BaseModel):
+    name: Annotated[StrictStr, Field(min_length=1)]
+    arguments: dict[str, Any] | None = None
+    session_id: Any = None  # looked up as a string; anything else is an unknown session
+
+
+def _first_problem(exc: ValidationError) -> str:
+    """Where and what, never the input (it may be large, or echo a caller's secret)."""
+    error = exc.errors(include_url=False, include_input=False)[0]
+    where = ".".join(str(part) for part in error["loc"])
+    return f"{where}: {error['msg']}" if where else error["msg"]
+
+
+def _parse_request(payload: Any) -> _Request | dict[str, Any]:
+    """The request, or the JSON-RPC error to answer (with the request's id when that is valid)."""
+    if isinstance(payload, list):
+        return _error(INVALID_REQUEST, "Invalid Request: batch requests are not supported")
+    if not isinstance(payload, dict):
+        return _error(INVALID_REQUEST, "Invalid Request: expected a JSON object")
+    try:
+        return _Request.model_validate(payload)
+    except ValidationError as exc:
+        bad = {error["loc"][0] for error in exc.errors() if error["loc"]}
+        if "id" in bad:
+            return _error(INVALID_REQUEST, "Invalid Request: 'id' must be a string, a number or null")
+        request_id = payload.get("id")
+        if bad == {"params"}:
+            return _error(INVALID_PARAMS, "Params must be an object", request_id)
+        return _error(INVALID_REQUEST, "Invalid Request: need jsonrpc '2.0' and a method", request_id)
+
+
+def _parse_call(params: dict[str, Any]) -> tuple[_ToolCall, CodeAction, float | None] | str:
+    """The call, its action and timeout, or the reason it is invalid."""
+    try:
+        call = _ToolCall.model_validate(params)
+    except ValidationError as exc:
+        return f"Invalid params - {_first_problem(exc)}"
+    if call.name != RUN_PYTHON_TOOL["name"]:
+        return f"Tool not found: {call.name[:100]}"
+    try:
+        arguments = _RunPythonArguments.model_validate(call.arguments or {})
+    except ValidationError as exc:
+        return f"Invalid arguments - {_first_problem(exc)}"
+    return call, CodeAction(code=arguments.code), arguments.timeout_s
 
 
 async def handle_jsonrpc(payload: Any, *, manager: SessionManager, metrics: ServerMetrics,
                          tenant: Tenant, sessions: McpSessions | None = None,
                          episode: Episode | None = None) -> dict[str, Any] | None:
     """Answer one JSON-RPC request; None for a notification (which gets no response)."""
-    if isinstance(payload, list):
-        return _error(INVALID_REQUEST, "Invalid Request: batch requests are not supported")
-    if not isinstance(payload, dict):
-        return _error(INVALID_REQUEST, "Invalid Request: expected a JSON object")
-    request_id = payload.get("id")
-    if request_id is not None and (isinstance(request_id, bool) or not isinstance(request_id, str | int)):
-        return _error(INVALID_REQUEST, "Invalid Request: 'id' must be a string, a number or null")
-    method = payload.get("method")
-    if payload.get("jsonrpc") != "2.0" or not isinstance(method, str) or not method:
-        return _error(INVALID_REQUEST, "Invalid Request: need jsonrpc '2.0' and a method", request_id)
-    params = payload.get("params", {})
-    if params is None:
-        params = {}
-    if not isinstance(params, dict):
-        return _error(INVALID_PARAMS, "Params must be an object", request_id)
-    if "id" not in payload and method.startswith("notifications/"):
+    request = _parse_request(payload)
+    if isinstance(request, dict):
+        return request
+    if "id" not in payload and request.method.startswith("notifications/"):
         return None
     try:
-        return await _dispatch(method, params, request_id, manager=manager, metrics=metrics,
-                               tenant=tenant, sessions=sessions, episode=episode)
+        return await _dispatch(request.method, request.params or {}, request.id, manager=manager,
+                               metrics=metrics, tenant=tenant, sessions=sessions, episode=episode)
     except SandboxEnvError as exc:
         metrics.observe_error(exc.code)
-        return _error(SERVER_ERROR, exc.message, request_id, data=exc.to_dict())
+        return _error(SERVER_ERROR, exc.message, request.id, data=exc.to_dict())
     except Exception as exc:
-        log.exception("MCP %s failed", method)
-        return _error(INTERNAL_ERROR, f"Internal error: {exc}", request_id)
+        log.exception("MCP %s failed", request.method)
+        return _error(INTERNAL_ERROR, f"Internal error: {exc}", request.id)
 
 
 async def _dispatch(method: str, params: dict[str, Any], request_id: Any, *,
@@ -205,7 +234,7 @@ async def _dispatch(method: str, params: dict[str, Any], request_id: Any, *,
         if episode is not None or sessions is None:
             return _error(INVALID_REQUEST, "Cannot close a WebSocket-managed session via MCP", request_id)
         if not await sessions.close(manager, session_id, tenant):
-            return _error(INVALID_PARAMS, f"Unknown session_id: {session_id}", request_id)
+            return _error(INVALID_PARAMS, "Unknown session_id", request_id)
         return _result({"session_id": session_id, "closed": True}, request_id)
     if method != "tools/call":
         return _error(METHOD_NOT_FOUND, f"Method not found: {method}", request_id)
@@ -213,13 +242,12 @@ async def _dispatch(method: str, params: dict[str, Any], request_id: Any, *,
     parsed = _parse_call(params)
     if isinstance(parsed, str):
         return _error(INVALID_PARAMS, parsed, request_id)
-    action, timeout_s = parsed
+    call, action, timeout_s = parsed
     target = episode
-    session_id = params.get("session_id")
-    if target is None and session_id is not None:
-        target = sessions.get(str(session_id), tenant) if sessions is not None else None
+    if target is None and call.session_id is not None:
+        target = sessions.get(str(call.session_id), tenant) if sessions is not None else None
         if target is None:
-            return _error(INVALID_PARAMS, f"Unknown session_id: {session_id}", request_id)
+            return _error(INVALID_PARAMS, "Unknown session_id", request_id)
     if target is not None:
         observation = await timed_step(metrics, target, action, timeout_s=timeout_s)
     else:
