@@ -88,11 +88,17 @@ def run_live_server(**settings: Any) -> Iterator[LiveServer]:
         sock.close()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "restarts_dockerd: stops and restarts the Docker daemon; runs last")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Anything that starts a server starts kernels: mark it slow, so `-m "not slow"` is quick.
     for item in items:
         if {"live_server", "live_server_factory"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    # A daemon restart kills every container of the host: after every other test (stable sort).
+    items.sort(key=lambda item: item.get_closest_marker("restarts_dockerd") is not None)
 
 
 def missing(reason: str) -> None:

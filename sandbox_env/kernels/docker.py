@@ -58,6 +58,7 @@ ENVIRONMENT = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": WORKSPACE, "LANG"
 HOST_GRACE_S = 3.0  # the runner enforces the step limit itself; this is the server's backstop
 START_TIMEOUT_S = 60.0
 PROGRAM_MARGIN_S = 10.0  # killing the agent's processes and wiping its files, before and after
+DAEMON_WAIT_S = 30.0  # a daemon restarting (stop: 10-15 s, start: a few s), under a client's 60 s reply wait
 MB = 1 << 20
 BOOTSTRAP = ("import os\ndef r(n):\n b=b''\n while len(b)<n:\n  c=os.read(0,n-len(b))\n"
              "  if not c:raise SystemExit(3)\n  b+=c\n return b\n"
@@ -249,6 +250,22 @@ class DockerKernel(Kernel):
             await asyncio.gather(*self._removals, return_exceptions=True)
 
     async def _boot(self) -> None:
+        """Start a container. While nothing listens on the daemon's socket (a daemon restarting),
+        wait for it with backoff, up to DAEMON_WAIT_S, instead of failing the request at once."""
+        deadline, delay = time.monotonic() + DAEMON_WAIT_S, 0.1
+        while True:
+            try:
+                await self._boot_once()
+                return
+            except _DaemonUnreachable as exc:
+                if self._closed or time.monotonic() + delay > deadline:
+                    raise KernelStartError(f"container did not start: the Docker daemon did not answer "
+                                           f"for {DAEMON_WAIT_S:g} s: {exc.__cause__!r}") from exc
+                logger.warning("Docker daemon unreachable; retrying in %.1f s: %r", delay, exc.__cause__)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 2.0)
+
+    async def _boot_once(self) -> None:
         client = self._client or get_client()
         create, host = container_options(self.policy, image=self.image, owner=self.owner,
                                          episode=self.kernel_id)
@@ -284,6 +301,8 @@ class DockerKernel(Kernel):
             await self._discard()
             if self.policy.runtime and "runtime" in str(exc).lower():
                 raise KernelUnavailableError(f"runtime {self.policy.runtime!r} is not available: {exc}") from exc
+            if _daemon_unreachable(exc):
+                raise _DaemonUnreachable() from exc
             raise KernelStartError(f"container did not start: {exc!r}") from exc
         except BaseException:
             await self._discard()
@@ -527,6 +546,26 @@ class DockerKernel(Kernel):
             logger.warning("sandbox %s: further stderr is not logged", self.kernel_id[:12])
             return
         logger.warning("sandbox %s stderr: %r", self.kernel_id[:12], data[:STDERR_BYTES])
+
+
+class _DaemonUnreachable(KernelStartError):
+    """Nothing listens on the daemon's socket (stopped, restarting); its cause says how it failed."""
+
+
+def _daemon_unreachable(exc: BaseException) -> bool:
+    """The connection to the daemon was refused or its unix socket is gone: nothing reached it.
+    docker-py raises requests' ConnectionError around urllib3's error around the OSError."""
+    seen: set[int] = set()
+    stack: list[Any] = [exc]
+    while stack:
+        error = stack.pop()
+        if not isinstance(error, BaseException) or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, (ConnectionRefusedError, FileNotFoundError)):
+            return True
+        stack += [*error.args, error.__cause__, error.__context__, getattr(error, "reason", None)]
+    return False
 
 
 def _raw_socket(sock: Any) -> socket.socket:

@@ -1,5 +1,5 @@
 """Graceful drain on SIGTERM and cleanup after SIGKILL (issue #9, item 5), on real `sandbox-env
-serve` processes.
+serve` processes under load: several sessions stepping at once and gradings in flight.
 
 The findings: on SIGTERM a step in flight was cut off with close code 1012 and no observation,
 and `/readyz` never reported draining; a server killed with SIGKILL left its episode daemons,
@@ -13,98 +13,69 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+from served import DAEMON_MARK, ask, leftovers, serve, wait_for
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 pytestmark = pytest.mark.slow
-DAEMON_MARK = "86123"  # `sleep 86123`: a daemon an episode leaves behind, easy to find in /proc
+STEPS, GRADINGS = 6, 2  # in flight at the signal
+# A grading that takes a few seconds: the submission sleeps in the call the check makes.
+SLOW_TASK = {"id": "slow-square", "prompt": "def square(x):\n", "entry_point": "square",
+             "tests": {"kind": "function", "entry_point": "square",
+                       "check": "def check(candidate):\n    assert candidate(3) == 9\n"}}
 
 
-@dataclass
-class Served:
-    url: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {os.environ['SANDBOX_ENV_TOKEN']}"}
-
-    @property
-    def ws(self) -> str:
-        return self.url.replace("http://", "ws://") + "/ws"
+def slow_square(right: bool) -> str:
+    return f"import time\ndef square(x):\n    time.sleep(4)\n    return x * x{'' if right else ' + 1'}\n"
 
 
-@contextlib.contextmanager
-def serve(tmp_path: Path, backend: str, **settings: str) -> Iterator[Served]:
-    """`sandbox-env serve` in a subprocess (the token comes from SANDBOX_ENV_TOKEN)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "SANDBOX_ENV_BACKEND": backend,
-           **{f"SANDBOX_ENV_{k.upper()}": v for k, v in settings.items()}}
-    log = tmp_path / f"server-{port}.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "sandbox_env.cli", "serve", "--port", str(port)],
-                                   cwd=tmp_path, env=env, stdout=sink, stderr=sink)
-    served = Served(f"http://127.0.0.1:{port}", process, log)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{served.url}/health", timeout=2).status_code == 200:
-                    break
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.1)
-        yield served
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            process.send_signal(signal.SIGINT)  # the second one skips the drain
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+async def gradings_in_flight(http: httpx.AsyncClient) -> list[asyncio.Task[httpx.Response]]:
+    """GRADINGS `POST /grade` of SLOW_TASK, alternately right and wrong, left running."""
+    return [asyncio.create_task(http.post("/grade", json={"task": SLOW_TASK, "submission": slow_square(i % 2 == 0)},
+                                          timeout=120))
+            for i in range(GRADINGS)]
 
 
-async def ask(ws, frame: dict) -> dict:
-    await ws.send(json.dumps(frame))
-    return json.loads(await asyncio.wait_for(ws.recv(), 120))
+async def load_reached(http: httpx.AsyncClient, sessions: int) -> None:
+    """Every session's step and every grading are running (gradings count as sessions)."""
+    async def running() -> bool:
+        episodes = (await http.get("/episodes")).json()["episodes"]
+        active = (await http.get("/readyz")).json()["active_sessions"]
+        return sum(e["busy"] for e in episodes) == sessions and active == sessions + GRADINGS
+    await wait_for(running, f"{sessions} steps and {GRADINGS} gradings in flight", 120)
 
 
-async def wait_for(predicate, what: str, bound_s: float = 60.0) -> None:
-    deadline = time.monotonic() + bound_s
-    while not await predicate():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        await asyncio.sleep(0.05)
+def step_code(i: int) -> str:
+    """Even steps end by themselves; odd ones only at the policy's step limit (a timeout)."""
+    return f"import time\ntime.sleep({6 if i % 2 == 0 else 600})\nprint('done', {i})"
 
 
-async def test_sigterm_lets_every_step_in_flight_finish_then_closes_with_1001(tmp_path: Path) -> None:
-    with serve(tmp_path, "jupyter", pool_size="4", max_sessions="8") as server:
+@pytest.mark.parametrize("backend", ["jupyter", pytest.param("docker", marks=pytest.mark.docker)])
+async def test_sigterm_lets_every_step_in_flight_finish_then_closes_with_1001(
+        tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
+    """The drain figure: 100 % of the steps in flight at SIGTERM return an observation, the ones
+    that run to the policy's step limit included (the grace is at least that limit), and every
+    grading in flight returns its verdict."""
+    if backend == "docker":
+        request.getfixturevalue("require_docker")
+    with serve(tmp_path, backend, pool_size=str(STEPS), max_sessions=str(STEPS + GRADINGS + 2)) as server:
         http = httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=30)
-        sessions = [await connect(server.ws, additional_headers=server.headers, open_timeout=30) for _ in range(4)]
+        sessions = [await connect(server.ws, additional_headers=server.headers, open_timeout=30)
+                    for _ in range(STEPS)]
+        gradings: list[asyncio.Task[httpx.Response]] = []
         try:
             for ws in sessions:
                 assert (await ask(ws, {"type": "reset"}))["type"] == "observation"
             for i, ws in enumerate(sessions):
-                await ws.send(json.dumps({"type": "step", "data": {
-                    "code": f"import time\ntime.sleep(6)\nprint('done', {i})"}}))
-
-            async def all_busy() -> bool:
-                return sum(e["busy"] for e in (await http.get("/episodes")).json()["episodes"]) == 4
-            await wait_for(all_busy, "four steps in flight")
+                await ws.send(json.dumps({"type": "step", "data": {"code": step_code(i)}}))
+            gradings = await gradings_in_flight(http)
+            await load_reached(http, STEPS)
             server.process.send_signal(signal.SIGTERM)
 
             async def draining() -> bool:
@@ -120,42 +91,28 @@ async def test_sigterm_lets_every_step_in_flight_finish_then_closes_with_1001(tm
             for i, ws in enumerate(sessions):  # every step in flight comes back with its observation
                 reply = json.loads(await asyncio.wait_for(ws.recv(), 60))
                 assert reply["type"] == "observation", reply
-                assert reply["data"]["observation"]["stdout"] == f"done {i}\n"
+                observation = reply["data"]["observation"]
+                if i % 2 == 0:
+                    assert observation["stdout"] == f"done {i}\n", observation
+                else:  # cut by its own limit, not by the shutdown
+                    assert observation["metadata"]["execution"]["status"] == "timeout", observation
                 with pytest.raises(ConnectionClosed) as closed:
                     await asyncio.wait_for(ws.recv(), 60)
                 assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
                 assert closed.value.rcvd.reason == "server shutting down"
+            for i, grading in enumerate(gradings):  # and every grading in flight, its verdict
+                reply = await asyncio.wait_for(grading, 60)
+                assert reply.status_code == 200, reply.text
+                verdict = reply.json()
+                assert verdict["status"] == "graded" and verdict["reward"] == (1.0 if i % 2 == 0 else 0.0), verdict
             await asyncio.to_thread(server.process.wait, 60)
         finally:
+            for grading in gradings:
+                grading.cancel()
+            await asyncio.gather(*gradings, return_exceptions=True)
             await http.aclose()
             for ws in sessions:
                 await ws.close()
-
-
-def leftovers(pid: int) -> list[str]:
-    """Everything that still names the server `pid`: containers, cgroups, work dirs, daemons."""
-    found: list[str] = []
-    try:
-        import docker
-
-        client = docker.from_env(timeout=30)
-        for container in client.api.containers(all=True, filters={"label": "sandbox-env.server"}):
-            if str(container["Labels"].get("sandbox-env.server", "")).startswith(f"{pid}:"):
-                found.append(f"container {container['Id'][:12]}")
-    except Exception:  # noqa: BLE001 - no engine here: nothing of ours can run in one
-        pass
-    from sandbox_env.kernels.limits import cgroup_layout
-
-    for parent in cgroup_layout()[1].values():
-        found += [f"cgroup {d}" for d in (parent.glob(f"{pid}-*") if parent.is_dir() else [])]
-    found += [f"workdir {d}" for d in Path(tempfile.gettempdir()).glob(f"sandbox-env-{pid}-*")]
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError):
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-                if cmdline[:2] == [b"sleep", DAEMON_MARK.encode()]:
-                    found.append(f"process {entry} (sleep {DAEMON_MARK})")
-    return found
 
 
 DAEMON = (f"import subprocess, os\nsubprocess.Popen(['sleep', '{DAEMON_MARK}'], start_new_session=True, "
@@ -166,25 +123,39 @@ DAEMON = (f"import subprocess, os\nsubprocess.Popen(['sleep', '{DAEMON_MARK}'], 
 @pytest.mark.parametrize("backend", ["jupyter", pytest.param("docker", marks=pytest.mark.docker)])
 async def test_sigkill_of_the_server_leaves_nothing_behind(tmp_path: Path, backend: str,
                                                           request: pytest.FixtureRequest) -> None:
+    """Each episode leaves a detached daemon and files; at SIGKILL every session has a step in
+    flight and gradings run beside them: within seconds nothing of the server is left."""
     if backend == "docker":
         request.getfixturevalue("require_docker")
-    with serve(tmp_path, backend, pool_size="2", max_sessions="4") as server:
+    with serve(tmp_path, backend, pool_size=str(STEPS), max_sessions=str(STEPS + GRADINGS + 2)) as server:
         pid = server.process.pid
+        http = httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=30)
+        sessions = [await connect(server.ws, additional_headers=server.headers, open_timeout=30)
+                    for _ in range(STEPS)]
+        gradings: list[asyncio.Task[httpx.Response]] = []
         try:
-            async with connect(server.ws, additional_headers=server.headers, open_timeout=30) as a, \
-                    connect(server.ws, additional_headers=server.headers, open_timeout=30) as b:
-                for ws in (a, b):
-                    reply = await ask(ws, {"type": "step", "data": {"code": DAEMON}})
-                    assert reply["data"]["observation"]["exit_code"] == 0, reply
-                await a.send(json.dumps({"type": "step", "data": {"code": "import time; time.sleep(60)"}}))
-                assert leftovers(pid), "the episodes left nothing to clean up: the test proves nothing"
-                server.process.send_signal(signal.SIGKILL)
-                await asyncio.to_thread(server.process.wait, 30)
+            for ws in sessions:
+                reply = await ask(ws, {"type": "step", "data": {"code": DAEMON}})
+                assert reply["data"]["observation"]["exit_code"] == 0, reply
+            for ws in sessions:
+                await ws.send(json.dumps({"type": "step", "data": {"code": "import time; time.sleep(60)"}}))
+            gradings = await gradings_in_flight(http)
+            await load_reached(http, STEPS)
+            assert leftovers(pid), "the episodes left nothing to clean up: the test proves nothing"
+            server.process.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(server.process.wait, 30)
             deadline = time.monotonic() + 60
             while (left := await asyncio.to_thread(leftovers, pid)) and time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
             assert left == [], f"left after SIGKILL of the server: {left}"
         finally:  # never leave junk, even when the assertion above fails
+            for grading in gradings:
+                grading.cancel()
+            await asyncio.gather(*gradings, return_exceptions=True)
+            await http.aclose()
+            for ws in sessions:
+                with contextlib.suppress(Exception):
+                    await ws.close()
             clean_up_after(pid)
 
 
