@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -34,6 +35,7 @@ KernelSource = Callable[[str | None], Awaitable[Kernel]]
 TaskResolver = Callable[[str | None, Any, str | None], Task]
 HISTORY_BYTES = 1 << 20  # default budget of one episode's step history (Settings.history_bytes)
 # State fields a reset option must not overwrite (a client could otherwise plant a fake grading).
+MAX_OPTIONS_BYTES = 4096  # reset options are echoed in every state reply: a small, fixed cost
 RESERVED_STATE_KEYS = frozenset(EpisodeState.model_fields) | {"task_id", "grading", "seed"}
 
 
@@ -96,6 +98,9 @@ class Episode:
             if reserved:
                 raise InvalidRequestError(f"reset options may not set {', '.join(sorted(reserved))}",
                                           options=sorted(reserved))
+            if options and len(json.dumps(options, default=str)) > MAX_OPTIONS_BYTES:
+                raise InvalidRequestError(f"reset options take at most {MAX_OPTIONS_BYTES} bytes of JSON "
+                                          "(they are part of every state reply)")
             task_fields = {} if new_task is None else {"task_id": new_task.id, "grading": None}
             # Acquire first: a reset that fails (say, an unknown policy) keeps the old episode.
             kernel = await self._acquire(policy)

@@ -62,6 +62,7 @@ class Settings(BaseSettings):
                                      "each episode gets at most this / max_sessions")
     header_timeout_s: float = Field(10.0, gt=0, description="a request's headers must arrive within this")
     max_header_bytes: int = Field(64 << 10, ge=1024, description="largest request head (line + headers)")
+    body_timeout_s: float = Field(60.0, gt=0, description="a request's body must arrive within this of its headers")
     keepalive_timeout_s: float = Field(5.0, gt=0, description="close idle keep-alive HTTP connections")
     max_connections: int = Field(256, ge=4, description="open connections and requests at once; "
                                  "above it, 503")

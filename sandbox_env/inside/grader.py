@@ -404,6 +404,18 @@ def trusted_definitions(prelude: str) -> dict:
     return {k: v for k, v in defined.items() if not k.startswith("__")}
 
 
+class TaskSourceError(Exception):
+    """A test source of the task does not compile: the server does not compile a client's inline
+    task (that would be its CPU), so the grader says so, as each affected test's error."""
+
+
+def compile_task(source: str, where: str) -> Any:
+    try:
+        return compile(source, f"<{where}>", "exec")
+    except (SyntaxError, ValueError) as exc:
+        raise TaskSourceError(f"the task's {where} does not compile: {type(exc).__name__}: {exc}"[:2000]) from None
+
+
 def run_test(name: str, child: Child | None, state: dict, timeout: float, body: Any) -> dict:
     start, cpu0 = time.monotonic(), child.cpu() if child else 0.0
     state["deadline"] = start + timeout
@@ -446,16 +458,20 @@ def grade_calls(job: dict, timeout: float, child: Child) -> list:
         if ns is None:
             return [{"name": n, "status": load_error.status, "message": str(load_error)} for n in names]
         if spec["kind"] == "function":
-            exec(compile(spec["check"], "<check>", "exec"), ns)
+            exec(compile_task(spec["check"], "check"), ns)
             entry = spec["entry_point"]
             if entry not in ns or getattr(ns[entry], "__stub__", False):
                 return [{"name": "check", "status": "error", "message": f"{entry} is not defined by the submission"}]
             results.append(run_test("check", child, state, timeout, lambda: ns["check"](ns[entry])))
             return results
         if spec.get("setup"):
-            exec(compile(spec["setup"], "<setup>", "exec"), ns)
+            exec(compile_task(spec["setup"], "setup"), ns)
         for name, statement in zip(names, spec["asserts"]):
-            code = compile(statement, f"<{name}>", "exec")
+            try:
+                code = compile_task(statement, name)
+            except TaskSourceError as exc:
+                results.append({"name": name, "status": "error", "message": str(exc)})
+                continue
             results.append(run_test(name, child, state, timeout, lambda code=code: exec(code, ns)))
         return results
     finally:
@@ -594,7 +610,7 @@ def grade_stdio(job: dict, timeout: float, child: None = None) -> list:
     spec, limit = job["spec"], int(job.get("output_limit") or 1 << 24)
     ns: dict = {"__name__": "__checker__", "__builtins__": builtins}
     if spec["checker"] == "custom":
-        exec(compile(spec["checker_source"], "<checker>", "exec"), ns)
+        exec(compile_task(spec["checker_source"], "checker_source"), ns)
     results = []
     for i, case in enumerate(spec["cases"]):
         start = time.monotonic()
@@ -752,10 +768,13 @@ def main(job_data: bytes, early: tuple | None) -> None:
     if asserts_enabled():  # graded outside the except block: test errors must not chain to it
         grade = grade_stdio if kind == "stdio" else grade_pytest if kind == "pytest" else grade_calls
         try:
-            verdict = {"tests": grade(job, float(job["timeout_s"]), child), "hardened": HARDENED}
+            tests = grade(job, float(job["timeout_s"]), child)
+        except TaskSourceError as exc:
+            tests = [{"name": name, "status": "error", "message": str(exc)} for name in job["names"]]
         finally:
             if child is not None:
                 child.kill()
+        verdict = {"tests": tests, "hardened": HARDENED}
     emit(verdict, verdict_fd, key)
 
 

@@ -27,6 +27,7 @@ from sandbox_env.policy import available_policies
 from sandbox_env.server import mcp, routes, web, ws
 from sandbox_env.server.auth import TokenTable, admin_token, build_table
 from sandbox_env.server.guard import Guard, HostPolicy
+from sandbox_env.server.json_limits import MAX_JSON_NODES, json_cost_ok
 from sandbox_env.server.metrics import ServerMetrics
 from sandbox_env.server.reaper import Reaper
 from sandbox_env.server.transport import http_protocol
@@ -52,8 +53,11 @@ def uvicorn_kwargs(settings: Settings) -> dict[str, Any]:
     return {
         "host": settings.host,
         "port": settings.port,
-        "http": http_protocol(settings.header_timeout_s, settings.max_header_bytes),
+        "http": http_protocol(settings.header_timeout_s, settings.max_header_bytes, settings.body_timeout_s),
         "ws_max_size": settings.max_message_bytes,
+        # No compression: a few KB of deflated frame would expand to max_message_bytes of JSON
+        # that the loop then parses (and keeps per connection): the cost must track what is sent.
+        "ws_per_message_deflate": False,
         "ws_max_queue": WS_MAX_QUEUE,
         "ws_ping_interval": 20.0,
         "ws_ping_timeout": 20.0,
@@ -66,47 +70,81 @@ def uvicorn_kwargs(settings: Settings) -> dict[str, Any]:
     }
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 class BodySizeLimit:
-    """Reject HTTP bodies larger than the limit with 413: announced ones before reading them,
-    chunked ones as soon as the bytes received pass the limit."""
+    """Reject HTTP bodies larger than the limit with 413 (announced ones before reading them,
+    chunked ones as soon as the bytes received pass the limit), and JSON bodies holding more
+    values than the server parses on its loop (`json_limits`) with 422. The body, bounded by the
+    limit anyway, is read here and handed on whole."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
             await self.app(scope, receive, send)
             return
         for name, value in scope.get("headers", ()):
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
-                await self._reject(scope, receive, send)
+                await self._refuse(scope, receive, send, 413, f"request body larger than {self.max_bytes} bytes",
+                                   "payload_too_large")
                 return
-        received = 0
-
-        async def counting_receive() -> Message:
-            nonlocal received
+        chunks, size, more = [], 0, True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _BodyTooLarge
-            return message
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send, 413, f"request body larger than {self.max_bytes} bytes",
+                                   "payload_too_large")
+                return
+        body = b"".join(chunks)
+        if scope["path"] != "/mcp" and not json_cost_ok(body):  # /mcp answers in JSON-RPC itself
+            await self._refuse(scope, receive, send, 422, f"request body holds more than {MAX_JSON_NODES} JSON values",
+                               "invalid_request")
+            return
+        sent = False
 
-        try:
-            await self.app(scope, counting_receive, send)
-        except _BodyTooLarge:  # raised while the app reads the body, before it answers
-            await self._reject(scope, receive, send)
+        async def replay() -> Message:
+            nonlocal sent
+            if sent:
+                return await receive()  # after the body: the disconnect, when it comes
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
 
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = routes.JSONResponse(
-            {"detail": {"message": f"request body larger than {self.max_bytes} bytes",
-                        "code": "payload_too_large"}}, status_code=413)
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, message: str, code: str) -> None:
+        response = routes.JSONResponse({"detail": {"message": message, "code": code}}, status_code=status)
         await response(scope, receive, send)
+
+
+class CloseOnRefusal:
+    """A refused request (401, 403, 415) ends its connection: its body, maybe trickled on purpose
+    by someone without a token, is never waited for, and the slot is free at once. (Not 413: a
+    client still sending a big body would get a reset instead of the answer; `body_timeout_s`
+    bounds that case.)"""
+
+    REFUSED = frozenset({401, 403, 415})
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def closing_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] in self.REFUSED:
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, closing_send)
 
 
 def _token_table(app: FastAPI, settings: Settings) -> TokenTable | None:
@@ -224,6 +262,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_message_bytes)
     app.add_middleware(Guard, hosts=HostPolicy(settings.host, settings.allowed_hosts),
                        origins=settings.allowed_origins, tokens=_token_table(app, settings))
+    app.add_middleware(CloseOnRefusal)  # outermost: sees the Guard's refusals too
     app.include_router(routes.router)
     app.include_router(mcp.router)
     app.include_router(ws.router)

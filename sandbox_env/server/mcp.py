@@ -21,6 +21,7 @@ from sandbox_env.errors import SandboxEnvError
 from sandbox_env.models import CodeAction, CodeObservation, ExecStatus
 from sandbox_env.server.auth import ANONYMOUS, Tenant
 from sandbox_env.server.guard import tenant_of
+from sandbox_env.server.json_limits import MAX_JSON_NODES, json_cost_ok
 from sandbox_env.server.metrics import ServerMetrics, timed_step
 from sandbox_env.server.routes import MAX_JSON_DEPTH, JSONResponse, json_depth_ok
 
@@ -265,6 +266,8 @@ async def mcp_http(request: Request) -> Response:
     """Always HTTP 200 with a JSON-RPC body (202 without body for MCP notifications)."""
     state = request.app.state
     body = await request.body()
+    if not json_cost_ok(body):
+        return JSONResponse(_error(INVALID_REQUEST, f"Invalid Request: more than {MAX_JSON_NODES} JSON values"))
     try:
         payload = json.loads(body) if body.strip() else None
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep

@@ -4,8 +4,10 @@ uvicorn closes a keep-alive connection that stays silent (`timeout_keep_alive`),
 keeps sending half a header line, one byte at a time, holds its connection forever. Here the
 headers of a request must arrive within `header_timeout_s` of its first byte (of the connection,
 for the first request), and may not exceed `max_header_bytes`; either failure closes the
-connection with 408 or 431. Request bodies are bounded by `BodySizeLimit` and concurrency by
-uvicorn's `limit_concurrency`.
+connection with 408 or 431. The body must then arrive within `body_timeout_s` of the headers, or
+the connection is closed (a body trickled byte by byte would otherwise hold a connection slot:
+each byte resets uvicorn's own timer). Request bodies are bounded by `BodySizeLimit` and
+concurrency by uvicorn's `limit_concurrency`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class _HeaderDeadline:
 
     header_timeout_s: ClassVar[float] = 10.0
     max_header_bytes: ClassVar[int] = 64 << 10
+    body_timeout_s: ClassVar[float] = 60.0
 
     transport: asyncio.Transport
     loop: asyncio.AbstractEventLoop
@@ -96,9 +99,18 @@ class _HeaderDeadline:
         self._head_open = False
         self._head_bytes = 0
         self._disarm()
+        upgrade = self.parser.should_upgrade()  # type: ignore[attr-defined]
         super().on_headers_complete()  # type: ignore[misc]
+        if not upgrade:  # a WebSocket's transport is the socket's from now on: no deadline on it
+            self._deadline = self.loop.call_later(self.body_timeout_s, self._body_expired)
+
+    def _body_expired(self) -> None:
+        self._deadline = None
+        if not self._head_open and not self.transport.is_closing():
+            self.transport.close()  # the app may have answered already: no status line of ours
 
     def on_message_complete(self) -> None:
+        self._disarm()  # the body is in: the app's own time is not bounded here
         self._head_open = True  # what comes next is the head of the next request
         self._head_bytes = 0
         super().on_message_complete()  # type: ignore[misc]
@@ -108,7 +120,8 @@ class _HeaderDeadline:
         super().connection_lost(exc)  # type: ignore[misc]
 
 
-def http_protocol(header_timeout_s: float, max_header_bytes: int) -> type[asyncio.Protocol] | str:
+def http_protocol(header_timeout_s: float, max_header_bytes: int,
+                  body_timeout_s: float = 60.0) -> type[asyncio.Protocol] | str:
     """uvicorn's httptools protocol (what its "auto" picks) with the header deadline, for
     `uvicorn.Config(http=...)`; without httptools, h11, bounded by `h11_max_incomplete_event_size`
     only."""
@@ -117,4 +130,5 @@ def http_protocol(header_timeout_s: float, max_header_bytes: int) -> type[asynci
     except ImportError:  # pragma: no cover - httptools is in uvicorn[standard]
         return "h11"
     return type("SandboxHttpProtocol", (_HeaderDeadline, HttpToolsProtocol),
-                {"header_timeout_s": header_timeout_s, "max_header_bytes": max_header_bytes})
+                {"header_timeout_s": header_timeout_s, "max_header_bytes": max_header_bytes,
+                 "body_timeout_s": body_timeout_s})

@@ -20,6 +20,7 @@ from sandbox_env.errors import CapacityError, SandboxEnvError
 from sandbox_env.models import CodeAction, ResetRequest
 from sandbox_env.server.auth import Tenant
 from sandbox_env.server.guard import tenant_of
+from sandbox_env.server.json_limits import MAX_JSON_NODES, json_cost_ok
 from sandbox_env.server.mcp import handle_jsonrpc
 from sandbox_env.server.metrics import ServerMetrics, timed_step
 from sandbox_env.server.routes import MAX_JSON_DEPTH, json_depth_ok, json_dumps, validation_errors
@@ -108,6 +109,8 @@ class WsSession:
                 f"Message too large: {len(text.encode('utf-8', 'replace'))} bytes "
                 f"(limit {self.max_message_bytes})", "VALIDATION_ERROR",
                 max_message_bytes=self.max_message_bytes)
+        if not json_cost_ok(text):
+            return error_frame(f"Invalid message: more than {MAX_JSON_NODES} JSON values", "VALIDATION_ERROR")
         try:
             raw = json.loads(text)
         except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep

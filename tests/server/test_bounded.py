@@ -156,3 +156,96 @@ async def test_connections_are_bounded(live_server_factory) -> None:
         while (await http.get("/health")).status_code != 200:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.1)
+
+
+async def test_frames_are_never_compressed(live_server) -> None:
+    """permessage-deflate is not negotiated: a frame costs the server what the client sent."""
+    async with connect(ws_url(live_server), additional_headers=live_server.headers, compression="deflate") as ws:
+        assert "sec-websocket-extensions" not in {k.lower() for k in ws.response.headers.keys()}
+        assert (await request(ws, {"type": "state"}))["type"] == "state"
+
+
+VALUE_BOMB = '{"type": "state", "pad": [' + "[]," * 400_000 + "[]]}"  # 1.2 MB, 400k values
+
+
+async def test_json_with_too_many_values_is_refused_before_parsing(live_server) -> None:
+    async with connect(ws_url(live_server), additional_headers=live_server.headers, max_size=None) as ws:
+        reply = await request(ws, json.loads(json.dumps({"type": "reset", "data": {"episode_id": "bomb"}})))
+        assert reply["type"] == "observation"
+        await ws.send(VALUE_BOMB)
+        reply = json.loads(await asyncio.wait_for(ws.recv(), 60))
+        assert reply["type"] == "error" and "JSON values" in reply["data"]["message"], reply
+        # a big frame of one string value is fine: commas inside strings are not values
+        code = "x = '" + "," * 500_000 + "'\nprint(len(x))"
+        reply = await request(ws, {"type": "step", "data": {"code": code}})
+        assert reply["data"]["observation"]["stdout"] == "500000\n"
+    async with httpx.AsyncClient(base_url=live_server.url, headers=live_server.headers, timeout=60) as http:
+        for path in ("/step", "/grade"):
+            reply = await http.post(path, content=VALUE_BOMB, headers={"content-type": "application/json"})
+            assert reply.status_code == 422 and "JSON values" in reply.text, (path, reply.text[:300])
+        reply = await http.post("/mcp", content=VALUE_BOMB, headers={"content-type": "application/json"})
+        assert reply.status_code == 200 and reply.json()["error"]["code"] == -32600, reply.text[:300]
+        assert "JSON values" in reply.json()["error"]["message"]
+
+
+async def test_reset_options_are_bounded(live_server) -> None:
+    """Options are echoed in every state reply: a big one would make each 16-byte state frame
+    cost the server megabytes."""
+    async with connect(ws_url(live_server), additional_headers=live_server.headers) as ws:
+        reply = await request(ws, {"type": "reset", "data": {"note": "n" * 5000}})
+        assert reply["type"] == "error" and reply["data"]["error_code"] == "invalid_request", reply
+        reply = await request(ws, {"type": "reset", "data": {"note": "small", "episode_id": "opts"}})
+        assert reply["type"] == "observation"
+        state = await request(ws, {"type": "state"})
+        assert state["data"]["note"] == "small"
+
+
+async def test_an_inline_task_is_compiled_in_the_sandbox_not_on_the_server(live_server) -> None:
+    """Compiling a client's test sources would be the server's CPU (a few KB of dense literal
+    cost seconds): its grader compiles them, and reports a source that does not compile as that
+    test's error."""
+    task = {"id": "inline-syntax", "tests": {"kind": "asserts",
+                                              "asserts": ["assert f(1) == 1", "assert ((", "assert f(2) == 2"]}}
+    async with httpx.AsyncClient(base_url=live_server.url, headers=live_server.headers, timeout=120) as http:
+        reply = await http.post("/grade", json={"task": task, "submission": "def f(x):\n    return x\n"})
+    assert reply.status_code == 200, reply.text[:300]
+    tests = {t["name"]: t for t in reply.json()["tests"]}
+    assert tests["assert 0"]["status"] == tests["assert 2"]["status"] == "passed"
+    assert tests["assert 1"]["status"] == "error" and "does not compile" in tests["assert 1"]["message"]
+
+
+def _closed_by_server(sock: socket.socket, byte_every_s: float, bound_s: float) -> tuple[bytes, bool]:
+    """Trickle a body one byte at a time until the server closes; what it answered, and whether
+    it closed within `bound_s` (a bound on the test's length, not a performance figure)."""
+    received, start = b"", time.monotonic()
+    sock.settimeout(byte_every_s)
+    while time.monotonic() - start < bound_s:
+        try:
+            sock.sendall(b"x")
+        except OSError:
+            return received, True
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError:
+            return received, True
+        if not data:
+            return received, True
+        received += data
+    return received, False
+
+
+async def test_a_trickled_body_does_not_hold_a_connection(live_server_factory) -> None:
+    """Without a token: refused and closed at once (the body is never waited for). With one: the
+    body must arrive within body_timeout_s of the headers."""
+    server = live_server_factory(body_timeout_s=2.0, pool_size=0)
+    head = ("POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+            "content-length: 1000000\r\n{auth}\r\n\r\n{{")
+    for auth, status in (("x-no-token: 1", b"401"), (f"authorization: Bearer {server.token}", None)):
+        with socket.create_connection(("127.0.0.1", port_of(server)), timeout=30) as sock:
+            sock.sendall(head.format(auth=auth).encode())
+            received, closed = await asyncio.to_thread(_closed_by_server, sock, 0.2, 60.0)
+        assert closed, f"still open after a minute ({auth})"
+        if status is not None:
+            assert received.split(b" ", 2)[1] == status, received[:200]

@@ -124,8 +124,8 @@ async def test_huge_message_is_refused_by_the_transport_and_the_server_goes_on(l
         await s.reset()
         await s.step("x = 41")
         huge = json.dumps({"type": "step", "data": {"code": "#" + "x" * limit}})
-        await s.send(huge)
-        with pytest.raises(ConnectionClosed) as closed:
+        with pytest.raises(ConnectionClosed) as closed:  # while still sending, or at the next read
+            await s.send(huge)
             await s.recv()
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
         assert (await other.step("print(y)"))["observation"]["stdout"] == "1\n"
