@@ -13,9 +13,10 @@ import base64
 import os
 
 import pytest
+import zmq
 from kernel_helpers import KernelFactory
 
-from sandbox_env.kernels.jupyter import JupyterKernel
+from sandbox_env.kernels.jupyter import POLL_S, JupyterKernel
 from sandbox_env.models import ExecStatus
 
 MB = 1 << 20
@@ -178,3 +179,44 @@ async def test_the_relay_runs_unprivileged(make_kernel: KernelFactory) -> None:
         assert status["Seccomp"].strip() == "2"
     if os.geteuid() == 0 and kernel._layout is not None:
         assert kernel._layout.uid != 0
+
+
+async def test_connection_watches_stop_before_their_sockets_close(make_kernel: KernelFactory,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step watches the server's shell and iopub sockets for a dropped connection (a libzmq
+    monitor each, `_disconnected`). libzmq sends a monitor's events from the context's one I/O
+    thread, with a blocking send, until the socket is gone, which is after close() returns: the
+    relay's end, sent to a watch already closed, blocked that thread for good, and every kernel of
+    the server with it (each start then failed: "Kernel didn't respond in 30 seconds"). So the
+    teardown stops each monitor before its socket, or its watch, closes."""
+    kernel = await make_kernel()
+    assert isinstance(kernel, JupyterKernel) and kernel._cur is not None
+    assert (await kernel.execute(f"import time; time.sleep({3 * POLL_S})")).status is ExecStatus.OK
+    kc = kernel._cur.kc
+    assert kc is not None
+    sockets = {"iopub": kc.iopub_channel.socket, "shell": kc.shell_channel.socket}
+    watches = {name: sock._monitor_socket for name, sock in sockets.items()}
+    assert all(watch is not None and not watch.closed for watch in watches.values()), watches
+    names = {id(sock): name for name, sock in sockets.items()}
+    names |= {id(watch): f"{name} watch" for name, watch in watches.items()}
+    seen: list[str] = []
+    close, disable_monitor = zmq.Socket.close, zmq.Socket.disable_monitor
+
+    def spy_close(sock: zmq.Socket, linger: int | None = None) -> None:
+        if id(sock) in names:
+            seen.append(f"close {names[id(sock)]}")
+        close(sock, linger)
+
+    def spy_disable_monitor(sock: zmq.Socket) -> None:
+        if id(sock) in names:
+            seen.append(f"stop {names[id(sock)]} monitor")
+        disable_monitor(sock)
+
+    monkeypatch.setattr(zmq.Socket, "close", spy_close)
+    monkeypatch.setattr(zmq.Socket, "disable_monitor", spy_disable_monitor)
+    await kernel.close()
+    for name in sockets:
+        assert f"stop {name} monitor" in seen, seen
+        assert f"close {name}" in seen and f"close {name} watch" in seen, seen
+        stop = seen.index(f"stop {name} monitor")
+        assert stop < seen.index(f"close {name}") and stop < seen.index(f"close {name} watch"), seen
