@@ -174,6 +174,23 @@ def _disconnected(kc: AsyncKernelClient) -> bool:
     return found
 
 
+def _unwatch(kc: AsyncKernelClient) -> None:
+    """Stop the channel sockets' monitors, then close their watches; before the sockets close.
+
+    A socket closes in libzmq after `close()` returns, and until then it still sends its events:
+    one sent to a watch already closed (as closing the socket's Python object did) blocks the
+    context's I/O thread for good (libzmq #3575), with every kernel of the server on it. The
+    relay's end, a moment later, is such an event."""
+    for channel in (kc._iopub_channel, kc._shell_channel):  # the properties would open missing ones
+        sock = getattr(channel, "socket", None)
+        watch = getattr(sock, "_monitor_socket", None)
+        if sock is None or watch is None:
+            continue
+        if not sock.closed:
+            sock.disable_monitor()
+        watch.close(0)
+
+
 @dataclasses.dataclass
 class _Process:
     """One kernel process (a restart makes a new one) and everything attached to it."""
@@ -413,6 +430,7 @@ class JupyterKernel(Kernel):
 
     async def _destroy(self, cur: _Process) -> None:
         if cur.kc is not None:
+            _unwatch(cur.kc)
             cur.kc.stop_channels()
         await asyncio.to_thread(cur.conf.kill_all)
         if cur.proc is not None:
