@@ -43,7 +43,8 @@ def serve(
     allow_remote_no_auth: bool = typer.Option(False, "--allow-remote-no-auth",
                                               help="Allow --no-auth on a non-loopback bind."),
     allow_unisolated: bool = typer.Option(False, "--allow-unisolated",
-                                          help="Run Jupyter kernels without their sandbox (trusted code only)."),
+                                          help="Run Jupyter kernels without their sandbox, or serve a backend "
+                                               "that is none (fake); trusted code only."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
 ) -> None:
     """Run the HTTP/WebSocket server (one worker). Flags override SANDBOX_ENV_* variables."""
@@ -63,6 +64,8 @@ def serve(
         raise _fail(_validation_message(exc)) from None
     if allow_unisolated:
         settings = settings.model_copy(update={"jupyter_unisolated": True})
+    else:
+        _refuse_unisolated_backend(settings.backend)
     if settings.backend == "jupyter" and not settings.jupyter_unisolated:  # every policy is for untrusted code
         from sandbox_env.kernels.jupyter_sandbox import IsolationOptions, isolation_problem
 
@@ -86,6 +89,21 @@ def serve(
     # One worker: sessions live in this process's memory and cannot be shared across workers.
     # SIGTERM drains: steps in flight finish, then sessions close with 1001 (docs/service-security.md).
     serve_app(application, settings, log_level=log_level)
+
+
+def _refuse_unisolated_backend(backend: str) -> None:
+    """A backend that is not a sandbox (the in-process fake, for tests) is served only on request:
+    whoever reaches the server would run code with its rights."""
+    from sandbox_env.errors import SandboxEnvError
+    from sandbox_env.kernels import load_kernel_class
+
+    try:
+        kernel_class = load_kernel_class(backend)
+    except SandboxEnvError as exc:
+        raise _fail(exc.message) from None
+    if "isolation" not in kernel_class.capabilities:
+        raise _fail(f"refusing to serve: the {backend} backend is not a sandbox (code runs unisolated, with "
+                    "the server's rights); --allow-unisolated serves it anyway, for trusted code only")
 
 
 def _with_token(settings: Any) -> tuple[Any, str | None, bool]:

@@ -15,6 +15,9 @@ from typing import Any
 
 import pytest
 
+# The backend contract's checks are plain asserts in the package: pytest explains their failures.
+pytest.register_assert_rewrite("sandbox_env.testing")
+
 STARTUP_DEADLINE_S = 120.0  # generous: a shared 2-core machine may be busy starting kernels
 # Servers require a token; the test servers use this one, and sandbox-env's clients (and the
 # servers and tools the tests start in subprocesses) read it from the environment.

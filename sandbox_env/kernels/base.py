@@ -9,6 +9,21 @@ from sandbox_env.errors import KernelUnavailableError
 from sandbox_env.models import ExecutionResult
 from sandbox_env.policy import Policy
 
+# Parts of the contract a backend may lack (the in-process fake lacks all of them); the
+# conformance suite (`sandbox_env.testing`) skips exactly the checks that need a missing one.
+CAPABILITIES: dict[str, str] = {
+    "isolation": "a sandbox: the kernel's files, environment and processes are its own, the host's "
+                 "invisible (`serve` refuses a backend without it unless --allow-unisolated)",
+    "memory_limit": "the policy's memory_mb is enforced: a memory hog ends as oom, the server unharmed",
+    "process_limit": "the policy's pids limit is enforced: a fork loop is contained",
+    "process_cleanup": "every process the code starts, daemons too, ends with the interpreter",
+    "fd_output": "output written to file descriptors 1 and 2 (os.write, subprocesses) is captured",
+    "hard_kill": "a step that ignores interrupts is killed at its limit and the interpreter replaced",
+    "process_exit": "os._exit and fatal signals end only the interpreter, and the step reports them",
+    "rich_display": "IPython's display() comes back as rich outputs (images, HTML)",
+}
+ALL_CAPABILITIES = frozenset(CAPABILITIES)
+
 
 class Kernel(abc.ABC):
     """One isolated, stateful Python interpreter serving exactly one episode.
@@ -20,6 +35,9 @@ class Kernel(abc.ABC):
     """
 
     name: ClassVar[str]
+    # What of the contract this backend fulfils. The default claims all of it, so a new backend is
+    # held to the whole suite unless it says otherwise.
+    capabilities: ClassVar[frozenset[str]] = ALL_CAPABILITIES
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy

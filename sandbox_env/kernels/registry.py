@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 BUILTIN: dict[str, str] = {
     "jupyter": "sandbox_env.kernels.jupyter:JupyterKernel",
     "docker": "sandbox_env.kernels.docker:DockerKernel",
+    "fake": "sandbox_env.kernels.fake:FakeKernel",  # in-process, NOT a sandbox: for tests (fake.py)
 }
 ENTRY_POINT_GROUP = "sandbox_env.kernels"
 

@@ -90,6 +90,20 @@ def test_serve_rejects_an_invalid_flag_value_before_starting() -> None:
     assert "max_sessions" in out.stderr
 
 
+def test_serve_refuses_a_backend_that_is_not_a_sandbox() -> None:
+    for args, env in [(["--backend", "fake"], {}), ([], {"SANDBOX_ENV_BACKEND": "fake"})]:
+        out = subprocess.run([*CLI, "serve", "--port", "0", *args], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, **env})
+        assert out.returncode == 2, out.stderr
+        assert "not a sandbox" in out.stderr and "--allow-unisolated" in out.stderr
+
+
+def test_run_on_the_fake_backend_runs_in_process() -> None:
+    out = sandbox_env("run", "--backend", "fake", "-", stdin="print(6 * 7)\n")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["observation"]["stdout"] == "42\n"
+
+
 @pytest.mark.slow
 def test_run_a_file_prints_the_wire_observation(tmp_path: Path) -> None:
     pytest.importorskip("sandbox_env.kernels.jupyter", reason="the jupyter backend is not written yet")

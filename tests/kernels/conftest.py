@@ -1,29 +1,23 @@
-"""Fixtures for the kernel backends: real kernels of each backend, closed after each test."""
+"""Fixtures for the backend-specific kernel tests: `make_kernel` starts kernels of the backend a
+module names with its own `backend` fixture, closed after each test. (The contract every backend
+shares is `test_conformance.py`, run by `sandbox_env.testing`.)"""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import Any
 
-import pytest
 import pytest_asyncio
-from kernel_helpers import BACKENDS, KernelFactory, jupyter_leftovers, test_policy
+from kernel_helpers import KernelFactory, jupyter_leftovers, test_policy
 
 from sandbox_env.kernels import load_kernel_class
 from sandbox_env.kernels.base import Kernel
 from sandbox_env.policy import Policy
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 @pytest_asyncio.fixture
-async def make_kernel(backend: str, request: pytest.FixtureRequest) -> AsyncIterator[KernelFactory]:
-    """Start kernels of the parametrized backend; all are closed at the end of the test."""
-    if backend == "docker":
-        request.getfixturevalue("require_docker")
+async def make_kernel(backend: str) -> AsyncIterator[KernelFactory]:
+    """Start kernels of the module's backend; all are closed at the end of the test."""
     cls = load_kernel_class(backend)
     kernels: list[Kernel] = []
 
