@@ -4,7 +4,9 @@ The admin token comes from `SANDBOX_ENV_TOKEN` (`Settings.token`), `token_file`,
 at start (as Jupyter does); more tenants come from `tenants` / `tenants_file`. A request may carry
 its token as `Authorization: Bearer <token>` (also `token <token>`, or HTTP Basic with the token as
 password, which is what `http://user:<token>@host` URLs send), as `?token=<token>`, or as the
-HttpOnly cookie the page gets after opening `/web?token=<token>`.
+HttpOnly cookie the page gets after opening `/web?token=<token>`. uvicorn logs request paths with
+their query, so `install_log_redaction` rewrites every `token=<value>` in its access and WebSocket
+lines to `token=[redacted]`.
 
 Lookups hash the presented token and compare it with every known token's hash in constant time,
 so neither timing nor an early exit tells which tenant, if any, came close. Imports only the
@@ -17,6 +19,8 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,3 +206,38 @@ def credential(scope: dict[str, object]) -> Credential | None:
             if key == COOKIE_NAME and value:
                 return Credential(value, "cookie")
     return None
+
+
+_TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&\s\"]+")
+REDACTED = "[redacted]"
+# uvicorn's access lines ("uvicorn.access") and its WebSocket handshake lines ("uvicorn.error")
+# carry the request path with its query string.
+REDACTED_LOGGERS = ("uvicorn.access", "uvicorn.error")
+
+
+def redact_tokens(text: str) -> str:
+    """`text` with the value of every `token=` query parameter replaced by `[redacted]`."""
+    return _TOKEN_IN_QUERY.sub(rf"\g<1>{REDACTED}", text) if "token=" in text else text
+
+
+class RedactTokens(logging.Filter):
+    """Rewrites a record's message and string arguments in place (each argument on its own, so
+    uvicorn's access formatter still finds its five)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = redact_tokens(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact_tokens(a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: redact_tokens(v) if isinstance(v, str) else v for k, v in record.args.items()}
+        return True
+
+
+def install_log_redaction() -> None:
+    """Put `RedactTokens` on uvicorn's loggers (once). Filters on a logger survive uvicorn's own
+    `dictConfig` and a `--log-config`, which only add to them."""
+    for name in REDACTED_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactTokens) for f in logger.filters):
+            logger.addFilter(RedactTokens())

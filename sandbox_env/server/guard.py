@@ -5,10 +5,15 @@ server's own on `/ws` and on state-changing HTTP (cross-site requests), the call
 token (see `auth`), and a POST body must be `application/json` (a cross-site form or `text/plain`
 fetch never is). The health probes (`/health`, `/healthz`, `/readyz`) are the only routes outside
 it: load balancers, `AutoEnv` and orchestrators call them without credentials, and they reveal
-nothing but "up" and "ready". There is no CORS: no response ever carries
+nothing but "up" and "ready" (a probe from an allowed Host with a valid token carries its
+tenant, so `/readyz` can add the counts for the admin). There is no CORS: no response ever carries
 `Access-Control-Allow-*`, so a page from elsewhere can neither send credentials nor read replies.
+`?token=` is traded for the page's cookie only on a navigation the user made (no
+`Sec-Fetch-Site`, or `none` or `same-origin`): a link on another site cannot log the browser in
+as someone else.
 
-A request that passes carries its `Tenant` in `scope["state"]["tenant"]`.
+A request that passes carries its `Tenant` in `scope["state"]["tenant"]`. Building the Guard also
+installs the redaction of `token=` values from uvicorn's log lines (`auth.install_log_redaction`).
 """
 
 from __future__ import annotations
@@ -22,13 +27,25 @@ from urllib.parse import urlencode, urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from sandbox_env.server.auth import ANONYMOUS, COOKIE_NAME, NOBODY, Credential, Tenant, TokenTable, credential
+from sandbox_env.server.auth import (
+    ANONYMOUS,
+    COOKIE_NAME,
+    NOBODY,
+    Credential,
+    Tenant,
+    TokenTable,
+    credential,
+    install_log_redaction,
+)
 
 PROBES = frozenset({"/health", "/healthz", "/readyz"})
 # Pages a browser opens with `?token=`: they get the cookie and a redirect that drops the token
 # from the address bar.
 PAGES = ("/web", "/docs", "/redoc")
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# `Sec-Fetch-Site` values of a navigation the user made (typed, pasted, bookmarked) or one from this
+# server's own pages; absent: not a browser that sends it.
+USER_NAVIGATION = frozenset({b"", b"none", b"same-origin"})
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]"})
 WS_POLICY_VIOLATION = 1008
@@ -122,6 +139,7 @@ class Guard:
         self.hosts = hosts
         self.origins = frozenset(o.strip().lower().rstrip("/") for o in origins)
         self.tokens = tokens
+        install_log_redaction()  # uvicorn's log lines carry ?token= of the paths it logs
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -130,11 +148,14 @@ class Guard:
             return
         path = scope.get("path", "")
         method = scope.get("method", "GET") if kind == "http" else "GET"
-        if kind == "http" and path in PROBES and method in SAFE_METHODS:
-            await self.app(scope, receive, send)
-            return
         headers = _headers(scope)
         host = headers[b"host"].decode("latin-1") if b"host" in headers else None
+        if kind == "http" and path in PROBES and method in SAFE_METHODS:
+            # Open to anyone; a caller who passes the gate is known (the admin sees /readyz's counts).
+            if self.hosts.allows(host) and (tenant := self._tenant(credential(scope))) is not None:
+                scope.setdefault("state", {})["tenant"] = tenant
+            await self.app(scope, receive, send)
+            return
         if not self.hosts.allows(host):
             await self._refuse(scope, receive, send, 403, "host_not_allowed",
                                "this server does not answer to that Host name; add it to allowed_hosts")
@@ -165,6 +186,11 @@ class Guard:
         scope.setdefault("state", {})["tenant"] = tenant
         if found is not None and found.source == "query" and kind == "http" and method == "GET" \
                 and self.tokens is not None and path.startswith(PAGES):
+            if fetch_site not in USER_NAVIGATION:  # a link elsewhere would log the browser in as its author
+                await self._refuse(scope, receive, send, 403, "origin_not_allowed",
+                                   "a ?token= URL opened from another site is refused: paste the URL "
+                                   "into the address bar")
+                return
             await self._set_cookie_and_redirect(scope, send, found)
             return
         await self.app(scope, receive, send)

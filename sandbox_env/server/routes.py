@@ -203,23 +203,30 @@ async def state(request: Request) -> dict[str, Any]:
     return EpisodeState(backend=settings.backend, policy=settings.policy).model_dump()
 
 
+# The probes answer GET and HEAD (load balancers and orchestrators use either), without a token.
 @router.get("/health", tags=["Health"], summary="OpenEnv liveness probe")
+@router.head("/health", include_in_schema=False)
 async def health() -> dict[str, str]:
     return {"status": "healthy"}
 
 
 @router.get("/healthz", tags=["Health"], summary="Liveness: the process answers")
+@router.head("/healthz", include_in_schema=False)
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
 @router.get("/readyz", tags=["Health"], summary="Readiness: not draining and a session slot free")
+@router.head("/readyz", include_in_schema=False)
 async def readyz(request: Request) -> Response:
+    """200 `{"status": "ready"}`, or 503 `draining` / `full`: nothing more to an unknown caller
+    (the probe needs no token and skips the Host check); the admin also gets the counts."""
     manager = _manager(request)
-    ready = manager.ready()
-    body = {"status": "ready" if ready else "not ready", "active_sessions": manager.active,
-            "max_sessions": manager.capacity}
-    if ready:
+    status = "draining" if manager.draining else "ready" if manager.ready() else "full"
+    body: dict[str, Any] = {"status": status}
+    if tenant_of(request).admin:
+        body.update(active_sessions=manager.active, max_sessions=manager.capacity)
+    if status == "ready":
         return JSONResponse(body)
     return JSONResponse(body, status_code=503, headers={"Retry-After": RETRY_AFTER_S})
 

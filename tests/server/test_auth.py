@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -285,3 +286,75 @@ def test_serve_generates_a_token_and_prints_a_ready_url(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_tokens_in_urls_never_reach_the_log(tmp_path: Path) -> None:
+    """uvicorn logs each request's path with its query: `/web?token=…`, `/ws?token=…` and a
+    refused near miss are logged with `token=[redacted]`, at the default log level."""
+    import socket
+
+    from websockets.sync.client import connect as connect_sync
+
+    token = os.environ["SANDBOX_ENV_TOKEN"]  # configured, so the banner never prints it either
+    near_miss = token[:-4] + "beef"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "sandbox_env.cli", "serve", "--port", str(port),
+                                 "--log-level", "info"], cwd=tmp_path, stdout=sink, stderr=sink,
+                                env={**os.environ, "SANDBOX_ENV_POOL_SIZE": "0"})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{root}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        assert httpx.get(f"{root}/web", params={"token": token}, timeout=10).status_code == 303
+        assert httpx.get(f"{root}/episodes", params={"token": token}, timeout=10).status_code == 200
+        with connect_sync(f"ws://127.0.0.1:{port}/ws?token={token}", open_timeout=10) as ws:
+            ws.send(json.dumps({"type": "state"}))
+            assert json.loads(ws.recv(30))["type"] == "state"
+        with pytest.raises(InvalidStatus):
+            connect_sync(f"ws://127.0.0.1:{port}/ws?x=1&token={near_miss}", open_timeout=10)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    text = log.read_text()
+    assert text.count("token=[redacted]") >= 4, text  # the lines were logged, the tokens were not
+    assert token not in text and near_miss not in text, text
+
+
+async def test_a_token_url_opened_from_another_site_is_refused(live_server, anonymous) -> None:
+    """Login CSRF: a link elsewhere to `/web?token=<the attacker's>` must not replace the
+    victim's cookie. Only a navigation the user made trades the token for a cookie."""
+    for site in ("cross-site", "same-site"):
+        reply = await anonymous.get("/web", params={"token": live_server.token}, headers={"sec-fetch-site": site})
+        assert reply.status_code == 403 and "set-cookie" not in reply.headers, (site, reply.text)
+        assert "address bar" in reply.json()["detail"]["message"]
+    for site in ("none", "same-origin"):
+        reply = await anonymous.get("/web", params={"token": live_server.token}, headers={"sec-fetch-site": site})
+        assert reply.status_code == 303 and "set-cookie" in reply.headers, (site, reply.text)
+
+
+async def test_readyz_tells_a_stranger_only_its_status(anonymous, admin) -> None:
+    """The probe needs no token and skips the Host check: it says "ready", nothing more, unless
+    the admin's token comes from an allowed Host."""
+    for headers in ({}, {"host": "evil.example"}, {"Authorization": "Bearer wrong-token-wrong-token"}):
+        reply = await anonymous.get("/readyz", headers=headers)
+        assert reply.status_code == 200 and reply.json() == {"status": "ready"}, (headers, reply.text)
+    counted = (await admin.get("/readyz")).json()
+    assert counted["status"] == "ready" and counted["max_sessions"] == 8 and "active_sessions" in counted
+    assert (await admin.get("/readyz", headers={"host": "evil.example"})).json() == {"status": "ready"}
+
+
+async def test_probes_answer_head_without_a_token(anonymous) -> None:
+    for path in ("/health", "/healthz", "/readyz"):
+        reply = await anonymous.head(path)
+        assert reply.status_code == 200 and reply.content == b"", (path, reply.status_code)

@@ -81,7 +81,7 @@ async def test_sigterm_lets_every_step_in_flight_finish_then_closes_with_1001(
             async def draining() -> bool:
                 return (await http.get("/readyz")).status_code == 503
             await wait_for(draining, "/readyz reports draining")
-            assert (await http.get("/readyz")).json()["status"] == "not ready"
+            assert (await http.get("/readyz")).json()["status"] == "draining"
             refused = await http.post("/step", json={"action": {"code": "print(1)"}})
             assert refused.status_code == 503 and refused.json()["detail"]["code"] == "draining"
             async with connect(server.ws, additional_headers=server.headers, open_timeout=30) as late:

@@ -34,6 +34,7 @@ async def test_capacity_reached_then_freed(live_server_factory, ws_session, wait
             assert (await http.post("/reset")).status_code == 503
             ready = await http.get("/readyz")
             assert ready.status_code == 503 and ready.json()["active_sessions"] == 2
+            assert ready.json()["status"] == "full"
             assert (await http.get("/health")).json() == {"status": "healthy"}
             rpc = (await http.post("/mcp", json={
                 "jsonrpc": "2.0", "id": 1, "method": "tools/call",
