@@ -103,15 +103,32 @@ class SessionManager:
             if _LIVE_MANAGERS[self.kernel_class] == 0:
                 await self.kernel_class.teardown_backend()
 
-    async def open_episode(self, owner: str = "") -> Episode:
-        """Take a session slot for `owner` (a tenant); the episode gets its kernel at its first reset."""
+    def used(self, owner: str) -> int:
+        """Session slots `owner` holds: its open episodes and its gradings in flight."""
+        return len(self.owned(owner)) + self.gradings.get(owner, 0)
+
+    def _admit(self, owner: str) -> None:
+        """Raise unless a new session or grading of `owner` may start: not draining, a slot
+        free, and within `owner`'s session quota (which its gradings count toward)."""
         if self.draining:
             raise DrainingError(self.active, self.capacity)
         if not self.ready():
             raise CapacityError(self.active, self.capacity)
         limit = self.settings.tenant_max_sessions
-        if limit is not None and (used := len(self.owned(owner))) >= limit:
+        if limit is not None and (used := self.used(owner)) >= limit:
             raise QuotaError("sessions", used, limit)
+
+    def admit_grading(self, owner: str = "") -> None:
+        """Raise unless `owner` may start a grading now (see `_admit`; also `tenant_max_gradings`).
+        `grade` checks it again; callers that compile a client's task check it first."""
+        self._admit(owner)
+        limit = self.settings.tenant_max_gradings
+        if limit is not None and (used := self.gradings.get(owner, 0)) >= limit:
+            raise QuotaError("concurrent gradings", used, limit)
+
+    async def open_episode(self, owner: str = "") -> Episode:
+        """Take a session slot for `owner` (a tenant); the episode gets its kernel at its first reset."""
+        self._admit(owner)
         episode = Episode(self._acquire, backend=self.settings.backend, tasks=self.resolve_task,
                           reward=self.settings.reward, owner=owner, history_bytes=self.history_budget)
         self.episodes[id(episode)] = episode
@@ -176,15 +193,9 @@ class SessionManager:
 
     async def grade(self, task: Task, submission: str, *, policy: str | None = None,
                     reward: str | None = None, owner: str = "") -> Grading:
-        """One-shot grading on a warm kernel; counts toward capacity (and `owner`'s grading quota)
-        while it runs."""
-        if self.draining:
-            raise DrainingError(self.active, self.capacity)
-        if not self.ready():
-            raise CapacityError(self.active, self.capacity)
-        limit = self.settings.tenant_max_gradings
-        if limit is not None and (used := self.gradings.get(owner, 0)) >= limit:
-            raise QuotaError("concurrent gradings", used, limit)
+        """One-shot grading on a warm kernel; counts toward capacity and `owner`'s session and
+        grading quotas while it runs."""
+        self.admit_grading(owner)
         if reward:
             try:
                 reward_policy(reward)
@@ -222,9 +233,13 @@ class SessionManager:
             await kernel.close()
         return result
 
-    def find(self, key: str) -> Episode | None:
-        """A live episode by its episode_id or its session_id."""
-        return next((ep for ep in self.episodes.values() if key in (ep.id, ep.session_id)), None)
+    def find(self, key: str, owner: str | None) -> list[Episode]:
+        """Live episodes of `owner` (None: everyone's) that `key` names: the one whose session_id
+        it is (the server makes those, unique), else every one whose episode_id it is (clients
+        choose those: several episodes may share one)."""
+        mine = self.owned(owner)
+        by_session = [ep for ep in mine if ep.session_id == key]
+        return by_session or [ep for ep in mine if ep.id == key]
 
     def policy(self, name: str | None) -> Policy:
         """Resolve a policy a client asked for; only names, never paths."""

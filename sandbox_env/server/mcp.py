@@ -17,7 +17,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from sandbox_env._version import __version__
-from sandbox_env.errors import SandboxEnvError
+from sandbox_env.errors import DrainingError, SandboxEnvError
 from sandbox_env.models import CodeAction, CodeObservation, ExecStatus
 from sandbox_env.server.auth import ANONYMOUS, Tenant
 from sandbox_env.server.guard import tenant_of
@@ -203,7 +203,8 @@ async def handle_jsonrpc(payload: Any, *, manager: SessionManager, metrics: Serv
                                metrics=metrics, tenant=tenant, sessions=sessions, episode=episode)
     except SandboxEnvError as exc:
         metrics.observe_error(exc.code)
-        return _error(SERVER_ERROR, exc.message, request.id, data=exc.to_dict())
+        return _error(SERVER_ERROR, exc.message, request.id,
+                      data={**exc.to_dict(), "error_code": exc.code, "retryable": exc.retryable})
     except Exception as exc:
         log.exception("MCP %s failed", request.method)
         return _error(INTERNAL_ERROR, f"Internal error: {exc}", request.id)
@@ -250,6 +251,8 @@ async def _dispatch(method: str, params: dict[str, Any], request_id: Any, *,
         if target is None:
             return _error(INVALID_PARAMS, "Unknown session_id", request_id)
     if target is not None:
+        if manager.draining:  # as on /ws: an open session starts no new request while the server drains
+            raise DrainingError(manager.active, manager.capacity)
         observation = await timed_step(metrics, target, action, timeout_s=timeout_s)
     else:
         async with manager.stateless(tenant.name) as throwaway:

@@ -190,9 +190,10 @@ async def grade(request: Request, body: GradeRequest) -> Response:
     if (body.task is None) == (body.task_id is None):
         return JSONResponse({"detail": [{"loc": ["body", "task"], "type": "value_error",
                                          "msg": "give exactly one of task and task_id"}]}, status_code=422)
+    owner = tenant_of(request).name
+    manager.admit_grading(owner)  # drain, capacity and quotas before the client's task is compiled
     task = manager.resolve_task(body.task_id, body.task, body.policy)
-    result = await manager.grade(task, body.submission, policy=body.policy, reward=body.reward,
-                                 owner=tenant_of(request).name)
+    result = await manager.grade(task, body.submission, policy=body.policy, reward=body.reward, owner=owner)
     return JSONResponse(result.model_dump(mode="json"))
 
 

@@ -68,7 +68,7 @@ async def list_episodes(request: Request) -> dict[str, Any]:
                 "episodes": [_summary(ep) for ep in manager.owned(None)]}
     own = manager.owned(tenant.name)
     quota = manager.settings.tenant_max_sessions
-    return {"active": len(own), "capacity": min(quota or manager.capacity, manager.capacity),
+    return {"active": manager.used(tenant.name), "capacity": min(quota or manager.capacity, manager.capacity),
             "episodes": [_summary(ep) for ep in own]}
 
 
@@ -98,11 +98,17 @@ async def close_episode(episode_id: str, request: Request) -> dict[str, Any]:
 
 
 def _find(request: Request, episode_id: str) -> Episode:
-    """The episode, if the caller may see it: another tenant's is as absent as a closed one."""
-    episode = _manager(request).find(episode_id)
-    if episode is None or not tenant_of(request).may_touch(episode.owner):
+    """The episode, among those the caller may see: another tenant's is as absent as a closed
+    one. An episode_id (chosen by clients) that names several is refused: the session_id does not."""
+    tenant = tenant_of(request)
+    found = _manager(request).find(episode_id, None if tenant.admin else tenant.name)
+    if not found:
         raise HTTPException(404, {"message": f"no live episode {episode_id[:100]!r}", "code": "episode_not_found"})
-    return episode
+    if len(found) > 1:
+        raise HTTPException(409, {"message": f"{len(found)} live episodes have the episode_id "
+                                             f"{episode_id[:100]!r}: name one by its session_id (GET /episodes "
+                                             "lists them)", "code": "ambiguous_episode_id"})
+    return found[0]
 
 
 @router.get("/web", response_class=HTMLResponse, include_in_schema=False)

@@ -161,3 +161,60 @@ async def test_idle_sessions_are_reaped_by_default_and_pings_are_not_activity(li
             await asyncio.sleep(0.2)
         call = rpc("tools/call", name="run_python", arguments={"code": "1"}, session_id=session)
         assert (await alice.post("/mcp", json=call)).json()["error"]["code"] == -32602
+
+
+async def test_gradings_count_toward_the_session_quota_checked_before_the_task(tenants_server) -> None:
+    """The finding: with tenant_max_sessions=3 one tenant ran 8 gradings at once, took every slot,
+    and its /episodes said active 0. Its gradings are its sessions now, and a grading over the
+    quota is refused before the client's task is even parsed."""
+    server = tenants_server(max_sessions=8, tenant_max_sessions=3)
+    async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+        body = {"task": SLOW_TASK, "submission": "pass"}
+        running = [asyncio.create_task(http.post("/grade", json=body, headers=bearer(ALICE))) for _ in range(3)]
+        deadline = time.monotonic() + 60
+        while server.manager.gradings.get("alice", 0) < 3:
+            assert time.monotonic() < deadline and not any(t.done() for t in running), "gradings never started"
+            await asyncio.sleep(0.02)
+        over = await http.post("/grade", json=body, headers=bearer(ALICE))
+        assert over.status_code == 429 and over.json()["detail"]["quota"] == "sessions", over.text
+        broken = await http.post("/grade", json={"task": {"id": "x", "tests": "not tests"}, "submission": "pass"},
+                                 headers=bearer(ALICE))
+        assert broken.status_code == 429, broken.text  # not 422: the task was never looked at
+        step = await http.post("/step", json={"action": {"code": "1"}}, headers=bearer(ALICE))
+        assert step.status_code == 429 and step.json()["detail"]["quota"] == "sessions"
+        assert (await http.get("/episodes", headers=bearer(ALICE))).json()["active"] == 3
+        other = await http.post("/step", json={"action": {"code": "print(5)"}}, headers=bearer(BOB))
+        assert other.status_code == 200 and other.json()["observation"]["stdout"] == "5\n"
+        for grading in running:
+            assert (await grading).status_code == 200
+
+
+async def test_an_episode_id_two_tenants_chose_names_each_one_its_own(tenants_server) -> None:
+    """The finding: bob and alice both reset with episode_id "run-42"; alice's GET and DELETE
+    found bob's first and answered 404. Each tenant now finds only its own; for the admin, whom
+    the id names twice, it is a 409 pointing at the session ids."""
+    server = tenants_server(max_sessions=4, pool_size=2)
+    async with connect(ws_url(server), additional_headers=bearer(BOB), open_timeout=10) as bob_ws, \
+            connect(ws_url(server), additional_headers=bearer(ALICE), open_timeout=10) as alice_ws, \
+            httpx.AsyncClient(base_url=server.url, headers=bearer(ALICE), timeout=60) as alice, \
+            httpx.AsyncClient(base_url=server.url, headers=bearer(BOB), timeout=60) as bob, \
+            httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=60) as admin:
+        for ws, name in ((bob_ws, "bob"), (alice_ws, "alice")):  # bob's first: the one found first before
+            assert (await request(ws, {"type": "reset", "data": {"episode_id": "run-42"}}))["type"] == "observation"
+            await request(ws, {"type": "step", "data": {"code": f"who = {name!r}"}})
+
+        for client, name in ((alice, "alice"), (bob, "bob")):
+            shown = await client.get("/episodes/run-42")
+            assert shown.status_code == 200 and shown.json()["summary"]["owner"] == name, shown.text
+        ambiguous = await admin.get("/episodes/run-42")
+        assert ambiguous.status_code == 409 and "session_id" in ambiguous.json()["detail"]["message"]
+        assert (await admin.delete("/episodes/run-42")).status_code == 409
+        sessions = {e["owner"]: e["session_id"] for e in (await admin.get("/episodes")).json()["episodes"]}
+        assert (await admin.get(f"/episodes/{sessions['bob']}")).json()["summary"]["owner"] == "bob"
+
+        assert (await alice.delete("/episodes/run-42")).status_code == 200  # alice's own, not bob's
+        mine = await request(bob_ws, {"type": "step", "data": {"code": "print(who)"}})
+        assert mine["data"]["observation"]["stdout"] == "bob\n"
+        assert (await admin.get("/episodes/run-42")).json()["summary"]["owner"] == "bob"
+        # a tenant's probe is a stranger's: the counts are the admin's
+        assert (await bob.get("/readyz")).json() == {"status": "ready"}
