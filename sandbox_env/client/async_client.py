@@ -14,7 +14,6 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from sandbox_env.client._dual import DualMode, dual
 from sandbox_env.client._base import (
     ActionLike,
     StepResult,
@@ -24,6 +23,7 @@ from sandbox_env.client._base import (
     to_action,
     ws_url,
 )
+from sandbox_env.client._dual import DualMode, dual
 from sandbox_env.errors import CapacityError, ClientError, SandboxEnvError, error_from_dict
 from sandbox_env.models import EpisodeState, Grading, ResetRequest
 

@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 PACKAGE = __name__
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def source(name: str) -> str:
     """The text of `sandbox_env/inside/<name>.py`."""
     return (HERE / f"{name}.py").read_text()

@@ -32,8 +32,8 @@ import time
 from sandbox_env.inside.bounded import BoundedOutput
 from sandbox_env.inside.bundle import rebundle
 from sandbox_env.inside.procs import set_dumpable
-from sandbox_env.inside.untrusted import step_fields, variables
 from sandbox_env.inside.slate import count_processes, kill_all_but, others_alive, process_state, wipe, wipe_ipc
+from sandbox_env.inside.untrusted import step_fields, variables
 from sandbox_env.inside.wire import HEADER, KEY_SIZE, Anomaly, Channel, decode, read_frame, read_raw, write_frame
 from sandbox_env.inside.worker import Worker
 from sandbox_env.inside.zygote import Zygote
@@ -96,7 +96,7 @@ class Supervisor:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         cpu_left = None if self.cpu_budget is None else max(1, int(self.cpu_budget - self.cpu_used + 0.999))
-        for attempt in range(200):  # the pid limit may still be full of dying processes
+        for _attempt in range(200):  # the pid limit may still be full of dying processes
             try:
                 pid = os.fork()
                 break

@@ -78,6 +78,7 @@ class Kernel(abc.ABC):
     @classmethod
     async def teardown_backend(cls) -> None:
         """Once per server shutdown, after every kernel is closed: remove what is left."""
+        return None  # an optional hook: nothing to remove by default
 
     async def inspect(self) -> dict[str, Any]:
         """Variables and resource use, for the inspection API; backends may override.

@@ -43,8 +43,8 @@ from sandbox_env.kernels import jupyter_sandbox as sandbox
 from sandbox_env.kernels import zmq_relay
 from sandbox_env.kernels.base import Kernel
 from sandbox_env.kernels.limits import MB, Confinement, Limits
-from sandbox_env.kernels.seccomp import bpf_program as seccomp_bpf_program
 from sandbox_env.kernels.output import BoundedOutput, KernelAnomaly, StepCollector, check_reply, died, kernel_shim
+from sandbox_env.kernels.seccomp import bpf_program as seccomp_bpf_program
 from sandbox_env.models import ExecStatus, ExecutionResult
 from sandbox_env.policy import Policy
 

@@ -371,7 +371,7 @@ def sweep(args):
     # 1. every fd, mem, environ, cwd, root of every other process; signal 0
     reached, netns = [], {}
     own_ns = os.stat("/proc/self/ns/net").st_ino
-    for pid, (comm, ppid, fingerprint) in sorted(procs.items()):
+    for pid, (comm, _ppid, fingerprint) in sorted(procs.items()):
         if pid in mine:
             continue
         got = reach_process(pid, needles, skip, secrets)
@@ -559,7 +559,7 @@ def escape_cgroup(args):
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True, env={}, close_fds=True)
     moved, refused = [], {}
-    for line, (point, rel) in cgroup_paths().items():
+    for _line, (point, rel) in cgroup_paths().items():
         parts = [p for p in rel.split("/") if p]
         for depth in range(len(parts) - 1, -1, -1):
             target = os.path.join(point, *parts[:depth], "cgroup.procs")

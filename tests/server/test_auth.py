@@ -22,8 +22,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from sandbox_env import SandboxEnv
-from sandbox_env import errors
+from sandbox_env import SandboxEnv, errors
 from sandbox_env.errors import ConfigError
 
 

@@ -9,7 +9,6 @@ import json
 import socket
 
 import httpx
-import pytest
 from websockets.asyncio.client import connect
 
 MARK = "echo-me-" + "4" * 16  # in bad inputs: must never come back (only short names of what

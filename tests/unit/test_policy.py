@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from sandbox_env.errors import ConfigError, PolicyNotFoundError
 from sandbox_env.policy import Policy, available_policies, load_policy
@@ -49,5 +50,5 @@ def test_invalid_toml_is_a_config_error(tmp_path: Path) -> None:
 
 def test_policy_is_immutable() -> None:
     policy = Policy(name="x")
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         policy.memory_mb = 1  # type: ignore[misc]
