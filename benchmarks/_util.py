@@ -34,8 +34,9 @@ def median_ms(samples: list[float]) -> float:
 class ServerProcess:
     """`sandbox-env serve` in a subprocess; records the time from spawn to a healthy /health."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, env: dict[str, str] | None = None, log: Path | None = None) -> None:
         self.port = free_port()
+        self.log = log  # where the server's output goes (default: nowhere)
         self.url = f"http://127.0.0.1:{self.port}"
         script = Path(sys.executable).parent / "sandbox-env"  # by absolute path: no shim overhead
         self.args = [str(script), "serve", "--port", str(self.port), *args]
@@ -47,8 +48,12 @@ class ServerProcess:
 
     def __enter__(self) -> ServerProcess:
         start = time.perf_counter()
-        self.proc = subprocess.Popen(self.args, env=self.env, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        sink = self.log.open("ab") if self.log is not None else subprocess.DEVNULL
+        try:
+            self.proc = subprocess.Popen(self.args, env=self.env, stdout=sink, stderr=sink)
+        finally:
+            if self.log is not None:
+                sink.close()  # type: ignore[union-attr]
         deadline = start + 60
         while time.perf_counter() < deadline:
             try:
