@@ -339,10 +339,22 @@ class DockerKernel(Kernel):
         await self._remove(created["Id"])
 
     async def _remove(self, container: str) -> None:
-        try:
-            await _call(remove_container, self._client or get_client(), container)
-        except Exception as exc:  # noqa: BLE001 - daemon gone: cleanup_orphans() at the next start
-            logger.warning("could not remove container %s: %r", container[:12], exc)
+        """Retried with backoff while the daemon fails or does not listen (a restart), up to
+        DAEMON_WAIT_S: a container created just before the daemon went down is removed once it
+        is back, not left for the next server start's sweep."""
+        deadline, delay = time.monotonic() + DAEMON_WAIT_S, 0.2
+        while True:
+            try:
+                if await _call(remove_container, self._client or get_client(), container):
+                    return
+                failure: object = "the daemon failed"
+            except Exception as exc:  # noqa: BLE001 - unreachable: try again below
+                failure = exc
+            if time.monotonic() + delay > deadline:  # cleanup_orphans() at the next start
+                logger.warning("could not remove container %s: %r", container[:12], failure)
+                return
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 2.0)
 
     # -- steps -----------------------------------------------------------------------------
     async def execute(self, code: str, *, timeout_s: float | None = None) -> ExecutionResult:
@@ -590,22 +602,26 @@ def container_events(client: docker.DockerClient, container_id: str, since: floa
             close()
 
 
-def remove_container(client: docker.DockerClient, container_id: str, wait_s: float = 10.0) -> None:
-    """Kill and remove; when the daemon is already auto-removing it, wait until it is gone."""
+def remove_container(client: docker.DockerClient, container_id: str, wait_s: float = 10.0) -> bool:
+    """Kill and remove; when the daemon is already auto-removing it, wait until it is gone.
+    False when the daemon failed (5xx: say, shutting down) and a later try may succeed;
+    connection errors (nothing listening) are raised."""
     try:
         client.api.remove_container(container_id, force=True)
     except docker.errors.NotFound:
-        return
+        return True
     except docker.errors.APIError as exc:
         if exc.status_code != 409:  # 409: a removal is in progress (auto-remove after a kill)
             logger.warning("could not remove container %s: %s", container_id[:12], exc)
-            return
+            return exc.status_code is not None and exc.status_code < 500
         try:
             client.api.wait(container_id, timeout=wait_s, condition="removed")
         except docker.errors.NotFound:
-            return  # gone before the wait began
+            return True  # gone before the wait began
         except Exception as exc:  # noqa: BLE001 - a timeout or a daemon in trouble: the sweeps retry
             logger.warning("container %s still being removed: %r", container_id[:12], exc)
+            return False
+    return True
 
 
 def cleanup_orphans(owner: str | None = None, client: docker.DockerClient | None = None, *,

@@ -187,6 +187,32 @@ async def test_a_kernel_waits_for_a_daemon_not_listening_yet_then_fails_typed(
     await gone.close()
 
 
+@pytest.mark.docker
+async def test_a_container_is_removed_once_the_daemon_is_back(tmp_path: Path, docker_client: object) -> None:
+    """A close while the daemon does not listen (restarting) retries the removal with backoff:
+    the container is gone when the daemon is back, not left in the engine (the restart test
+    once left containers created just before the daemon stopped)."""
+    import docker
+
+    from sandbox_env.kernels import docker as backend
+    from sandbox_env.policy import load_policy
+
+    socket_path = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if not socket_path.startswith("unix://"):
+        pytest.skip(f"the daemon is not on a unix socket here: {socket_path}")
+    link = tmp_path / "docker.sock"
+    link.symlink_to(socket_path.removeprefix("unix://"))
+    via_link = docker.DockerClient(base_url=f"unix://{link}", timeout=60,
+                                   version=docker_client.api.api_version)  # type: ignore[attr-defined]
+    kernel = backend.DockerKernel(load_policy("default"), owner="pytest-faults", client=via_link)
+    await asyncio.wait_for(kernel.start(), 60)
+    link.unlink()  # the daemon "goes away" for a second
+    asyncio.get_running_loop().call_later(1.0, link.symlink_to, socket_path.removeprefix("unix://"))
+    await asyncio.wait_for(kernel.close(), 60)
+    assert docker_client.containers.list(all=True, filters={  # type: ignore[attr-defined]
+        "label": f"sandbox-env.episode={kernel.kernel_id}"}) == []
+
+
 # -- the Docker daemon restarted in the middle of an evaluation run -------------------------------
 
 DOCKERD_LOCK = "/tmp/dockerd.lock"  # held by whoever needs the daemon not to restart under them
