@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+MAX_MESSAGE = 2000  # characters of a message kept: it may quote a client's input, and is logged
+
 
 class SandboxEnvError(Exception):
     """Root of every sandbox-env exception."""
@@ -16,7 +18,8 @@ class SandboxEnvError(Exception):
     retryable: ClassVar[bool] = False
 
     def __init__(self, message: str = "", **details: Any) -> None:
-        self.message = message or self.__class__.__doc__ or self.code
+        message = message or self.__class__.__doc__ or self.code
+        self.message = message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE] + " [...]"
         self.details = details
         super().__init__(self.message)
 

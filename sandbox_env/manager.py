@@ -186,6 +186,10 @@ class SessionManager:
         """A client's own task cannot hold a sandbox longer than the server allows: each test gets
         at most the policy's step limit, and all of them together (the grading budget, as
         `grading.grade` computes it) at most `max_grading_s`."""
+        try:  # before any sandbox runs its tests (a bad spec would fail only after grading)
+            reward_policy(task.reward)
+        except ConfigError as exc:
+            raise TaskError(exc.message) from exc
         count = test_count(task) or PYTEST_BUDGET_TESTS
         per_test = min(task.timeout_s or policy.timeout_s, policy.timeout_s,
                        max(0.001, (self.settings.max_grading_s - STARTUP_S) / count))

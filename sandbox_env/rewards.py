@@ -85,8 +85,8 @@ def reward_policy(spec: str | None) -> RewardPolicy:
         except ValueError:
             sep = ""
         if not sep:
-            raise ConfigError(f"reward: bad parameter {item!r} in {spec!r} (expected key=number)")
+            raise ConfigError(f"reward: bad parameter {item[:100]!r} (expected key=number)")
     try:
         return factory(**kwargs)
     except TypeError as exc:
-        raise ConfigError(f"reward: {spec!r}: {exc}") from exc
+        raise ConfigError(f"reward: {(spec or '')[:100]!r}: {exc}") from exc

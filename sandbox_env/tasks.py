@@ -124,7 +124,7 @@ class Task(BaseModel):
     entry_point: str | None = Field(None, pattern=_IDENT)
     tests: TestSpec
     public_tests: list[str] | list[StdioCase] | None = None
-    reward: str = "binary"
+    reward: str = Field("binary", max_length=200)
     timeout_s: float | None = Field(None, gt=0, le=600, description="time limit of each test")
     weights: list[float] | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
@@ -203,9 +203,14 @@ def parse_task(data: Any, *, where: str = "task", compile_sources: bool = True) 
         raise ConfigError(f"{where}: {describe_errors(exc)}") from exc
 
 
+MAX_ERRORS = 10  # described; a task can hold 100k wrong values (a union doubles the count)
+
+
 def describe_errors(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
-                     for err in exc.errors(include_url=False))
+    errors = exc.errors(include_url=False, include_input=False)
+    text = "; ".join(f"{'.'.join(str(p) for p in err['loc'])[:200] or '<root>'}: {err['msg'][:200]}"
+                     for err in errors[:MAX_ERRORS])
+    return text + (f"; and {len(errors) - MAX_ERRORS} more" if len(errors) > MAX_ERRORS else "")
 
 
 def load_tasks(path: str | Path) -> dict[str, Task]:

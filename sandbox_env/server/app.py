@@ -125,9 +125,10 @@ class BodySizeLimit:
 
 class CloseOnRefusal:
     """A refused request (401, 403, 415) ends its connection: its body, maybe trickled on purpose
-    by someone without a token, is never waited for, and the slot is free at once. (Not 413: a
-    client still sending a big body would get a reset instead of the answer; `body_timeout_s`
-    bounds that case.)"""
+    by someone without a token, is never waited for, and the slot is free at once. So does a
+    GET, HEAD, OPTIONS or DELETE that announces a body (the probes take no token: without this,
+    a body trickled after their answer would hold the connection). (Not 413: a client still
+    sending a big body would get a reset instead of the answer; `body_timeout_s` bounds it.)"""
 
     REFUSED = frozenset({401, 403, 415})
 
@@ -139,8 +140,12 @@ class CloseOnRefusal:
             await self.app(scope, receive, send)
             return
 
+        bodiless = scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE") and any(
+            name in (b"content-length", b"transfer-encoding") and value not in (b"0",)
+            for name, value in scope.get("headers", ()))
+
         async def closing_send(message: Message) -> None:
-            if message["type"] == "http.response.start" and message["status"] in self.REFUSED:
+            if message["type"] == "http.response.start" and (bodiless or message["status"] in self.REFUSED):
                 message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 

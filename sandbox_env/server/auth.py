@@ -210,6 +210,7 @@ def credential(scope: dict[str, object]) -> Credential | None:
 
 _TOKEN_IN_QUERY = re.compile(r"([?&]token=)[^&\s\"]+")
 REDACTED = "[redacted]"
+SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie"})
 # uvicorn's access lines ("uvicorn.access") and its WebSocket handshake lines ("uvicorn.error")
 # carry the request path with its query string.
 REDACTED_LOGGERS = ("uvicorn.access", "uvicorn.error")
@@ -227,7 +228,11 @@ class RedactTokens(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str):
             record.msg = redact_tokens(record.msg)
-        if isinstance(record.args, tuple):
+        args = record.args
+        if (isinstance(args, tuple) and len(args) == 2 and isinstance(args[0], str)
+                and args[0].lower() in SECRET_HEADERS):  # websockets' debug lines: "< %s: %s", name, value
+            record.args = (args[0], REDACTED)
+        elif isinstance(record.args, tuple):
             record.args = tuple(redact_tokens(a) if isinstance(a, str) else a for a in record.args)
         elif isinstance(record.args, dict):
             record.args = {k: redact_tokens(v) if isinstance(v, str) else v for k, v in record.args.items()}

@@ -102,9 +102,12 @@ class JSONResponse(_StarletteJSONResponse):
         return text.encode("utf-8", "replace")
 
 
+MAX_ERRORS = 20  # listed in a reply: a message can hold 100k wrong values
+
+
 def validation_errors(exc: ValidationError) -> list[dict[str, Any]]:
-    """Pydantic errors as JSON, without echoing the (possibly huge) input back."""
-    return jsonable_encoder(exc.errors(include_url=False, include_input=False))
+    """Pydantic errors as JSON, without echoing the (possibly huge) input back; the first few."""
+    return jsonable_encoder(exc.errors(include_url=False, include_input=False)[:MAX_ERRORS])
 
 
 def observation_response(observation: CodeObservation) -> JSONResponse:

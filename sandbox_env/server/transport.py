@@ -99,7 +99,8 @@ class _HeaderDeadline:
         self._head_open = False
         self._head_bytes = 0
         self._disarm()
-        upgrade = self.parser.should_upgrade()  # type: ignore[attr-defined]
+        # uvicorn's own test for handing the socket to a WebSocket (not any Upgrade: h2c, say)
+        upgrade = self.parser.should_upgrade() and self._should_upgrade()  # type: ignore[attr-defined]
         super().on_headers_complete()  # type: ignore[misc]
         if not upgrade:  # a WebSocket's transport is the socket's from now on: no deadline on it
             self._deadline = self.loop.call_later(self.body_timeout_s, self._body_expired)

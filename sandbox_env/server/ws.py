@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sandbox_env.errors import CapacityError, SandboxEnvError
+from sandbox_env.errors import MAX_MESSAGE, CapacityError, SandboxEnvError
 from sandbox_env.models import CodeAction, ResetRequest
 from sandbox_env.server.auth import Tenant
 from sandbox_env.server.guard import tenant_of
@@ -75,6 +75,7 @@ MESSAGES: dict[str, type[_Message]] = {
 
 
 def error_frame(message: str, code: str, **extra: Any) -> dict[str, Any]:
+    message = message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE] + " [...]"
     return {"type": "error", "data": {"message": message, "code": code, **extra}}
 
 
@@ -124,7 +125,7 @@ class WsSession:
         msg_type = raw.get("type", "")
         model = MESSAGES.get(msg_type) if isinstance(msg_type, str) else None
         if model is None:
-            return error_frame(f"Unknown message type: {msg_type}", "UNKNOWN_TYPE")
+            return error_frame(f"Unknown message type: {str(msg_type)[:100]}", "UNKNOWN_TYPE")
         try:
             message = model.model_validate(raw)
             return await self._dispatch(message)

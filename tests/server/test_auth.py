@@ -287,9 +287,11 @@ def test_serve_generates_a_token_and_prints_a_ready_url(tmp_path: Path) -> None:
         proc.wait(30)
 
 
-def test_tokens_in_urls_never_reach_the_log(tmp_path: Path) -> None:
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_tokens_in_urls_never_reach_the_log(tmp_path: Path, level: str) -> None:
     """uvicorn logs each request's path with its query: `/web?token=…`, `/ws?token=…` and a
-    refused near miss are logged with `token=[redacted]`, at the default log level."""
+    refused near miss are logged with `token=[redacted]`; at debug, websockets logs each
+    handshake header: Authorization and Cookie are logged `[redacted]`."""
     import socket
 
     from websockets.sync.client import connect as connect_sync
@@ -303,7 +305,7 @@ def test_tokens_in_urls_never_reach_the_log(tmp_path: Path) -> None:
     log = tmp_path / "serve.log"
     with log.open("wb") as sink:
         proc = subprocess.Popen([sys.executable, "-m", "sandbox_env.cli", "serve", "--port", str(port),
-                                 "--log-level", "info"], cwd=tmp_path, stdout=sink, stderr=sink,
+                                 "--log-level", level], cwd=tmp_path, stdout=sink, stderr=sink,
                                 env={**os.environ, "SANDBOX_ENV_POOL_SIZE": "0"})
     try:
         deadline = time.monotonic() + 120
@@ -322,6 +324,10 @@ def test_tokens_in_urls_never_reach_the_log(tmp_path: Path) -> None:
             assert json.loads(ws.recv(30))["type"] == "state"
         with pytest.raises(InvalidStatus):
             connect_sync(f"ws://127.0.0.1:{port}/ws?x=1&token={near_miss}", open_timeout=10)
+        with connect_sync(f"ws://127.0.0.1:{port}/ws", open_timeout=10,
+                          additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+            ws.send(json.dumps({"type": "state"}))
+            assert json.loads(ws.recv(30))["type"] == "state"
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(60)

@@ -249,3 +249,56 @@ async def test_a_trickled_body_does_not_hold_a_connection(live_server_factory) -
         assert closed, f"still open after a minute ({auth})"
         if status is not None:
             assert received.split(b" ", 2)[1] == status, received[:200]
+
+
+async def test_the_value_count_itself_is_linear(live_server) -> None:
+    """An unterminated string full of escaped quotes once made the check quadratic (700 KB took
+    tens of minutes, the loop blocked): each string is scanned once now. A hang fails by the
+    suite's timeout; the answers are what is asserted."""
+    attack = b"," * (100_001) + b'"' + b'\\"' * 300_000
+    async with httpx.AsyncClient(base_url=live_server.url, headers=live_server.headers, timeout=60) as http:
+        reply = await http.post("/step", content=attack, headers={"content-type": "application/json"})
+        assert reply.status_code == 422 and "JSON values" in reply.text
+        assert (await http.get("/healthz")).status_code == 200
+    async with connect(ws_url(live_server), additional_headers=live_server.headers, max_size=None) as ws:
+        await ws.send(attack.decode())
+        reply = json.loads(await asyncio.wait_for(ws.recv(), 60))
+        assert reply["type"] == "error" and "JSON values" in reply["data"]["message"]
+
+
+async def test_many_wrong_values_give_a_short_answer(live_server) -> None:
+    """Every wrong value is an error of pydantic's: the reply lists the first few, and a message
+    is cut, whatever the client sent (a 400 KB task once gave a 31 MB reply and log line)."""
+    task = {"id": "t", "tests": {"kind": "asserts", "asserts": ["assert True"]}, "public_tests": [1] * 40_000}
+    extra = {"type": "state", **{f"k{i}": 0 for i in range(30_000)}}
+    async with connect(ws_url(live_server), additional_headers=live_server.headers, max_size=None) as ws:
+        for frame in ({"type": "reset", "data": {"task": task}}, extra):
+            raw = await request_raw(ws, frame)
+            assert len(raw) < 20_000, len(raw)
+            assert json.loads(raw)["data"]["code"] == "VALIDATION_ERROR"
+    async with httpx.AsyncClient(base_url=live_server.url, headers=live_server.headers, timeout=60) as http:
+        reply = await http.post("/grade", json={"task": task, "submission": "x = 1"})
+        assert reply.status_code == 422 and len(reply.content) < 20_000, len(reply.content)
+        spec = "binary:" + "zz=1," * 20_000
+        reply = await http.post("/grade", json={"task": {**task, "public_tests": None, "reward": spec[:150]},
+                                                "submission": "x = 1"})
+        assert reply.status_code == 422 and "reward" in reply.text, reply.text[:300]  # before any sandbox ran
+        reply = await http.post("/grade", json={"task": {**task, "public_tests": None, "reward": spec},
+                                                "submission": "x = 1"})
+        assert reply.status_code == 422 and len(reply.content) < 20_000
+
+
+async def request_raw(ws, frame: dict) -> str:
+    await ws.send(json.dumps(frame))
+    return await asyncio.wait_for(ws.recv(), 60)
+
+
+def test_a_probe_with_a_body_closes_its_connection(live_server) -> None:
+    """Probes take no token: one that announces a body is answered, then its connection closed
+    (else a body trickled after the answer held it until body_timeout_s)."""
+    with socket.create_connection(("127.0.0.1", port_of(live_server)), timeout=30) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-length: 10\r\n\r\nx")
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200") and b"connection: close" in received.lower()
