@@ -337,7 +337,8 @@ async def seal(folder: Path, sockets: Sequence[Path], layout: Layout, *, alive: 
         for entry in os.scandir(folder):  # the connection file, read at start: no longer the kernel's
             if entry.is_file(follow_symlinks=False):
                 fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-                try:
+                try:  # readable by the kernel at every step: it reads the file again once bound
+                    os.fchmod(fd, 0o640)  # (root:gid with 0600 for a moment was a failed start)
                     os.fchown(fd, 0, layout.gid)
                     os.fchmod(fd, 0o440)
                 finally:

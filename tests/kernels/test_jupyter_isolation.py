@@ -546,3 +546,50 @@ def test_a_server_in_a_virtualenv_under_tmp_runs_its_kernels(tmp_path: Path) -> 
         assert out.stdout.split() == ["ok", venv, "False"], out.stdout
     finally:
         subprocess.run(["rm", "-rf", venv], check=False)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the seal changes owners as root only")
+async def test_the_seal_never_takes_the_connection_file_from_the_kernel_for_a_moment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel reads its connection file again once its sockets are bound, which is when the
+    server seals the folder: at every step of the seal, the kernel's uid or gid can read it (it
+    was root:gid with 0600 between two calls: a kernel now and then failed with EACCES)."""
+    import stat
+
+    from sandbox_env.kernels import jupyter_sandbox as sandbox
+
+    layout = sandbox.Layout(tmp_path, 60999, 60999, workspace_mb=16, tmp_mb=16, network=False)
+    folder = tmp_path / "k1"
+    folder.mkdir(mode=0o700)
+    connection = folder / "kernel-1.json"
+    connection.write_text("{}")
+    connection.chmod(0o600)
+    os.chown(folder, 60999, 60999)
+    os.chown(connection, 60999, 60999)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(folder / "s-1"))
+    os.chown(folder / "s-1", 60999, 60999)
+    seen: list[tuple[int, int, int]] = []
+    real_fchown, real_fchmod = os.fchown, os.fchmod
+
+    def readable_by_kernel() -> bool:
+        info = os.stat(connection)
+        return bool((info.st_uid == 60999 and info.st_mode & stat.S_IRUSR)
+                    or (info.st_gid == 60999 and info.st_mode & stat.S_IRGRP))
+
+    def spy_fchown(fd: int, uid: int, gid: int) -> None:
+        real_fchown(fd, uid, gid)
+        seen.append((os.fstat(fd).st_uid, os.fstat(fd).st_mode & 0o777, readable_by_kernel()))
+
+    def spy_fchmod(fd: int, mode: int) -> None:
+        real_fchmod(fd, mode)
+        seen.append((os.fstat(fd).st_uid, os.fstat(fd).st_mode & 0o777, readable_by_kernel()))
+
+    monkeypatch.setattr(sandbox.os, "fchown", spy_fchown)
+    monkeypatch.setattr(sandbox.os, "fchmod", spy_fchmod)
+    try:
+        await sandbox.seal(folder, [folder / "s-1"], layout, alive=lambda: True, timeout_s=5)
+    finally:
+        sock.close()
+    assert seen and all(ok for _, _, ok in seen), seen
+    assert seen[-1][:2] == (0, 0o440)  # ends the server's, readable by the kernel's group only
