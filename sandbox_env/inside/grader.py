@@ -346,27 +346,35 @@ IMPORTABLE = frozenset({
     "json", "hashlib", "textwrap", "unicodedata", "array", "cmath", "numbers"})
 
 
+BUILTIN_NAMES = frozenset(dir(builtins))
+
+
+def reserved(name: str) -> bool:
+    """A name the submission may not set in the tests' globals."""
+    return name in BUILTIN_NAMES or (name.startswith("__") and name.endswith("__"))
+
+
 def namespace(child: Child, state: dict, trusted: dict | None = None, entry: str | None = None) -> dict:
     """Test globals: the submission's functions as proxies, its modules re-imported here, then
     the task's own definitions from a Python prompt (helpers like HumanEval's `poly`), which the
-    submission cannot replace. Names of builtins are never taken from the submission."""
+    submission cannot replace. Names of builtins, and dunder names (`__builtins__` is where the
+    tests find theirs), are never taken from the submission."""
     ns: dict = {"__name__": "__grader__", "__builtins__": builtins}
     exports = child.exports or {}
-    reserved = set(dir(builtins))
     for alias, module in dict(exports.get("modules") or {}).items():
         # the names come from the child: exact members of the allowlist only
-        if type(module) is str and module in IMPORTABLE and str(alias) not in reserved:
+        if type(module) is str and module in IMPORTABLE and not reserved(str(alias)):
             try:
                 ns[str(alias)] = __import__(module)
             except ImportError:  # the test fails with a NameError if it needs the module
                 pass
     for key, value in dict(exports.get("values") or {}).items():
         try:
-            if str(key) not in reserved:
+            if not reserved(str(key)):
                 ns[str(key)] = dec(value)
         except (ValueError, TypeError, RecursionError):
             pass
-    functions = [str(name) for name in exports.get("functions") or [] if str(name) not in reserved]
+    functions = [str(name) for name in exports.get("functions") or [] if not reserved(str(name))]
     for name in functions:
         ns[name] = proxy(child, name, state)
     ns.update(trusted or {})
@@ -412,7 +420,7 @@ class TaskSourceError(Exception):
 def compile_task(source: str, where: str) -> Any:
     try:
         return compile(source, f"<{where}>", "exec")
-    except (SyntaxError, ValueError) as exc:
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:  # too deep, too big: the same
         raise TaskSourceError(f"the task's {where} does not compile: {type(exc).__name__}: {exc}"[:2000]) from None
 
 

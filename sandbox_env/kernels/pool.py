@@ -7,7 +7,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from sandbox_env.errors import KernelError, KernelStartError
+from sandbox_env.errors import KernelError
 from sandbox_env.kernels.base import Kernel
 
 log = logging.getLogger(__name__)
@@ -58,11 +58,7 @@ class KernelPool:
             await kernel.close()  # died while waiting (e.g. killed from outside)
         self._wakeup.set()
         self.cold_starts += 1
-        try:
-            return await self._start_one()
-        except KernelStartError as exc:  # transient (unlike KernelUnavailableError): one more, fresh
-            log.warning("a kernel did not start; starting another: %s", str(exc)[:2000])
-            return await self._start_one()
+        return await self._start_one()
 
     async def close(self) -> None:
         self._closed = True

@@ -302,3 +302,16 @@ def test_a_probe_with_a_body_closes_its_connection(live_server) -> None:
         while chunk := sock.recv(65536):
             received += chunk
     assert received.startswith(b"HTTP/1.1 200") and b"connection: close" in received.lower()
+
+
+async def test_a_test_source_too_deep_to_compile_is_that_tests_error(live_server) -> None:
+    """Nesting past the compiler's recursion limit is a source that does not compile, like a
+    syntax error: that test's error, the others graded (it once ended the grader)."""
+    deep = "assert " + "1+" * 200_000 + "1"
+    task = {"id": "inline-deep", "tests": {"kind": "asserts", "asserts": ["assert f(1) == 1", deep]}}
+    async with httpx.AsyncClient(base_url=live_server.url, headers=live_server.headers, timeout=120) as http:
+        reply = await http.post("/grade", json={"task": task, "submission": "def f(x):\n    return x\n"})
+    assert reply.status_code == 200, reply.text[:300]
+    tests = {t["name"]: t for t in reply.json()["tests"]}
+    assert tests["assert 0"]["status"] == "passed", tests
+    assert tests["assert 1"]["status"] == "error" and "does not compile" in tests["assert 1"]["message"], tests
