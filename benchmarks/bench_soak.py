@@ -168,16 +168,9 @@ def _cmdline(pid: int) -> str:
 def leftovers(pid: int, processes: ProcessWatch, containers: ContainerWatch | None) -> dict[str, list[str]]:
     """What still names the stopped server `pid`, by kind."""
     from sandbox_env.kernels.limits import cgroup_layout
+    from sandbox_env.server.reaper import processes_naming
 
-    marker = f"sandbox-env-{pid}-".encode()
-    named = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            with contextlib.suppress(OSError):
-                if (marker in Path(f"/proc/{entry}/cmdline").read_bytes()
-                        or marker in Path(f"/proc/{entry}/environ").read_bytes()
-                        or marker in os.readlink(f"/proc/{entry}/cwd").encode()):
-                    named.append(f"process {entry} ({_cmdline(int(entry))[:80]})")
+    named = [f"process {p} ({_cmdline(p)[:80]})" for p in processes_naming(f"sandbox-env-{pid}-".encode())]
     cgroups = [f"cgroup {d}" for parent in cgroup_layout()[1].values() if parent.is_dir()
                for d in parent.glob(f"{pid}-*")]
     found = {

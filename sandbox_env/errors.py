@@ -10,6 +10,11 @@ from typing import Any, ClassVar
 MAX_MESSAGE = 2000  # characters of a message kept: it may quote a client's input, and is logged
 
 
+def clip_message(message: str) -> str:
+    """`message` cut to MAX_MESSAGE characters, saying so."""
+    return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE] + " [...]"
+
+
 class SandboxEnvError(Exception):
     """Root of every sandbox-env exception."""
 
@@ -18,8 +23,7 @@ class SandboxEnvError(Exception):
     retryable: ClassVar[bool] = False
 
     def __init__(self, message: str = "", **details: Any) -> None:
-        message = message or self.__class__.__doc__ or self.code
-        self.message = message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE] + " [...]"
+        self.message = clip_message(message or self.__class__.__doc__ or self.code)
         self.details = details
         super().__init__(self.message)
 

@@ -23,7 +23,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -252,18 +252,16 @@ class DockerKernel(Kernel):
     async def _boot(self) -> None:
         """Start a container. While nothing listens on the daemon's socket (a daemon restarting),
         wait for it with backoff, up to DAEMON_WAIT_S, instead of failing the request at once."""
-        deadline, delay = time.monotonic() + DAEMON_WAIT_S, 0.1
-        while True:
+        for delay in _backoff(0.1):
             try:
                 await self._boot_once()
                 return
             except _DaemonUnreachable as exc:
-                if self._closed or time.monotonic() + delay > deadline:
+                if self._closed or delay is None:
                     raise KernelStartError(f"container did not start: the Docker daemon did not answer "
                                            f"for {DAEMON_WAIT_S:g} s: {exc.__cause__!r}") from exc
                 logger.warning("Docker daemon unreachable; retrying in %.1f s: %r", delay, exc.__cause__)
                 await asyncio.sleep(delay)
-                delay = min(2 * delay, 2.0)
 
     async def _boot_once(self) -> None:
         client = self._client or get_client()
@@ -342,19 +340,17 @@ class DockerKernel(Kernel):
         """Retried with backoff while the daemon fails or does not listen (a restart), up to
         DAEMON_WAIT_S: a container created just before the daemon went down is removed once it
         is back, not left for the next server start's sweep."""
-        deadline, delay = time.monotonic() + DAEMON_WAIT_S, 0.2
-        while True:
+        for delay in _backoff(0.2):
             try:
                 if await _call(remove_container, self._client or get_client(), container):
                     return
                 failure: object = "the daemon failed"
             except Exception as exc:  # noqa: BLE001 - unreachable: try again below
                 failure = exc
-            if time.monotonic() + delay > deadline:  # cleanup_orphans() at the next start
+            if delay is None:  # cleanup_orphans() at the next start
                 logger.warning("could not remove container %s: %r", container[:12], failure)
                 return
             await asyncio.sleep(delay)
-            delay = min(2 * delay, 2.0)
 
     # -- steps -----------------------------------------------------------------------------
     async def execute(self, code: str, *, timeout_s: float | None = None) -> ExecutionResult:
@@ -558,6 +554,16 @@ class DockerKernel(Kernel):
             logger.warning("sandbox %s: further stderr is not logged", self.kernel_id[:12])
             return
         logger.warning("sandbox %s stderr: %r", self.kernel_id[:12], data[:STDERR_BYTES])
+
+
+def _backoff(first_s: float) -> Iterator[float | None]:
+    """The pauses between tries of something the daemon must answer: doubling from `first_s` up
+    to 2 s while they fit in DAEMON_WAIT_S, then None: the last try."""
+    deadline, delay = time.monotonic() + DAEMON_WAIT_S, first_s
+    while time.monotonic() + delay <= deadline:
+        yield delay
+        delay = min(2 * delay, 2.0)
+    yield None
 
 
 class _DaemonUnreachable(KernelStartError):

@@ -34,9 +34,9 @@ import time
 from typing import Any, ClassVar
 
 from sandbox_env.errors import KernelDiedError, KernelError
-from sandbox_env.inside.bounded import BoundedOutput
 from sandbox_env.kernels.base import Kernel
 from sandbox_env.kernels.fake_step import Step, install_routers
+from sandbox_env.kernels.programs import run_to_end
 from sandbox_env.models import ExecStatus, ExecutionResult
 from sandbox_env.policy import Policy
 
@@ -44,8 +44,6 @@ log = logging.getLogger(__name__)
 _IDS = itertools.count(1)
 _PROGRAM_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
 POLL_S = 0.05  # how often an interrupt is raised again while the code has not stopped
-DRAIN_S = 1.0  # how long a program's output is read after it ended
-EXIT_POLL_S = 0.005
 
 
 class FakeKernel(Kernel):
@@ -209,53 +207,16 @@ async def _run_program(source: str, stdin: bytes, timeout_s: float, workdir: str
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-I", "-c", source, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE, cwd=workdir, env=env, start_new_session=True)
-    out, err = BoundedOutput(policy.output_limit_bytes), BoundedOutput(policy.output_bytes)
-    over = asyncio.Event()
 
-    async def pump(stream: asyncio.StreamReader, sink: BoundedOutput) -> None:
-        # Read to the end even past the limit: a pipe left full would keep the program (and, on
-        # Python 3.11, asyncio's wait()) from ever finishing.
-        while chunk := await stream.read(1 << 16):
-            if not over.is_set():
-                sink.write(chunk)
-                if out.total + err.total > policy.output_limit_bytes:
-                    over.set()
+    async def kill_group() -> None:  # and whatever it left in its group
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
-    async def feed() -> None:
-        assert proc.stdin is not None
-        with contextlib.suppress(OSError):  # the program may exit without reading
-            proc.stdin.write(stdin)
-            await proc.stdin.drain()
-        proc.stdin.close()
-
-    assert proc.stdout is not None and proc.stderr is not None
-    tasks = [asyncio.ensure_future(c) for c in (feed(), pump(proc.stdout, out), pump(proc.stderr, err))]
-    exited, overflow = asyncio.ensure_future(_exit_status(proc)), asyncio.ensure_future(over.wait())
-    finished, _ = await asyncio.wait({exited, overflow}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-    status = (ExecStatus.OUTPUT_LIMIT if overflow in finished else
-              None if exited in finished else ExecStatus.TIMEOUT)
-    with contextlib.suppress(ProcessLookupError, PermissionError):  # and whatever it left in its group
-        os.killpg(proc.pid, signal.SIGKILL)
-    code = await exited
-    # The pipes end with the group; a process of another session holding them would keep them
-    # open: read what came for a moment, then close our ends.
-    await asyncio.wait(tasks, timeout=DRAIN_S)
-    for task in (*tasks, overflow):
-        task.cancel()
-    await asyncio.gather(*tasks, overflow, return_exceptions=True)
-    transport = getattr(proc, "_transport", None)
-    if transport is not None:
-        transport.close()
+    end = await run_to_end(proc, stdin, keep_stdout=policy.output_limit_bytes, keep_stderr=policy.output_bytes,
+                           limit=policy.output_limit_bytes, timeout_s=timeout_s, stop=kill_group)
+    code, status = end.code, end.status
     if status is None:
         status = ExecStatus.OK if code == 0 else ExecStatus.KILLED if code < 0 else ExecStatus.ERROR
     return ExecutionResult(status=status, exit_code=128 - code if code < 0 else code,
-                           stdout=out.getvalue(), stderr=err.getvalue(), stdout_truncated=out.truncated,
-                           stderr_truncated=err.truncated, wall_time_s=time.perf_counter() - started)
-
-
-async def _exit_status(proc: asyncio.subprocess.Process) -> int:
-    """The program's exit status, as soon as it has one: on Python 3.11 `proc.wait()` also waits
-    for its pipes to close, which a process it left behind may never let happen."""
-    while proc.returncode is None:
-        await asyncio.sleep(EXIT_POLL_S)
-    return proc.returncode
+                           stdout=end.out.getvalue(), stderr=end.err.getvalue(), stdout_truncated=end.out.truncated,
+                           stderr_truncated=end.err.truncated, wall_time_s=time.perf_counter() - started)

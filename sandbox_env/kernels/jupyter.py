@@ -29,6 +29,7 @@ import tempfile
 import time
 import uuid
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,8 @@ from sandbox_env.kernels import jupyter_sandbox as sandbox
 from sandbox_env.kernels import zmq_relay
 from sandbox_env.kernels.base import Kernel
 from sandbox_env.kernels.limits import MB, Confinement, Limits
-from sandbox_env.kernels.output import BoundedOutput, KernelAnomaly, StepCollector, check_reply, died, kernel_shim
+from sandbox_env.kernels.output import KernelAnomaly, StepCollector, check_reply, died, kernel_shim
+from sandbox_env.kernels.programs import run_to_end
 from sandbox_env.kernels.seccomp import bpf_program as seccomp_bpf_program
 from sandbox_env.models import ExecStatus, ExecutionResult
 from sandbox_env.policy import Policy
@@ -125,11 +127,20 @@ def _sweep_workdirs(parent: str | None) -> None:
     if str(base) in _swept_roots:
         return
     _swept_roots.add(str(base))
-    for path in base.glob("sandbox-env-*-*"):
+    for path in remove_workdirs(parent, lambda owner: not os.path.exists(f"/proc/{owner}")):
+        logger.warning("removed %s, left by a server that is gone", path)
+
+
+def remove_workdirs(parent: str | None, owned: Callable[[str], bool]) -> list[Path]:
+    """Remove the kernels' work directories `sandbox-env-<pid>-*` under `parent` (default: the
+    temp dir) whose server pid `owned` accepts (by the startup sweep and by the reaper)."""
+    removed = []
+    for path in Path(parent or tempfile.gettempdir()).glob("sandbox-env-*-*"):
         owner = path.name.split("-")[2]
-        if owner.isdigit() and not os.path.exists(f"/proc/{owner}") and path.is_dir() and not path.is_symlink():
-            logger.warning("removing %s, left by a server that is gone", path)
+        if owner.isdigit() and owned(owner) and path.is_dir() and not path.is_symlink():
             _remove(path)
+            removed.append(path)
+    return removed
 
 
 # What the server takes from a kernel: messages of at most MESSAGE bytes, whatever the output limit
@@ -820,46 +831,18 @@ async def _run_confined(conf: Confinement, command: list[str], stdin: bytes, tim
         *command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(cwd),
         env=env, preexec_fn=conf.preexec, pass_fds=pass_fds)
     conf.attach(proc.pid)
-    out, err = BoundedOutput(limit), BoundedOutput(keep)
-    over = asyncio.Event()
-
-    async def pump(stream: asyncio.StreamReader, sink: BoundedOutput) -> None:
-        while chunk := await stream.read(1 << 16):
-            sink.write(chunk)
-            if out.total + err.total > limit:
-                over.set()
-                return
-
-    async def feed() -> None:
-        assert proc.stdin is not None
-        with contextlib.suppress(OSError):  # the program may exit without reading
-            proc.stdin.write(stdin)
-            await proc.stdin.drain()
-        proc.stdin.close()
-
-    assert proc.stdout is not None and proc.stderr is not None
-    tasks = [asyncio.ensure_future(c) for c in (feed(), pump(proc.stdout, out), pump(proc.stderr, err))]
-    status: ExecStatus | None = None
-    waiter = asyncio.ensure_future(proc.wait())
-    overflow = asyncio.ensure_future(over.wait())
-    done, _ = await asyncio.wait({waiter, overflow}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-    if overflow in done:
-        status = ExecStatus.OUTPUT_LIMIT
-    elif waiter not in done:
-        status = ExecStatus.TIMEOUT
-    await asyncio.to_thread(conf.kill_all)
-    code = await proc.wait()
+    end = await run_to_end(proc, stdin, keep_stdout=limit, keep_stderr=keep, limit=limit, timeout_s=timeout_s,
+                           stop=lambda: asyncio.to_thread(conf.kill_all))
+    code, status = end.code, end.status
     if exit_by_signal and 128 < code <= 128 + SIGNAL_MAX:
         code = 128 - code
-    await asyncio.gather(*tasks, return_exceptions=True)
-    overflow.cancel()
     if status is None:
         oom = code < 0 and (conf.oom_kills() or 0) > (oom0 or 0)
         status = (ExecStatus.OK if code == 0 else ExecStatus.OOM if oom else
                   ExecStatus.KILLED if code < 0 else ExecStatus.ERROR)
     cpu1 = conf.cpu_time_s()
     return ExecutionResult(status=status, exit_code=128 - code if code < 0 else code,
-                           stdout=out.getvalue(), stderr=err.getvalue(),
-                           stdout_truncated=out.truncated, stderr_truncated=err.truncated,
+                           stdout=end.out.getvalue(), stderr=end.err.getvalue(),
+                           stdout_truncated=end.out.truncated, stderr_truncated=end.err.truncated,
                            wall_time_s=time.perf_counter() - started,
                            cpu_time_s=None if cpu0 is None or cpu1 is None else max(0.0, cpu1 - cpu0))

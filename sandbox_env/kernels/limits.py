@@ -385,18 +385,25 @@ def sweep_stale() -> None:
     if _swept:
         return
     _swept = True
+    for name in remove_cgroups(lambda owner: not os.path.exists(f"/proc/{owner}")):
+        logger.warning("removed cgroup %s left by a server that is gone", name)
+
+
+def remove_cgroups(owned: Callable[[str], bool]) -> list[str]:
+    """Kill every process in, then remove, the kernel cgroups `<pid>-*` whose server pid `owned`
+    accepts (by the startup sweep and by the reaper); their names."""
     version, parents = cgroup_layout()
-    stale: dict[str, dict[str, Path]] = {}
+    found: dict[str, dict[str, Path]] = {}
     for ctrl, parent in parents.items():
         for d in parent.glob("*-*") if parent.is_dir() else []:
             owner = d.name.split("-", 1)[0]
-            if owner.isdigit() and not os.path.exists(f"/proc/{owner}"):
-                stale.setdefault(d.name, {})[ctrl] = d
-    for name, dirs in stale.items():
-        logger.warning("removing cgroup %s left by a server that is gone", name)
+            if owner.isdigit() and owned(owner):
+                found.setdefault(d.name, {})[ctrl] = d
+    for name, dirs in found.items():
         leftover = Confinement(name, Limits(), use_cgroups=False)
         leftover.version, leftover.dirs = version, dirs
         leftover.destroy()
+    return list(found)
 
 
 def _alive(pid: int) -> bool:

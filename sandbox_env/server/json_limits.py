@@ -1,4 +1,5 @@
-"""What a request's JSON may cost before the server parses it.
+"""What a request's JSON may cost the server: how many values (checked before parsing) and how
+deep (checked after), and `load_bounded`, which applies both.
 
 Parsing, walking and validating JSON runs on the event loop and holds the GIL (a worker thread
 would not help), and its cost grows with the number of values, not the bytes: `[[],[],…]`
@@ -10,7 +11,9 @@ number of commas) are blanked out and the count is made again.
 
 from __future__ import annotations
 
+import json
 import re
+from typing import Any
 
 MAX_JSON_NODES = 100_000  # far above a real request (a task with 10,000 stdio cases is ~50,000)
 # Possessive and with an optional closing quote: a string is scanned once, even when it never
@@ -32,3 +35,41 @@ def json_cost_ok(text: str | bytes, limit: int = MAX_JSON_NODES) -> bool:
         return True
     blanked = _STRING.sub('""', text) if isinstance(text, str) else _STRING_BYTES.sub(b'""', text)
     return _upper_bound(blanked) <= limit
+
+
+MAX_JSON_DEPTH = 64  # nesting a request may carry (a deeper one is refused before any use)
+
+
+def json_depth_ok(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether parsed JSON nests at most `limit` containers deep (iterative: no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return False
+        stack.extend((child, depth + 1) for child in children)
+    return True
+
+
+class NotJson(ValueError):
+    """The text does not parse as JSON."""
+
+
+class TooCostly(ValueError):
+    """The text holds more JSON values, or nests deeper, than the server takes."""
+
+
+def load_bounded(text: str | bytes) -> Any:
+    """`json.loads`, after the value count and before use the depth: raises NotJson or TooCostly."""
+    if not json_cost_ok(text):
+        raise TooCostly(f"more than {MAX_JSON_NODES} JSON values")
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested past the decoder's limit
+        raise NotJson(str(exc)) from None
+    if not json_depth_ok(value):
+        raise TooCostly(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    return value

@@ -8,7 +8,6 @@ as OpenEnv's session-scoped MCP does. Errors are JSON-RPC error objects, never H
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -21,9 +20,9 @@ from sandbox_env.errors import DrainingError, SandboxEnvError
 from sandbox_env.models import CodeAction, CodeObservation, ExecStatus
 from sandbox_env.server.auth import ANONYMOUS, Tenant
 from sandbox_env.server.guard import tenant_of
-from sandbox_env.server.json_limits import MAX_JSON_NODES, json_cost_ok
+from sandbox_env.server.json_limits import NotJson, TooCostly, load_bounded
 from sandbox_env.server.metrics import ServerMetrics, timed_step
-from sandbox_env.server.routes import MAX_JSON_DEPTH, JSONResponse, json_depth_ok
+from sandbox_env.server.routes import JSONResponse
 
 if TYPE_CHECKING:
     from sandbox_env.episode import Episode
@@ -269,16 +268,14 @@ async def mcp_http(request: Request) -> Response:
     """Always HTTP 200 with a JSON-RPC body (202 without body for MCP notifications)."""
     state = request.app.state
     body = await request.body()
-    if not json_cost_ok(body):
-        return JSONResponse(_error(INVALID_REQUEST, f"Invalid Request: more than {MAX_JSON_NODES} JSON values"))
-    try:
-        payload = json.loads(body) if body.strip() else None
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
-        return JSONResponse(_error(PARSE_ERROR, f"Parse error: {exc}"))
-    if payload is None:
+    if not body.strip():
         return JSONResponse(_error(INVALID_REQUEST, "Invalid Request: empty body"))
-    if not json_depth_ok(payload):
-        return JSONResponse(_error(INVALID_REQUEST, f"Invalid Request: nested deeper than {MAX_JSON_DEPTH} levels"))
+    try:
+        payload = load_bounded(body)
+    except NotJson as exc:
+        return JSONResponse(_error(PARSE_ERROR, f"Parse error: {exc}"))
+    except TooCostly as exc:
+        return JSONResponse(_error(INVALID_REQUEST, f"Invalid Request: {exc}"))
     sessions: McpSessions = state.mcp_sessions
     reply = await handle_jsonrpc(payload, manager=state.manager, metrics=state.metrics,
                                  tenant=tenant_of(request), sessions=sessions)

@@ -18,14 +18,12 @@ The same sweeps run at the next start anyway; the reaper makes them happen now.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 log = logging.getLogger("sandbox_env.reaper")
 QUIT = b"quit\n"
@@ -81,43 +79,41 @@ def sweep_docker(owner: str, server: str) -> None:
 
 
 def sweep_jupyter(pid: int, workdir_root: str | None) -> None:
-    from sandbox_env.kernels.limits import Confinement, Limits, cgroup_layout
+    from sandbox_env.kernels.jupyter import remove_workdirs
+    from sandbox_env.kernels.limits import remove_cgroups
 
-    version, parents = cgroup_layout()
-    groups: dict[str, dict[str, Path]] = {}
-    for ctrl, parent in parents.items():
-        for folder in parent.glob(f"{pid}-*") if parent.is_dir() else []:
-            groups.setdefault(folder.name, {})[ctrl] = folder
-    for name, dirs in groups.items():
-        leftover = Confinement(name, Limits(), use_cgroups=False)
-        leftover.version, leftover.dirs = version, dirs
-        leftover.destroy()  # kills every process in them, then removes them
-    marker = f"sandbox-env-{pid}-".encode()
-    _kill_processes_naming(marker)
-    base = Path(workdir_root or tempfile.gettempdir())
-    for path in base.glob(f"sandbox-env-{pid}-*"):
-        shutil.rmtree(path, ignore_errors=True)
+    dead = str(pid)
+    remove_cgroups(lambda owner: owner == dead)  # kills every process in them, then removes them
+    _kill_processes_naming(f"sandbox-env-{pid}-".encode())
+    remove_workdirs(workdir_root, lambda owner: owner == dead)
 
 
-def _kill_processes_naming(marker: bytes) -> None:
-    """Processes whose command line, environment or working directory names a work directory of
-    the dead server (kernels outside cgroups and what they started)."""
-    me = os.getpid()
+def processes_naming(marker: bytes) -> list[int]:
+    """Processes (but this one) whose command line, environment or working directory holds
+    `marker`: for a work directory's, kernels outside cgroups and what they started."""
+    me, found = os.getpid(), []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == me:
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                found = marker in f.read()
-            if not found:
+                named = marker in f.read()
+            if not named:
                 with open(f"/proc/{entry}/environ", "rb") as f:
-                    found = marker in f.read()
-            if not found:
-                found = marker in os.readlink(f"/proc/{entry}/cwd").encode()
-            if found:
-                os.kill(int(entry), signal.SIGKILL)
+                    named = marker in f.read()
+            if not named:
+                named = marker in os.readlink(f"/proc/{entry}/cwd").encode()
         except OSError:
             continue
+        if named:
+            found.append(int(entry))
+    return found
+
+
+def _kill_processes_naming(marker: bytes) -> None:
+    for pid in processes_naming(marker):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,7 @@ from sandbox_env.models import (
     StepResponse,
 )
 from sandbox_env.server.guard import tenant_of
+from sandbox_env.server.json_limits import MAX_JSON_DEPTH
 from sandbox_env.server.metrics import timed_step
 
 if TYPE_CHECKING:
@@ -45,23 +46,6 @@ DISTRIBUTION = "openenv-sandbox-env"
 DESCRIPTION = ("Stateful, sandboxed Python execution episodes (one Jupyter kernel or container "
                "per episode) speaking OpenEnv's protocol.")
 RETRY_AFTER_S = "1"
-
-
-MAX_JSON_DEPTH = 64  # nesting a request may carry (a deeper one is refused before any use)
-
-
-def json_depth_ok(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
-    """Whether parsed JSON nests at most `limit` containers deep (iterative: no recursion)."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
-        if children is None:
-            continue
-        if depth > limit:
-            return False
-        stack.extend((child, depth + 1) for child in children)
-    return True
 
 
 def _clip_depth(value: Any, limit: int) -> Any:

@@ -8,7 +8,6 @@ pairs replies with requests by position stays in sync. No bad message ends the s
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -16,14 +15,14 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sandbox_env.errors import MAX_MESSAGE, CapacityError, SandboxEnvError
+from sandbox_env.errors import CapacityError, SandboxEnvError, clip_message
 from sandbox_env.models import CodeAction, ResetRequest
 from sandbox_env.server.auth import Tenant
 from sandbox_env.server.guard import tenant_of
-from sandbox_env.server.json_limits import MAX_JSON_NODES, json_cost_ok
+from sandbox_env.server.json_limits import NotJson, TooCostly, load_bounded
 from sandbox_env.server.mcp import handle_jsonrpc
 from sandbox_env.server.metrics import ServerMetrics, timed_step
-from sandbox_env.server.routes import MAX_JSON_DEPTH, json_depth_ok, json_dumps, validation_errors
+from sandbox_env.server.routes import json_dumps, validation_errors
 
 if TYPE_CHECKING:
     from sandbox_env.episode import Episode
@@ -75,8 +74,7 @@ MESSAGES: dict[str, type[_Message]] = {
 
 
 def error_frame(message: str, code: str, **extra: Any) -> dict[str, Any]:
-    message = message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE] + " [...]"
-    return {"type": "error", "data": {"message": message, "code": code, **extra}}
+    return {"type": "error", "data": {"message": clip_message(message), "code": code, **extra}}
 
 
 def service_error_frame(exc: SandboxEnvError) -> dict[str, Any]:
@@ -110,17 +108,14 @@ class WsSession:
                 f"Message too large: {len(text.encode('utf-8', 'replace'))} bytes "
                 f"(limit {self.max_message_bytes})", "VALIDATION_ERROR",
                 max_message_bytes=self.max_message_bytes)
-        if not json_cost_ok(text):
-            return error_frame(f"Invalid message: more than {MAX_JSON_NODES} JSON values", "VALIDATION_ERROR")
         try:
-            raw = json.loads(text)
-        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
+            raw = load_bounded(text)
+        except NotJson as exc:
             return error_frame(f"Invalid JSON: {exc}", "INVALID_JSON")
+        except TooCostly as exc:
+            return error_frame(f"Invalid message: {exc}", "VALIDATION_ERROR")
         if not isinstance(raw, dict):
             return error_frame("Invalid message: expected a JSON object with a 'type'",
-                               "VALIDATION_ERROR")
-        if not json_depth_ok(raw):
-            return error_frame(f"Invalid message: nested deeper than {MAX_JSON_DEPTH} levels",
                                "VALIDATION_ERROR")
         msg_type = raw.get("type", "")
         model = MESSAGES.get(msg_type) if isinstance(msg_type, str) else None

@@ -127,15 +127,9 @@ class Watch:
 def naming(pid: int) -> list[str]:
     """Processes whose command line, environment or working directory names one of the server's
     work directories (what the reaper would kill after a crash)."""
-    marker, found = f"sandbox-env-{pid}-".encode(), []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            with contextlib.suppress(OSError):
-                if (marker in Path(f"/proc/{entry}/cmdline").read_bytes()
-                        or marker in Path(f"/proc/{entry}/environ").read_bytes()
-                        or marker in os.readlink(f"/proc/{entry}/cwd").encode()):
-                    found.append(f"process {entry} ({_cmdline(int(entry))})")
-    return found
+    from sandbox_env.server.reaper import processes_naming
+
+    return [f"process {p} ({_cmdline(p)})" for p in processes_naming(f"sandbox-env-{pid}-".encode())]
 
 
 async def episodes(url: str, first: int, count: int, failures: list[str]) -> None:
