@@ -2,7 +2,7 @@
 # CI: make a Docker engine available and build the sandbox image(s). Root, no stdin.
 #  1. install docker.io (and debootstrap for the offline image path) with apt-get if missing;
 #  2. start dockerd if no daemon answers, and wait for it;
-#  3. build the images through sandbox_env.images.build_images (Hub if reachable, else offline).
+#  3. build the images through sandbox_env.kernels.docker.images.build_images (Hub if reachable, else offline).
 # Any failure is fatal: in CI a missing Docker is an error, never a skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,8 +35,8 @@ docker version --format 'docker-setup: engine {{.Server.Version}}'
 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" - <<'PY'
 import logging, sys
 logging.basicConfig(level=logging.INFO, format="docker-setup: %(message)s")
-from sandbox_env.images import build_images, python_image_tag
-from sandbox_env.kernels.docker import runtime_report
+from sandbox_env.kernels.docker.images import build_images, python_image_tag
+from sandbox_env.kernels.docker.kernel import runtime_report
 built = build_images(offline=None)
 print("docker-setup: built", built or "nothing (cached)", "->", python_image_tag())
 runtime_report()

@@ -121,7 +121,7 @@ def docker_floors(rounds: int) -> dict[str, list[float]]:
 
     import docker
 
-    from sandbox_env.kernels.docker import default_image
+    from sandbox_env.kernels.docker.kernel import default_image
 
     client, image = docker.from_env(), default_image()
     floors: dict[str, list[float]] = {"docker_run": [], "create_start": [], "docker_exec": []}
@@ -235,7 +235,8 @@ def jupyter_isolation_costs(args: argparse.Namespace) -> dict[str, Any]:
     """Issue-8 figures for the sandboxed kernel, ratios from one run: a step against raw
     jupyter_client on the same (sandboxed) kernel, kernel start against an unisolated start,
     and the warm reset of a server whose kernels are sandboxed."""
-    from sandbox_env.kernels.jupyter import JupyterKernel
+    from sandbox_env.kernels.jupyter.config import JupyterConfig
+    from sandbox_env.kernels.jupyter.kernel import JupyterKernel
     from sandbox_env.policy import load_policy
     from sandbox_env.settings import Settings
 
@@ -246,7 +247,7 @@ def jupyter_isolation_costs(args: argparse.Namespace) -> dict[str, Any]:
         sandboxed, plain = [], []
         for _ in range(args.resets):  # interleaved against drift
             for settings, samples in ((None, sandboxed), (unisolated, plain)):
-                kernel = JupyterKernel(policy, settings=settings)
+                kernel = JupyterKernel(policy, JupyterConfig.from_settings(settings))
                 t0 = time.perf_counter()
                 await kernel.start()
                 samples.append(time.perf_counter() - t0)

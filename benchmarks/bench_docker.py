@@ -25,7 +25,8 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sandbox_env.kernels.docker import (
+from sandbox_env.kernels.docker.config import DockerConfig
+from sandbox_env.kernels.docker.kernel import (
     DockerKernel,
     cleanup_orphans,
     container_options,
@@ -91,7 +92,7 @@ class Floors:
 
 
 async def kernel_cold_start(policy: Any) -> tuple[float, float]:
-    kernel = DockerKernel(policy, owner=OWNER)
+    kernel = DockerKernel(policy, DockerConfig(owner=OWNER))
     t0 = time.perf_counter()
     await kernel.start()
     started = time.perf_counter() - t0
@@ -101,7 +102,7 @@ async def kernel_cold_start(policy: Any) -> tuple[float, float]:
 
 
 async def step_latency(policy: Any, steps: int) -> list[float]:
-    async with DockerKernel(policy, owner=OWNER) as kernel:
+    async with DockerKernel(policy, DockerConfig(owner=OWNER)) as kernel:
         for _ in range(20):
             await kernel.execute("print(1)")
         samples = []
@@ -119,7 +120,7 @@ async def churn(policy: Any, floors: Floors, seconds: float) -> tuple[float, flo
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         t0 = time.perf_counter()
-        kernel = DockerKernel(policy, owner=OWNER)
+        kernel = DockerKernel(policy, DockerConfig(owner=OWNER))
         await kernel.start()
         await kernel.execute("print(1)")
         await kernel.close()
@@ -157,7 +158,7 @@ def container_memory_mib(client: docker.DockerClient, container_id: str) -> tupl
 
 
 async def idle_memory(policy: Any, client: docker.DockerClient, count: int) -> dict[str, float]:
-    kernels = [DockerKernel(policy, owner=OWNER) for _ in range(count)]
+    kernels = [DockerKernel(policy, DockerConfig(owner=OWNER)) for _ in range(count)]
     try:
         for kernel in kernels:
             await kernel.start()

@@ -32,10 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import ServerProcess, write_results
 from websockets.asyncio.client import connect
 
-from sandbox_env.grading import grade
-from sandbox_env.kernels.docker import DockerKernel
+from sandbox_env.grading.driver import grade
+from sandbox_env.grading.tasks import humaneval_problems, humaneval_task
+from sandbox_env.kernels.docker.config import DockerConfig
+from sandbox_env.kernels.docker.kernel import DockerKernel
 from sandbox_env.policy import load_policy
-from sandbox_env.tasks import humaneval_problems, humaneval_task
 
 log = logging.getLogger("bench_grading")
 
@@ -100,7 +101,7 @@ def literal_run(program: str) -> str:
 
 async def cost(problems: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
     """Median wall time of grading vs bare runs, interleaved in one warm sandbox."""
-    kernel = DockerKernel(load_policy("default"), owner="bench-grading")
+    kernel = DockerKernel(load_policy("default"), DockerConfig(owner="bench-grading"))
     await kernel.start()
     samples: dict[str, list[float]] = {"grade": [], "python3": [], "bare": []}
     try:

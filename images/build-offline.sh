@@ -7,6 +7,6 @@ export DOCKER_BUILDKIT=0
 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" exec "${PYTHON:-python3}" -c '
 import logging, sys
 logging.basicConfig(level=logging.INFO, format="%(message)s")
-from sandbox_env.images import build_images
+from sandbox_env.kernels.docker.images import build_images
 print(build_images(offline=True, force="--force" in sys.argv))
 ' "$@"

@@ -67,9 +67,10 @@ def serve(
     else:
         _refuse_unisolated_backend(settings.backend)
     if settings.backend == "jupyter" and not settings.jupyter_unisolated:  # every policy is for untrusted code
-        from sandbox_env.kernels.jupyter_sandbox import IsolationOptions, isolation_problem
+        from sandbox_env.kernels.jupyter.config import JupyterConfig
+        from sandbox_env.kernels.jupyter.sandbox import isolation_problem
 
-        problem = isolation_problem(IsolationOptions.from_settings(settings))
+        problem = isolation_problem(JupyterConfig.from_settings(settings))
         if problem:
             raise _fail(f"refusing to serve: {problem}")
 
@@ -200,7 +201,7 @@ def images_build(
 ) -> None:
     """Build the sandbox images used by the docker backend; print the tags built."""
     from sandbox_env.errors import SandboxEnvError
-    from sandbox_env.images import build_images
+    from sandbox_env.kernels.docker.images import build_images
 
     try:
         tags = build_images(offline=offline, force=force)
@@ -243,7 +244,7 @@ def eval_command(
     import logging
 
     from sandbox_env.errors import ConfigError, SandboxEnvError
-    from sandbox_env.evaluation import (
+    from sandbox_env.evaluation.harness import (
         EXIT_INPUT,
         EXIT_SANDBOX,
         EvaluationInputError,

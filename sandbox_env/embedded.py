@@ -1,4 +1,4 @@
-"""In-process env: the `SandboxEnv` API on a local `SessionManager`, with no server and no network."""
+"""In-process env: the `SandboxEnv` API on a local `EpisodeManager`, with no server and no network."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 from sandbox_env.client import StepResult, SyncSandboxEnv
 from sandbox_env.client._base import ActionLike, to_action
 from sandbox_env.episode import Episode
-from sandbox_env.manager import SessionManager
+from sandbox_env.manager import EpisodeManager
 from sandbox_env.models import CodeObservation, EpisodeState, Grading, ResetRequest
 from sandbox_env.settings import Settings
 
@@ -40,7 +40,7 @@ class EmbeddedSandboxEnv:
         settings_overrides.setdefault("pool_size", 1)
         settings_overrides.setdefault("allowed_policies", ["*"])  # in-process: the caller is the operator
         self.settings = Settings(backend=backend, policy=policy, **settings_overrides)
-        self._manager: SessionManager | None = None
+        self._manager: EpisodeManager | None = None
         self._episode: Episode | None = None
         self._starting = asyncio.Lock()  # two first calls racing must not start two managers
 
@@ -111,7 +111,7 @@ class EmbeddedSandboxEnv:
         async with self._starting:
             if self._episode is not None:
                 return self._episode
-            manager = SessionManager(self.settings)
+            manager = EpisodeManager(self.settings)
             try:
                 await manager.start()
                 episode = await manager.open_episode()

@@ -16,7 +16,8 @@ from sandbox_env.errors import (
     KernelDiedError,
     KernelError,
 )
-from sandbox_env.grading import choose_reward, grade
+from sandbox_env.grading.driver import choose_reward, grade
+from sandbox_env.grading.tasks import Task
 from sandbox_env.history import StepHistory
 from sandbox_env.kernels.base import Kernel
 from sandbox_env.models import (
@@ -27,7 +28,6 @@ from sandbox_env.models import (
     EpisodeState,
     Grading,
 )
-from sandbox_env.tasks import Task
 
 # (policy name or None for the default) -> a started, never-used kernel
 KernelSource = Callable[[str | None], Awaitable[Kernel]]

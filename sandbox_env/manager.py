@@ -19,21 +19,21 @@ from sandbox_env.errors import (
     TaskError,
     TaskNotFoundError,
 )
-from sandbox_env.grading import PYTEST_BUDGET_TESTS, STARTUP_S, choose_reward, grade
-from sandbox_env.kernels.base import Kernel
-from sandbox_env.kernels.pool import KernelPool
-from sandbox_env.kernels.registry import load_kernel_class
-from sandbox_env.models import Grading
-from sandbox_env.policy import Policy, load_policy
-from sandbox_env.rewards import reward_policy
-from sandbox_env.settings import Settings
-from sandbox_env.tasks import (
+from sandbox_env.grading.driver import PYTEST_BUDGET_TESTS, STARTUP_S, choose_reward, grade
+from sandbox_env.grading.rewards import reward_policy
+from sandbox_env.grading.tasks import (
     Task,
     humaneval_tasks,
     load_tasks,
     parse_task,
     test_count,
 )
+from sandbox_env.kernels.base import Kernel
+from sandbox_env.kernels.pool import KernelPool
+from sandbox_env.kernels.registry import load_kernel_class
+from sandbox_env.models import Grading
+from sandbox_env.policy import Policy, load_policy
+from sandbox_env.settings import Settings
 
 log = logging.getLogger(__name__)
 # Managers alive per backend in this process: backend-wide setup and teardown (orphan sweeps)
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 _LIVE_MANAGERS: dict[type[Kernel], int] = {}
 
 
-class SessionManager:
+class EpisodeManager:
     """Capacity counts every open episode, WebSocket sessions and stateless HTTP calls alike."""
 
     def __init__(self, settings: Settings | None = None) -> None:
@@ -270,11 +270,8 @@ class SessionManager:
     def _pool(self, name: str) -> KernelPool:
         if name not in self._pools:
             policy = self._policies[name]
-            options: dict[str, Any] = {"settings": self.settings}  # a backend takes what it needs from it
-            if self.settings.workdir_root:
-                options["workdir_root"] = self.settings.workdir_root
-            self._pools[name] = KernelPool(lambda: self.kernel_class(policy, **options),
-                                           self.settings.pool_size)
+            config = self.kernel_class.config_class.from_settings(self.settings)
+            self._pools[name] = KernelPool(lambda: self.kernel_class(policy, config), self.settings.pool_size)
         return self._pools[name]
 
     async def _reap_idle(self, timeout_s: float) -> None:

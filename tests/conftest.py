@@ -46,7 +46,7 @@ class LiveServer:
 
     @property
     def manager(self) -> Any:
-        """The app's SessionManager, when the server exposes it on `app.state`."""
+        """The app's EpisodeManager, when the server exposes it on `app.state`."""
         return getattr(self.app.state, "manager", None)
 
 
@@ -117,7 +117,7 @@ def docker_client() -> Any:
     try:
         import docker
 
-        from sandbox_env.kernels.docker import default_image
+        from sandbox_env.kernels.docker.kernel import default_image
 
         client = docker.from_env(timeout=60)
         client.ping()

@@ -1,4 +1,4 @@
-"""Execution backends, one file each; `load_kernel_class(name)` selects one by name."""
+"""Execution backends, a module or package each; `load_kernel_class(name)` selects one by name."""
 
 from sandbox_env.kernels.base import Kernel
 from sandbox_env.kernels.registry import available_kernels, load_kernel_class

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
+
+from pydantic import BaseModel, ConfigDict
 
 from sandbox_env.errors import KernelUnavailableError
 from sandbox_env.models import ExecutionResult
 from sandbox_env.policy import Policy
+
+if TYPE_CHECKING:
+    from sandbox_env.settings import Settings
 
 # Parts of the contract a backend may lack (the in-process fake lacks all of them); the
 # conformance suite (`sandbox_env.testing`) skips exactly the checks that need a missing one.
@@ -25,6 +30,18 @@ CAPABILITIES: dict[str, str] = {
 ALL_CAPABILITIES = frozenset(CAPABILITIES)
 
 
+class KernelConfig(BaseModel):
+    """A backend's own options: a subclass per backend holds exactly the fields it reads, and
+    `from_settings` picks them from the server's settings. An unknown option is an error, never
+    silently dropped. The policy (what the code may use) is separate: the same for every backend."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Self:
+        return cls()
+
+
 class Kernel(abc.ABC):
     """One isolated, stateful Python interpreter serving exactly one episode.
 
@@ -38,9 +55,13 @@ class Kernel(abc.ABC):
     # What of the contract this backend fulfils. The default claims all of it, so a new backend is
     # held to the whole suite unless it says otherwise.
     capabilities: ClassVar[frozenset[str]] = ALL_CAPABILITIES
+    config_class: ClassVar[type[KernelConfig]] = KernelConfig
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, config: KernelConfig | None = None) -> None:
         self.policy = policy
+        self.config = config if config is not None else self.config_class()
+        if not isinstance(self.config, self.config_class):
+            raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, not {type(self.config).__name__}")
 
     @abc.abstractmethod
     async def start(self) -> None:

@@ -34,7 +34,7 @@ import time
 from typing import Any, ClassVar
 
 from sandbox_env.errors import KernelDiedError, KernelError
-from sandbox_env.kernels.base import Kernel
+from sandbox_env.kernels.base import Kernel, KernelConfig
 from sandbox_env.kernels.fake_step import Step, install_routers
 from sandbox_env.kernels.programs import run_to_end
 from sandbox_env.models import ExecStatus, ExecutionResult
@@ -56,8 +56,8 @@ class FakeKernel(Kernel):
     name = "fake"
     capabilities: ClassVar[frozenset[str]] = frozenset()  # not a sandbox: see the module docstring
 
-    def __init__(self, policy: Policy, **options: Any) -> None:
-        super().__init__(policy)  # options (settings, workdir_root) are for real backends
+    def __init__(self, policy: Policy, config: KernelConfig | None = None) -> None:
+        super().__init__(policy, config)  # nothing to configure: the base's empty KernelConfig
         self.id = next(_IDS)
         self.namespace: dict[str, Any] = {}
         self._cells = itertools.count(1)

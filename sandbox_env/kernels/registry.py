@@ -12,8 +12,8 @@ if TYPE_CHECKING:
     from sandbox_env.kernels.base import Kernel
 
 BUILTIN: dict[str, str] = {
-    "jupyter": "sandbox_env.kernels.jupyter:JupyterKernel",
-    "docker": "sandbox_env.kernels.docker:DockerKernel",
+    "jupyter": "sandbox_env.kernels.jupyter.kernel:JupyterKernel",
+    "docker": "sandbox_env.kernels.docker.kernel:DockerKernel",
     "fake": "sandbox_env.kernels.fake:FakeKernel",  # in-process, NOT a sandbox: for tests (fake.py)
 }
 ENTRY_POINT_GROUP = "sandbox_env.kernels"

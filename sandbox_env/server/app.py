@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sandbox_env._version import __version__
 from sandbox_env.errors import ConfigError, SandboxEnvError
-from sandbox_env.manager import SessionManager
+from sandbox_env.manager import EpisodeManager
 from sandbox_env.policy import available_policies
 from sandbox_env.server import mcp, routes, web, ws
 from sandbox_env.server.auth import TokenTable, admin_token, build_table
@@ -194,7 +194,7 @@ def banner(settings: Settings, token: str | None, *, reveal: bool = True) -> str
             f"                            (or send the header 'Authorization: Bearer <token>')")
 
 
-def drain_grace(settings: Settings, manager: SessionManager) -> float:
+def drain_grace(settings: Settings, manager: EpisodeManager) -> float:
     """How long a drain waits for work in flight: `drain_grace_s`, but never less than the longest
     step limit of the policies clients may use (plus a margin), so every step can finish."""
     names = settings.allowed_policies or [manager.default_policy.name]
@@ -213,12 +213,12 @@ def drain_grace(settings: Settings, manager: SessionManager) -> float:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app; its lifespan owns the SessionManager (kernel pools start there)."""
+    """Build the app; its lifespan owns the EpisodeManager (kernel pools start there)."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        manager = SessionManager(settings)
+        manager = EpisodeManager(settings)
         # Before any kernel exists: if this process dies without the shutdown below, it sweeps.
         reaper = Reaper.start(backend=settings.backend, workdir_root=settings.workdir_root) \
             if settings.reaper else None

@@ -26,7 +26,7 @@ from sandbox_env.server.routes import JSONResponse
 
 if TYPE_CHECKING:
     from sandbox_env.episode import Episode
-    from sandbox_env.manager import SessionManager
+    from sandbox_env.manager import EpisodeManager
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class McpSessions:
     def __len__(self) -> int:
         return len(self._episodes)
 
-    async def create(self, manager: SessionManager, tenant: Tenant) -> str:
+    async def create(self, manager: EpisodeManager, tenant: Tenant) -> str:
         self._episodes = {k: ep for k, ep in self._episodes.items() if not ep.closed}
         episode = await manager.open_episode(tenant.name)
         self._episodes[episode.session_id] = episode
@@ -81,14 +81,14 @@ class McpSessions:
             return None
         return episode if episode is not None and tenant.may_touch(episode.owner) else None
 
-    async def close(self, manager: SessionManager, session_id: str, tenant: Tenant) -> bool:
+    async def close(self, manager: EpisodeManager, session_id: str, tenant: Tenant) -> bool:
         if self.get(session_id, tenant) is None:
             return False
         episode = self._episodes.pop(session_id)
         await manager.close_episode(episode)
         return True
 
-    async def close_all(self, manager: SessionManager) -> None:
+    async def close_all(self, manager: EpisodeManager) -> None:
         for session_id in list(self._episodes):
             try:
                 await self.close(manager, session_id, ANONYMOUS)
@@ -188,7 +188,7 @@ def _parse_call(params: dict[str, Any]) -> tuple[_ToolCall, CodeAction, float | 
     return call, CodeAction(code=arguments.code), arguments.timeout_s
 
 
-async def handle_jsonrpc(payload: Any, *, manager: SessionManager, metrics: ServerMetrics,
+async def handle_jsonrpc(payload: Any, *, manager: EpisodeManager, metrics: ServerMetrics,
                          tenant: Tenant, sessions: McpSessions | None = None,
                          episode: Episode | None = None) -> dict[str, Any] | None:
     """Answer one JSON-RPC request; None for a notification (which gets no response)."""
@@ -210,7 +210,7 @@ async def handle_jsonrpc(payload: Any, *, manager: SessionManager, metrics: Serv
 
 
 async def _dispatch(method: str, params: dict[str, Any], request_id: Any, *,
-                    manager: SessionManager, metrics: ServerMetrics, tenant: Tenant,
+                    manager: EpisodeManager, metrics: ServerMetrics, tenant: Tenant,
                     sessions: McpSessions | None, episode: Episode | None) -> dict[str, Any]:
     if method == "initialize":
         return _result({

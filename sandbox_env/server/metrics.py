@@ -22,7 +22,7 @@ from prometheus_client import (
 
 if TYPE_CHECKING:
     from sandbox_env.episode import Episode
-    from sandbox_env.manager import SessionManager
+    from sandbox_env.manager import EpisodeManager
     from sandbox_env.models import CodeAction, CodeObservation
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 class ServerMetrics:
     """The server's counters; gauges read the manager at scrape time so they are never stale."""
 
-    def __init__(self, manager: Callable[[], SessionManager | None]) -> None:
+    def __init__(self, manager: Callable[[], EpisodeManager | None]) -> None:
         self._manager = manager
         self.registry = CollectorRegistry(auto_describe=True)
         self.episodes_active = Gauge(

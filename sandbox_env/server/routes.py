@@ -37,7 +37,7 @@ from sandbox_env.server.json_limits import MAX_JSON_DEPTH
 from sandbox_env.server.metrics import timed_step
 
 if TYPE_CHECKING:
-    from sandbox_env.manager import SessionManager
+    from sandbox_env.manager import EpisodeManager
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +124,8 @@ async def request_validation_handler(request: Request, exc: Exception) -> Respon
     return JSONResponse({"detail": errors}, status_code=422)
 
 
-def _manager(request: Request) -> SessionManager:
-    manager: SessionManager = request.app.state.manager
+def _manager(request: Request) -> EpisodeManager:
+    manager: EpisodeManager = request.app.state.manager
     return manager
 
 

@@ -17,7 +17,7 @@ from fastapi.responses import HTMLResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from sandbox_env.episode import Episode
-from sandbox_env.manager import SessionManager
+from sandbox_env.manager import EpisodeManager
 from sandbox_env.server.guard import tenant_of
 from sandbox_env.server.routes import json_dumps
 
@@ -35,8 +35,8 @@ SECURITY_HEADERS = {
 }
 
 
-def _manager(request: Request) -> SessionManager:
-    manager: SessionManager = request.app.state.manager
+def _manager(request: Request) -> EpisodeManager:
+    manager: EpisodeManager = request.app.state.manager
     return manager
 
 

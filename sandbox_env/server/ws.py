@@ -26,7 +26,7 @@ from sandbox_env.server.routes import json_dumps, validation_errors
 
 if TYPE_CHECKING:
     from sandbox_env.episode import Episode
-    from sandbox_env.manager import SessionManager
+    from sandbox_env.manager import EpisodeManager
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -88,7 +88,7 @@ def service_error_frame(exc: SandboxEnvError) -> dict[str, Any]:
 class WsSession:
     """Protocol state of one connection; `handle` turns one text frame into one reply."""
 
-    def __init__(self, episode: Episode, *, manager: SessionManager, metrics: ServerMetrics,
+    def __init__(self, episode: Episode, *, manager: EpisodeManager, metrics: ServerMetrics,
                  max_message_bytes: int, tenant: Tenant) -> None:
         self.episode = episode
         self.tenant = tenant
@@ -259,7 +259,7 @@ router = APIRouter()
 async def websocket_session(websocket: WebSocket) -> None:
     """One episode per connection; see the module docstring for the protocol."""
     state = websocket.app.state
-    manager: SessionManager = state.manager
+    manager: EpisodeManager = state.manager
     metrics: ServerMetrics = state.metrics
     tenant = tenant_of(websocket)
     await websocket.accept()

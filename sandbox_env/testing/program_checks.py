@@ -3,9 +3,9 @@ same trusted grader every backend runs)."""
 
 from __future__ import annotations
 
-from sandbox_env.grading import grade
+from sandbox_env.grading.driver import grade
+from sandbox_env.grading.tasks import parse_task
 from sandbox_env.models import ExecStatus, TestStatus
-from sandbox_env.tasks import parse_task
 from sandbox_env.testing.suite import Harness, check
 
 # A program's exit, as `python3 -I -c` reports it: (source, status, exit code, text in stderr).

@@ -106,7 +106,7 @@ def test_run_on_the_fake_backend_runs_in_process() -> None:
 
 @pytest.mark.slow
 def test_run_a_file_prints_the_wire_observation(tmp_path: Path) -> None:
-    pytest.importorskip("sandbox_env.kernels.jupyter", reason="the jupyter backend is not written yet")
+    pytest.importorskip("sandbox_env.kernels.jupyter.kernel", reason="the jupyter backend is not written yet")
     script = tmp_path / "snippet.py"
     script.write_text("x = 6 * 7\nprint(x)\n")
     out = sandbox_env("run", str(script))
@@ -120,7 +120,7 @@ def test_run_a_file_prints_the_wire_observation(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_run_from_stdin_exits_1_when_the_code_raises() -> None:
-    pytest.importorskip("sandbox_env.kernels.jupyter", reason="the jupyter backend is not written yet")
+    pytest.importorskip("sandbox_env.kernels.jupyter.kernel", reason="the jupyter backend is not written yet")
     out = sandbox_env("run", "-", stdin="raise ValueError('boom')\n")
     assert out.returncode == 1, out.stderr
     payload = json.loads(out.stdout)
@@ -132,7 +132,7 @@ def test_run_from_stdin_exits_1_when_the_code_raises() -> None:
 
 @pytest.mark.slow
 def test_run_with_a_timeout_reports_the_timeout_status() -> None:
-    pytest.importorskip("sandbox_env.kernels.jupyter", reason="the jupyter backend is not written yet")
+    pytest.importorskip("sandbox_env.kernels.jupyter.kernel", reason="the jupyter backend is not written yet")
     out = sandbox_env("run", "-", "--timeout", "1", stdin="while True:\n    pass\n")
     assert out.returncode == 1, out.stderr
     assert json.loads(out.stdout)["observation"]["metadata"]["execution"]["status"] == "timeout"

@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from sandbox_env.models import ExecStatus
 
-pytest.importorskip("sandbox_env.kernels.jupyter", reason="the jupyter backend is not written yet")
+pytest.importorskip("sandbox_env.kernels.jupyter.kernel", reason="the jupyter backend is not written yet")
 from sandbox_env.embedded import EmbeddedSandboxEnv  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -70,7 +70,7 @@ async def test_reset_options_are_validated_and_kept_in_the_state() -> None:
 
 
 async def test_two_embedded_envs_in_one_process_are_isolated() -> None:
-    # Each env owns a SessionManager; closing one must not disturb the other's kernel.
+    # Each env owns a EpisodeManager; closing one must not disturb the other's kernel.
     first = await EmbeddedSandboxEnv(pool_size=0).connect()
     second = await EmbeddedSandboxEnv(pool_size=0).connect()
     try:

@@ -16,12 +16,13 @@ KernelFactory = Callable[..., Awaitable[Any]]
 @pytest_asyncio.fixture
 async def make_kernel(docker_client: Any) -> AsyncIterator[KernelFactory]:
     """Start DockerKernels; each is closed after the test and must leave no container behind."""
-    from sandbox_env.kernels.docker import DockerKernel
+    from sandbox_env.kernels.docker.config import DockerConfig
+    from sandbox_env.kernels.docker.kernel import DockerKernel
 
     kernels: list[Any] = []
 
     async def factory(policy: Policy | None = None, **overrides: Any) -> Any:
-        kernel = DockerKernel(policy or sandbox_policy(**overrides), owner="pytest-docker")
+        kernel = DockerKernel(policy or sandbox_policy(**overrides), DockerConfig(owner="pytest-docker"))
         kernels.append(kernel)
         await kernel.start()
         return kernel

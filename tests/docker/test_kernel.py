@@ -97,9 +97,10 @@ async def test_cpu_time_budget(make_kernel) -> None:
 
 
 async def test_cleanup_orphans(docker_client) -> None:
-    from sandbox_env.kernels.docker import DockerKernel, cleanup_orphans
+    from sandbox_env.kernels.docker.config import DockerConfig
+    from sandbox_env.kernels.docker.kernel import DockerKernel, cleanup_orphans
 
-    kernel = DockerKernel(sandbox_policy(), owner="pytest-orphans")
+    kernel = DockerKernel(sandbox_policy(), DockerConfig(owner="pytest-orphans"))
     await kernel.start()
     kernel._closed = True  # simulate a server that lost track of it
     assert cleanup_orphans("someone-else") == 0
@@ -108,16 +109,17 @@ async def test_cleanup_orphans(docker_client) -> None:
 
 
 async def test_missing_image_is_unavailable(docker_client) -> None:
-    from sandbox_env.kernels.docker import DockerKernel
+    from sandbox_env.kernels.docker.config import DockerConfig
+    from sandbox_env.kernels.docker.kernel import DockerKernel
 
-    kernel = DockerKernel(sandbox_policy(), image="sandbox-env/does-not-exist:0")
+    kernel = DockerKernel(sandbox_policy(), DockerConfig(image="sandbox-env/does-not-exist:0"))
     with pytest.raises(KernelUnavailableError):
         await kernel.start()
     assert episode_containers(docker_client, kernel.kernel_id) == []
 
 
 def test_runtime_report(docker_client) -> None:
-    from sandbox_env.kernels.docker import runtime_report
+    from sandbox_env.kernels.docker.kernel import runtime_report
 
     report = runtime_report(docker_client)
     assert report["cgroup_version"] in ("1", "2")
@@ -126,7 +128,7 @@ def test_runtime_report(docker_client) -> None:
 
 
 def test_apt_mirror_from_both_formats(tmp_path: Path) -> None:
-    from sandbox_env.images import apt_mirror
+    from sandbox_env.kernels.docker.images import apt_mirror
 
     (tmp_path / "a.sources").write_text(
         "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\n"
@@ -139,7 +141,7 @@ def test_apt_mirror_from_both_formats(tmp_path: Path) -> None:
 
 
 def test_image_is_the_expected_one(docker_client) -> None:
-    from sandbox_env.kernels.docker import default_image
+    from sandbox_env.kernels.docker.kernel import default_image
 
     image = docker_client.images.get(default_image())
     assert image.attrs["Config"]["User"] == "10001:10001"
@@ -169,11 +171,12 @@ def _shim_count() -> int:
 
 
 async def test_churn_leaves_nothing_behind(docker_client) -> None:
-    from sandbox_env.kernels.docker import DockerKernel
+    from sandbox_env.kernels.docker.config import DockerConfig
+    from sandbox_env.kernels.docker.kernel import DockerKernel
 
     shims = _shim_count()
     for _ in range(15):
-        kernel = DockerKernel(sandbox_policy(), owner="pytest-churn")
+        kernel = DockerKernel(sandbox_policy(), DockerConfig(owner="pytest-churn"))
         await kernel.start()
         assert (await kernel.execute("open('f', 'w').write('x'); print(1)")).stdout == "1\n"
         await kernel.close()
@@ -185,20 +188,21 @@ async def test_churn_leaves_nothing_behind(docker_client) -> None:
 
 
 async def test_unknown_runtime_is_unavailable(docker_client) -> None:
-    from sandbox_env.kernels.docker import DockerKernel, runtime_report
+    from sandbox_env.kernels.docker.config import DockerConfig
+    from sandbox_env.kernels.docker.kernel import DockerKernel, runtime_report
 
     if runtime_report(docker_client)["runsc_available"]:
         pytest.skip("runsc is installed here")
-    kernel = DockerKernel(sandbox_policy(runtime="runsc"), owner="pytest-docker")
+    kernel = DockerKernel(sandbox_policy(runtime="runsc"), DockerConfig(owner="pytest-docker"))
     with pytest.raises(KernelUnavailableError):
         await kernel.start()
     assert episode_containers(docker_client, kernel.kernel_id) == []
 
 
 async def test_setup_sweeps_dead_servers_orphans_but_not_live_neighbours(docker_client) -> None:
-    from sandbox_env.kernels import docker as backend
+    from sandbox_env.kernels.docker import kernel as backend
 
-    live = backend.DockerKernel(sandbox_policy(), owner=backend.default_owner())  # a live server's episode
+    live = backend.DockerKernel(sandbox_policy(), backend.DockerConfig(owner=backend.default_owner()))  # a live server's episode
     await live.start()
     dead_server = "1999999:123"  # a pid that cannot exist: its server crashed
     create, host = backend.container_options(sandbox_policy(), image=backend.default_image(),
@@ -241,7 +245,7 @@ async def test_close_right_after_a_cancelled_step_leaves_no_container(make_kerne
 def test_remove_container_waits_for_an_auto_removal_in_progress(docker_client, attempt: int) -> None:
     """Killing an auto-remove container starts the daemon's own removal: a removal asked for
     meanwhile (409) waits for it, so the container is gone when remove_container returns."""
-    from sandbox_env.kernels import docker as backend
+    from sandbox_env.kernels.docker import kernel as backend
 
     create, host = backend.container_options(sandbox_policy(), image=backend.default_image(),
                                              owner="pytest-docker", episode=f"pytest-autoremove-{attempt}")

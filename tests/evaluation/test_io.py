@@ -10,7 +10,7 @@ import pytest
 from eval_helpers import EXAMPLE_PROBLEM, write_jsonl
 
 from sandbox_env.evaluation import summarize
-from sandbox_env.evaluation_io import (
+from sandbox_env.evaluation.files import (
     EvaluationInputError,
     ResultsWriter,
     load_previous,
@@ -21,8 +21,8 @@ from sandbox_env.evaluation_io import (
     summary_path_for,
     verdict,
 )
+from sandbox_env.grading.tasks import Task
 from sandbox_env.models import Grading, TestResult, TestStatus
-from sandbox_env.tasks import Task
 
 
 def grading(*statuses: str, infra: bool = False) -> Grading:

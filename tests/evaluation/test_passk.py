@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from sandbox_env.passk import estimate_pass_at_k, parse_ks, pass_at_k, reportable_ks
+from sandbox_env.evaluation.passk import estimate_pass_at_k, parse_ks, pass_at_k, reportable_ks
 
 
 def by_definition(n: int, c: int, k: int) -> float:

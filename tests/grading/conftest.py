@@ -17,9 +17,10 @@ from docker_helpers import sandbox_policy
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def grader_kernel(docker_client: Any) -> AsyncIterator[Any]:
     """ONE warm kernel graded on again and again: every test also checks the clean slate."""
-    from sandbox_env.kernels.docker import DockerKernel
+    from sandbox_env.kernels.docker.config import DockerConfig
+    from sandbox_env.kernels.docker.kernel import DockerKernel
 
-    kernel = DockerKernel(sandbox_policy(timeout_s=5), owner="pytest-grading")
+    kernel = DockerKernel(sandbox_policy(timeout_s=5), DockerConfig(owner="pytest-grading"))
     await kernel.start()
     yield kernel
     await kernel.close()
@@ -29,7 +30,7 @@ async def grader_kernel(docker_client: Any) -> AsyncIterator[Any]:
 async def jupyter_kernel() -> AsyncIterator[Any]:
     """ONE jupyter kernel per module, graded on again and again (the grading tests' other backend)."""
     pytest.importorskip("ipykernel")
-    from sandbox_env.kernels.jupyter import JupyterKernel
+    from sandbox_env.kernels.jupyter.kernel import JupyterKernel
 
     kernel = JupyterKernel(sandbox_policy(timeout_s=5))
     await kernel.start()

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sandbox_env.tasks import Task, parse_task
+from sandbox_env.grading.tasks import Task, parse_task
 
 # The repository-level conftest is not importable by name (every test folder has a conftest).
 _spec = importlib.util.spec_from_file_location("_tests_root_conftest", Path(__file__).resolve().parents[1] / "conftest.py")

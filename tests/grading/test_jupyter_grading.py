@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from grading_helpers import GOOD_SQUARE, SQUARE, make_task
 
-from sandbox_env.grading import grade
+from sandbox_env.grading.driver import grade
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 

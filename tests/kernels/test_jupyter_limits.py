@@ -18,9 +18,11 @@ from kernel_helpers import (
     wait_present,
 )
 
-from sandbox_env.kernels import jupyter, limits
-from sandbox_env.kernels.jupyter import KERNEL_FDS, KERNEL_TASKS, RELAY_TASKS, JupyterKernel
-from sandbox_env.kernels.limits import MB, cgroup_layout
+from sandbox_env.kernels.jupyter import kernel as jupyter
+from sandbox_env.kernels.jupyter import limits
+from sandbox_env.kernels.jupyter.config import JupyterConfig
+from sandbox_env.kernels.jupyter.kernel import KERNEL_FDS, KERNEL_TASKS, RELAY_TASKS, JupyterKernel
+from sandbox_env.kernels.jupyter.limits import MB, cgroup_layout
 from sandbox_env.models import ExecStatus
 
 needs_cgroups = pytest.mark.skipif(cgroup_layout()[0] == "none", reason="no writable cgroups here")
@@ -253,7 +255,7 @@ def test_sweep_removes_cgroups_of_dead_servers(monkeypatch: pytest.MonkeyPatch) 
 
 
 async def test_restart_after_workdir_deleted(tmp_path: Path) -> None:
-    kernel = JupyterKernel(test_policy(), workdir_root=str(tmp_path / "episodes"))
+    kernel = JupyterKernel(test_policy(), JupyterConfig(workdir_root=str(tmp_path / "episodes")))
     await kernel.start()
     try:
         assert kernel.root is not None and kernel.root.parent == tmp_path / "episodes"
@@ -287,7 +289,7 @@ async def test_sweeps_workdirs_of_dead_servers(tmp_path: Path, monkeypatch: pyte
     for d in (stale, live):
         (d / "work").mkdir(parents=True)
     monkeypatch.setattr(jupyter, "_swept_roots", set())
-    kernel = JupyterKernel(test_policy(), workdir_root=str(tmp_path))
+    kernel = JupyterKernel(test_policy(), JupyterConfig(workdir_root=str(tmp_path)))
     await kernel.start()
     try:
         assert not stale.exists() and live.exists()

@@ -1,6 +1,6 @@
 """Jupyter backend: the server never receives a kernel's zmq traffic itself.
 
-A relay process of the kernel's own (`sandbox_env/kernels/zmq_relay.py`), confined with it, takes
+A relay process of the kernel's own (`sandbox_env/kernels/jupyter/relay.py`), confined with it, takes
 every message and forwards only those of a few frames and bounded size. A multipart message of many
 big frames (libzmq assembles it whole in the receiving process, whatever MAXMSGSIZE says) costs the
 episode its kernel, never the server its memory.
@@ -16,7 +16,7 @@ import pytest
 import zmq
 from kernel_helpers import KernelFactory
 
-from sandbox_env.kernels.jupyter import POLL_S, JupyterKernel
+from sandbox_env.kernels.jupyter.kernel import POLL_S, JupyterKernel
 from sandbox_env.models import ExecStatus
 
 MB = 1 << 20

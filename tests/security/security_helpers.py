@@ -31,10 +31,10 @@ import psutil
 import pytest
 
 import sandbox_env
+from sandbox_env.grading.tasks import Task, parse_task
 from sandbox_env.kernels import load_kernel_class
 from sandbox_env.kernels.base import Kernel
 from sandbox_env.policy import Policy, load_policy
-from sandbox_env.tasks import Task, parse_task
 
 TRUE = ("1", "true", "yes", "on")
 BACKENDS = ["jupyter", pytest.param("docker", marks=pytest.mark.docker)]
@@ -92,7 +92,9 @@ def require_backend(name: str, request: pytest.FixtureRequest) -> None:
 def new_kernel(name: str, policy: Policy | None = None) -> Kernel:
     cls = load_kernel_class(name)
     if name == "docker":
-        return cls(policy or security_policy(), owner="pytest-security")  # type: ignore[call-arg]
+        from sandbox_env.kernels.docker.config import DockerConfig
+
+        return cls(policy or security_policy(), DockerConfig(owner="pytest-security"))
     return cls(policy or security_policy())
 
 

@@ -39,7 +39,7 @@ from security_helpers import (
     wait_gone,
 )
 
-from sandbox_env.grading import grade
+from sandbox_env.grading.driver import grade
 from sandbox_env.kernels.pool import KernelPool
 
 pytestmark = pytest.mark.slow

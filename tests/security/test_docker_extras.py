@@ -28,7 +28,7 @@ from security_helpers import (
 )
 
 from sandbox_env.errors import KernelError
-from sandbox_env.grading import grade
+from sandbox_env.grading.driver import grade
 
 pytestmark = [pytest.mark.docker]
 

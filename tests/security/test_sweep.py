@@ -46,7 +46,7 @@ from security_helpers import (
     wait_for_comm,
 )
 
-from sandbox_env.grading import grade
+from sandbox_env.grading.driver import grade
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
 HOLD_S = 100.0  # the grading is cancelled as soon as the sweep is done

@@ -89,12 +89,12 @@ async def test_inline_tasks_can_be_turned_off(live_server_factory, tmp_path) -> 
 @pytest.mark.parametrize("asked", [25.0, None])
 def test_limit_inline_never_extends(asked) -> None:
     """The clamp itself: at most the policy, at most the budget, never more than asked."""
-    from sandbox_env.manager import SessionManager
+    from sandbox_env.grading.tasks import parse_task
+    from sandbox_env.manager import EpisodeManager
     from sandbox_env.policy import load_policy
     from sandbox_env.settings import Settings
-    from sandbox_env.tasks import parse_task
 
-    manager = SessionManager(Settings(pool_size=0, max_grading_s=40))
+    manager = EpisodeManager(Settings(pool_size=0, max_grading_s=40))
     task = parse_task(sleeping_task(count=2, timeout_s=asked))
     assert manager.limit_inline(task, load_policy("default")).timeout_s == 10.0
     assert manager.limit_inline(parse_task(sleeping_task(count=6, timeout_s=asked)),

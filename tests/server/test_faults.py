@@ -159,7 +159,7 @@ async def test_a_kernel_waits_for_a_daemon_not_listening_yet_then_fails_typed(
     import docker
 
     from sandbox_env.errors import KernelStartError
-    from sandbox_env.kernels import docker as backend
+    from sandbox_env.kernels.docker import kernel as backend
     from sandbox_env.policy import load_policy
 
     socket_path = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
@@ -168,7 +168,7 @@ async def test_a_kernel_waits_for_a_daemon_not_listening_yet_then_fails_typed(
     link = tmp_path / "docker.sock"
     late = docker.DockerClient(base_url=f"unix://{link}", timeout=60,
                                version=docker_client.api.api_version)  # type: ignore[attr-defined]
-    kernel = backend.DockerKernel(load_policy("default"), owner="pytest-faults", client=late)
+    kernel = backend.DockerKernel(load_policy("default"), backend.DockerConfig(owner="pytest-faults"), client=late)
     asyncio.get_running_loop().call_later(1.0, link.symlink_to, socket_path.removeprefix("unix://"))
     try:
         await asyncio.wait_for(kernel.start(), 60)
@@ -180,7 +180,7 @@ async def test_a_kernel_waits_for_a_daemon_not_listening_yet_then_fails_typed(
 
     link.unlink()  # and a daemon that never comes back: a typed error once the wait is over
     monkeypatch.setattr(backend, "DAEMON_WAIT_S", 0.5)
-    gone = backend.DockerKernel(load_policy("default"), owner="pytest-faults", client=late)
+    gone = backend.DockerKernel(load_policy("default"), backend.DockerConfig(owner="pytest-faults"), client=late)
     with pytest.raises(KernelStartError, match="did not answer") as raised:
         await asyncio.wait_for(gone.start(), 60)
     assert raised.value.retryable
@@ -194,7 +194,7 @@ async def test_a_container_is_removed_once_the_daemon_is_back(tmp_path: Path, do
     once left containers created just before the daemon stopped)."""
     import docker
 
-    from sandbox_env.kernels import docker as backend
+    from sandbox_env.kernels.docker import kernel as backend
     from sandbox_env.policy import load_policy
 
     socket_path = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
@@ -204,7 +204,7 @@ async def test_a_container_is_removed_once_the_daemon_is_back(tmp_path: Path, do
     link.symlink_to(socket_path.removeprefix("unix://"))
     via_link = docker.DockerClient(base_url=f"unix://{link}", timeout=60,
                                    version=docker_client.api.api_version)  # type: ignore[attr-defined]
-    kernel = backend.DockerKernel(load_policy("default"), owner="pytest-faults", client=via_link)
+    kernel = backend.DockerKernel(load_policy("default"), backend.DockerConfig(owner="pytest-faults"), client=via_link)
     await asyncio.wait_for(kernel.start(), 60)
     link.unlink()  # the daemon "goes away" for a second
     asyncio.get_running_loop().call_later(1.0, link.symlink_to, socket_path.removeprefix("unix://"))
@@ -339,8 +339,8 @@ def test_a_dockerd_restart_mid_eval_gives_sandbox_errors_never_wrong_answers(
     again. The run completes; a sample hit by the restart is `sandbox_error` after its retries,
     never a wrong answer; every other one gets its right verdict; pass@k leaves the sandbox errors
     out; the images survive; the server grades again afterwards."""
-    from sandbox_env.kernels.docker import default_image
-    from sandbox_env.passk import pass_at_k
+    from sandbox_env.evaluation.passk import pass_at_k
+    from sandbox_env.kernels.docker.kernel import default_image
 
     daemon = Dockerd.running()
     if daemon is None:  # as `missing()` in tests/conftest.py: required in CI

@@ -10,7 +10,7 @@ The finding: after a few hundred Jupyter episodes the server's zmq I/O thread co
 good. A kernel's channel socket closed before its disconnect monitor was stopped; its watch
 closed with the socket's Python object, and the relay's end, a moment later, was an event sent
 to a closed watch (libzmq #3575): no kernel of the server started again. `_unwatch` now stops
-the monitors first (sandbox_env/kernels/jupyter.py).
+the monitors first (sandbox_env/kernels/jupyter/kernel.py).
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ async def test_a_kernel_stops_its_socket_monitors_before_its_sockets_close(tmp_p
     """The wedge above, white-box: at teardown each channel socket's disconnect monitor is
     stopped before the socket closes, and its watch closed (closing the watch first, then an
     event from the socket, blocks the process's zmq I/O thread for good)."""
-    from sandbox_env.kernels import jupyter
+    from sandbox_env.kernels.jupyter import kernel as jupyter
     from sandbox_env.policy import load_policy
 
     kernel = jupyter.JupyterKernel(load_policy("default"))

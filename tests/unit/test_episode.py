@@ -18,8 +18,8 @@ from sandbox_env.errors import (
     KernelDiedError,
     PolicyNotFoundError,
 )
+from sandbox_env.grading.tasks import Task, parse_task
 from sandbox_env.models import CodeAction, ExecStatus, Grading
-from sandbox_env.tasks import Task, parse_task
 
 SQUARE = parse_task({"id": "square", "prompt": "Write square(x).", "timeout_s": 1, "tests": {
     "kind": "function", "entry_point": "square",

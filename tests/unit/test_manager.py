@@ -1,4 +1,4 @@
-"""`SessionManager` on the fake backend: session limits, quotas, policies, idle timeout, one-shot
+"""`EpisodeManager` on the fake backend: session limits, quotas, policies, idle timeout, one-shot
 grading with its stash of kernels, and backend-wide setup and teardown."""
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from sandbox_env.errors import (
     TaskError,
     TaskNotFoundError,
 )
+from sandbox_env.grading.tasks import parse_task
 from sandbox_env.kernels.fake import FakeKernel
-from sandbox_env.manager import SessionManager
+from sandbox_env.manager import EpisodeManager
 from sandbox_env.models import CodeAction
-from sandbox_env.tasks import parse_task
 
 SQUARE = parse_task({"id": "square", "timeout_s": 1, "tests": {
     "kind": "function", "entry_point": "square", "check": "def check(candidate):\n    assert candidate(3) == 9\n"}})
@@ -38,10 +38,10 @@ Factory = Callable[..., Any]
 @pytest_asyncio.fixture
 async def managers() -> AsyncIterator[Factory]:
     """Started managers on the fake backend, shut down after the test."""
-    started: list[SessionManager] = []
+    started: list[EpisodeManager] = []
 
-    async def make(**settings: Any) -> SessionManager:
-        manager = SessionManager(fake_settings(**settings))
+    async def make(**settings: Any) -> EpisodeManager:
+        manager = EpisodeManager(fake_settings(**settings))
         started.append(manager)
         await manager.start()
         return manager
@@ -193,7 +193,7 @@ async def test_backend_setup_and_teardown_run_once_per_process(monkeypatch: pyte
 
     monkeypatch.setattr(FakeKernel, "setup_backend", classmethod(setup))
     monkeypatch.setattr(FakeKernel, "teardown_backend", classmethod(teardown))
-    first, second = SessionManager(fake_settings()), SessionManager(fake_settings())
+    first, second = EpisodeManager(fake_settings()), EpisodeManager(fake_settings())
     await first.start()
     await second.start()
     assert calls == ["setup"] and first.runtime_report == {"probe": "ok"}
@@ -206,6 +206,6 @@ async def test_backend_setup_and_teardown_run_once_per_process(monkeypatch: pyte
 
 def test_settings_are_checked_at_construction() -> None:
     with pytest.raises(ConfigError):
-        SessionManager(fake_settings(reward="no-such-reward"))
-    manager = SessionManager(fake_settings(max_sessions=4, history_bytes=1 << 20, history_total_bytes=1 << 20))
+        EpisodeManager(fake_settings(reward="no-such-reward"))
+    manager = EpisodeManager(fake_settings(max_sessions=4, history_bytes=1 << 20, history_total_bytes=1 << 20))
     assert manager.history_budget == (1 << 20) // 4 and manager.capacity == 4

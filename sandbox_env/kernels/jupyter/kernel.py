@@ -1,6 +1,6 @@
 """The embedded default backend: one local ipykernel per episode, driven through jupyter_client.
 
-Isolation (`jupyter_sandbox.py`, docs/jupyter-isolation.md): each kernel, and each program it runs,
+Isolation (`kernels/jupyter/sandbox.py`, docs/jupyter-isolation.md): each kernel, and each program it runs,
 lives in a bubblewrap sandbox of its own (private mount, pid, ipc, uts, network and cgroup
 namespaces, a read-only system, its own bounded tmpfs workspace and /tmp), as a uid of its own
 with no capability, under no_new_privs and a seccomp filter. Confinement (`limits.py`): own
@@ -40,13 +40,14 @@ from jupyter_client.manager import AsyncKernelManager
 
 from sandbox_env.errors import KernelError, KernelStartError
 from sandbox_env.inside.slate import empty
-from sandbox_env.kernels import jupyter_sandbox as sandbox
-from sandbox_env.kernels import zmq_relay
 from sandbox_env.kernels.base import Kernel
-from sandbox_env.kernels.limits import MB, Confinement, Limits
+from sandbox_env.kernels.jupyter import relay as zmq_relay
+from sandbox_env.kernels.jupyter import sandbox
+from sandbox_env.kernels.jupyter.config import JupyterConfig
+from sandbox_env.kernels.jupyter.limits import MB, Confinement, Limits
+from sandbox_env.kernels.jupyter.seccomp import bpf_program as seccomp_bpf_program
 from sandbox_env.kernels.output import KernelAnomaly, StepCollector, check_reply, died, kernel_shim
 from sandbox_env.kernels.programs import run_to_end
-from sandbox_env.kernels.seccomp import bpf_program as seccomp_bpf_program
 from sandbox_env.models import ExecStatus, ExecutionResult
 from sandbox_env.policy import Policy
 
@@ -149,7 +150,7 @@ def remove_workdirs(parent: str | None, owned: Callable[[str], bool]) -> list[Pa
 # loses its connection (`_disconnected`), the server no memory. The relay checks every message is
 # cheap to parse first (`zmq_relay.check`): DRAIN bounds how many are read in a row between steps.
 MESSAGE, RCVHWM, DRAIN = 4 * MB, 2, 64
-# The server connects to a relay of the kernel's (`zmq_relay.py`), never to the kernel: it takes
+# The server connects to a relay of the kernel's (`kernels/jupyter/relay.py`), never to the kernel: it takes
 # messages of at most RELAY_FRAMES frames (a Jupyter message has 7 with its topic: no `buffers`
 # are needed) and of at most the message bound in all; the relay lives in the kernel's confinement.
 RELAY_FRAMES, RELAY_TASKS = 7 + 8, 4  # tasks: the relay's threads (main, zmq I/O, reaper)
@@ -232,10 +233,11 @@ class JupyterKernel(Kernel):
     name = "jupyter"
     use_cgroups = True  # tests switch it off to exercise the rlimit-only fallback
 
-    def __init__(self, policy: Policy, *, workdir_root: str | None = None, settings: Any = None) -> None:
-        super().__init__(policy)
-        self.workdir_root = workdir_root
-        self.isolation = sandbox.IsolationOptions.from_settings(settings)
+    config_class = JupyterConfig
+    config: JupyterConfig
+
+    def __init__(self, policy: Policy, config: JupyterConfig | None = None) -> None:
+        super().__init__(policy, config)
         self.id = uuid.uuid4().hex[:12]
         self.root: Path | None = None  # private: sockets, logs, start-up code (and unisolated: TMPDIR, workdir)
         self.workdir: Path | None = None  # the kernel's HOME and cwd (in the sandbox: a path only there)
@@ -261,15 +263,15 @@ class JupyterKernel(Kernel):
             return
         self._started = True
         try:
-            if self.isolation.unisolated:
+            if self.config.unisolated:
                 _warn_unisolated()
             else:  # KernelStartError saying how to get isolation, when this machine has none
-                self._runtime = await asyncio.to_thread(sandbox.runtime, self.isolation)
-            if self.workdir_root:
-                os.makedirs(self.workdir_root, exist_ok=True)
-            if str(self.workdir_root or tempfile.gettempdir()) not in _swept_roots:
-                await asyncio.to_thread(_sweep_workdirs, self.workdir_root)
-            root = Path(tempfile.mkdtemp(prefix=f"sandbox-env-{os.getpid()}-", dir=self.workdir_root))
+                self._runtime = await asyncio.to_thread(sandbox.runtime, self.config)
+            if self.config.workdir_root:
+                os.makedirs(self.config.workdir_root, exist_ok=True)
+            if str(self.config.workdir_root or tempfile.gettempdir()) not in _swept_roots:
+                await asyncio.to_thread(_sweep_workdirs, self.config.workdir_root)
+            root = Path(tempfile.mkdtemp(prefix=f"sandbox-env-{os.getpid()}-", dir=self.config.workdir_root))
             self.root, self.workdir = root, root / "work"
             if self._runtime is not None:
                 self._lease = sandbox.UidLease.take() if self._runtime.setpriv else None
@@ -344,7 +346,7 @@ class JupyterKernel(Kernel):
                     "unisolated" if self._runtime is None else self._runtime.describe())
 
     def _start_relay(self, gen: int, conf: Confinement, log: int) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
-        """The kernel's relay (`zmq_relay.py`), in the kernel's confinement: it binds its sockets in a
+        """The kernel's relay (`kernels/jupyter/relay.py`), in the kernel's confinement: it binds its sockets in a
         folder of the server's (0700, hidden from the kernel under its tmpfs) and waits for the
         kernel's addresses. Returns the process and the client's connection info for its sockets."""
         assert self.root is not None

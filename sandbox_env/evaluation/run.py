@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from sandbox_env.errors import ConfigError, PolicyNotFoundError
-from sandbox_env.evaluation_io import Sample, result_row
+from sandbox_env.evaluation.files import Sample, result_row
 from sandbox_env.models import Grading
 
 if TYPE_CHECKING:
-    from sandbox_env.tasks import Task
+    from sandbox_env.grading.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -225,19 +225,19 @@ class Scheduler:
 
 @contextlib.asynccontextmanager
 async def embedded_endpoint(backend: str, policy: str | None, workers: int) -> AsyncIterator[list[Endpoint]]:
-    """A `SessionManager` in this process, grading on at most `workers` kernels at once.
+    """A `EpisodeManager` in this process, grading on at most `workers` kernels at once.
 
     The manager keeps the kernels that graded in a stash (one per worker) and grades on them
     again (clean slate guaranteed by `run_program`). A warm pool would only boot containers that
     are never used, stealing CPU from the gradings: the first grading of each worker boots its
     kernel instead.
     """
-    from sandbox_env.manager import SessionManager
+    from sandbox_env.manager import EpisodeManager
     from sandbox_env.settings import Settings
 
     settings = Settings(backend=backend, policy=policy or "default", pool_size=0, grader_stash=workers,
                         max_sessions=max(32, 2 * workers))
-    manager = SessionManager(settings)
+    manager = EpisodeManager(settings)
     resolved = manager.policy(policy)  # an unknown policy fails here, before anything starts
     await manager.start()
     try:
@@ -254,7 +254,7 @@ async def _image(backend: str, policy: Any) -> dict[str, Any] | None:
     """The sandbox image and its id, so a summary says exactly what ran the code."""
     if backend != "docker":
         return None
-    from sandbox_env.kernels.docker import default_image, get_client
+    from sandbox_env.kernels.docker.kernel import default_image, get_client
 
     name = policy.image or default_image()
     try:

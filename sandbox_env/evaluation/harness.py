@@ -1,7 +1,7 @@
 """Score files of generated code: a verdict per sample and pass@k, embedded or on many servers.
 
 `evaluate()` reads samples (human-eval or EvalPlus rows), grades each one in a fresh process
-with a clean slate (`SessionManager.grade` in-process, or `POST /grade` on one or many servers),
+with a clean slate (`EpisodeManager.grade` in-process, or `POST /grade` on one or many servers),
 and writes `<samples>_results.jsonl` plus `<samples>_summary.json`. The scheduling keeps the
 guarantees a benchmark needs: infrastructure failures are retried and then reported as
 `sandbox_error`, never as a wrong answer; a server that keeps failing is dropped and its work
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sandbox_env._version import __version__
-from sandbox_env.evaluation_io import (
+from sandbox_env.evaluation.files import (
     INDEX_KEY,
     STATUSES,
     EvaluationInputError,
@@ -37,19 +37,19 @@ from sandbox_env.evaluation_io import (
     verdict,
     write_summary,
 )
-from sandbox_env.evaluation_run import (
+from sandbox_env.evaluation.passk import estimate_pass_at_k, parse_ks, pass_at_k
+from sandbox_env.evaluation.run import (
     Endpoint,
     Scheduler,
     embedded_endpoint,
     remote_endpoints,
 )
-from sandbox_env.passk import estimate_pass_at_k, parse_ks, pass_at_k
 
 __all__ = ["STATUSES", "EvalReport", "EvaluationInputError", "InputError", "estimate_pass_at_k", "evaluate",
            "evaluate_async", "result_row", "summarize", "verdict"]
 
 if TYPE_CHECKING:
-    from sandbox_env.tasks import Task
+    from sandbox_env.grading.tasks import Task
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from sandbox_env.errors import ConfigError, KernelUnavailableError
 
 logger = logging.getLogger(__name__)
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parents[2]  # sandbox_env/
 # A checkout keeps images/ at the top; a wheel may carry them inside the package.
 IMAGE_DIRS = (_PACKAGE_DIR.parent / "images", _PACKAGE_DIR / "_images")
 SUITE = "bookworm"

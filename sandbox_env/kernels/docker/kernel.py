@@ -42,6 +42,7 @@ from sandbox_env.errors import (
 from sandbox_env.inside import bundle
 from sandbox_env.inside.wire import HEADER, KEY_SIZE, MAX_FRAME, TAG_SIZE, TO_SANDBOX, TO_SERVER, Anomaly, seal, unseal
 from sandbox_env.kernels.base import Kernel
+from sandbox_env.kernels.docker.config import DockerConfig
 from sandbox_env.models import ExecStatus, ExecutionResult
 from sandbox_env.policy import Policy
 
@@ -179,15 +180,15 @@ class DockerKernel(Kernel):
 
     name = "docker"
 
-    def __init__(self, policy: Policy, *, image: str | None = None, owner: str | None = None,
-                 episode_id: str | None = None, client: docker.DockerClient | None = None,
-                 **options: Any) -> None:
-        super().__init__(policy)
-        if options:
-            logger.debug("DockerKernel ignores options %s", sorted(options))
-        self.image = image or policy.image or default_image()
-        self.owner = owner or default_owner()
-        self.kernel_id = episode_id or uuid.uuid4().hex
+    config_class = DockerConfig
+    config: DockerConfig
+
+    def __init__(self, policy: Policy, config: DockerConfig | None = None, *,
+                 client: docker.DockerClient | None = None) -> None:
+        super().__init__(policy, config)
+        self.image = self.config.image or policy.image or default_image()
+        self.owner = self.config.owner or default_owner()
+        self.kernel_id = uuid.uuid4().hex
         self._client = client
         self.container_id: str | None = None
         self.probe: dict[str, Any] = {}

@@ -235,7 +235,7 @@ def load_tasks(path: str | Path) -> dict[str, Task]:
 
 def _records(file: Path) -> list[tuple[str, Any]]:
     opener = gzip.open if file.name.endswith(".gz") else open
-    with opener(file, "rt", encoding="utf-8") as f:  # type: ignore[operator]
+    with opener(file, "rt", encoding="utf-8") as f:
         text = f.read()
     if file.suffix == ".jsonl" or file.name.endswith(".jsonl.gz"):
         records = []
