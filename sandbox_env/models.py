@@ -239,3 +239,16 @@ class StepResponse(BaseModel):
     reward: float | None = None
     done: bool = False
     metadata: dict[str, Any] | None = None
+
+
+class GradeRequest(BaseModel):
+    """`POST /grade` body: a task (inline, or a task_id of the server) and a submission."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"task_id": "HumanEval/0", "submission": "def has_close_elements(numbers, threshold): ..."}]})
+
+    task: dict[str, Any] | None = None
+    task_id: str | None = Field(default=None, max_length=255)
+    submission: str
+    policy: str | None = Field(default=None, max_length=255)
+    reward: str | None = Field(default=None, max_length=255, description="reward policy for this call")

@@ -25,7 +25,7 @@ from sandbox_env.client._base import (
 )
 from sandbox_env.client._dual import DualMode, dual
 from sandbox_env.errors import CapacityError, ClientError, SandboxEnvError, error_from_dict
-from sandbox_env.models import EpisodeState, Grading, ResetRequest
+from sandbox_env.models import EpisodeState, GradeRequest, Grading, ResetRequest
 
 if TYPE_CHECKING:
     from sandbox_env.client.sync_client import SyncSandboxEnv
@@ -173,28 +173,15 @@ class SandboxEnv(DualMode):
         with `status="infra_error"`, `reward=None`, `retryable=True`; service errors raise."""
         import httpx  # only the HTTP helpers need it
 
+        from sandbox_env.client.grading import post_grade
+
         if hasattr(task, "model_dump"):
             task = task.model_dump(mode="json")
-        body = {"submission": submission, "task": task, "task_id": task_id, "policy": policy}
-        if reward is not None:
-            body["reward"] = reward
+        request = GradeRequest(submission=submission, task=task, task_id=task_id, policy=policy, reward=reward)
         url = f"{http_url(self.base_url)}/grade"
-        try:
-            async with httpx.AsyncClient(timeout=timeout_s or max(self.message_timeout_s, 600.0),
-                                         trust_env=not _is_loopback(url), headers=self._headers) as http:
-                response = await http.post(url, json=body)
-        except httpx.HTTPError as exc:
-            raise ClientError(f"POST {url} failed: {exc}", url=url) from exc
-        if response.status_code != 200:
-            try:
-                detail = response.json().get("detail")
-            except ValueError:
-                detail = None
-            if isinstance(detail, dict):
-                raise error_from_dict(detail)
-            raise ClientError(f"POST {url}: HTTP {response.status_code}: {str(detail or response.text)[:2000]}",
-                              status=response.status_code)
-        return Grading.model_validate(response.json())
+        async with httpx.AsyncClient(timeout=timeout_s or max(self.message_timeout_s, 600.0),
+                                     trust_env=not _is_loopback(url), headers=self._headers) as http:
+            return await post_grade(http, url, request)
 
     @dual
     async def health(self) -> dict[str, Any]:

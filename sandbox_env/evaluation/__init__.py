@@ -3,18 +3,7 @@
 `harness` (the API and summary), `run` (endpoints, scheduling, retries, failover), `files`
 (input formats, resume, result rows), `passk` (the unbiased estimator)."""
 
-from sandbox_env.evaluation.harness import (
-    STATUSES,
-    EvalReport,
-    EvaluationInputError,
-    InputError,
-    estimate_pass_at_k,
-    evaluate,
-    evaluate_async,
-    result_row,
-    summarize,
-    verdict,
-)
+from sandbox_env.evaluation import harness as _harness
+from sandbox_env.evaluation.harness import *  # noqa: F403  (the package's API is the harness's)
 
-__all__ = ["STATUSES", "EvalReport", "EvaluationInputError", "InputError", "estimate_pass_at_k", "evaluate",
-           "evaluate_async", "result_row", "summarize", "verdict"]
+__all__ = _harness.__all__

@@ -19,11 +19,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
-from sandbox_env.errors import ConfigError, PolicyNotFoundError
+from sandbox_env.errors import ConfigError, PolicyNotFoundError, SandboxEnvError
 from sandbox_env.evaluation.files import Sample, result_row
-from sandbox_env.models import Grading
+from sandbox_env.models import GradeRequest, Grading
 
 if TYPE_CHECKING:
     from sandbox_env.grading.tasks import Task
@@ -281,38 +279,29 @@ async def remote_endpoints(servers: list[str], token: str | None = None) -> Asyn
 
 
 def _remote_grade(client: Any, base: str) -> Callable[[Task, str, str | None], Any]:
-    import httpx
+    from sandbox_env.client.grading import post_grade
 
     async def grade(task: Task, submission: str, policy: str | None) -> Grading:
-        body = {"task": task.model_dump(mode="json"), "task_id": None, "submission": submission,
-                "policy": policy}
+        request = GradeRequest(task=task.model_dump(mode="json"), submission=submission, policy=policy)
         try:
-            reply = await client.post(f"{base}/grade", json=body)
-        except httpx.TransportError as exc:
-            raise EndpointDown(f"{type(exc).__name__}: {exc}") from exc
-        if reply.status_code == 200:
-            try:
-                return Grading.model_validate(reply.json())
-            except (ValueError, ValidationError) as exc:
-                raise EndpointDown(f"malformed /grade reply: {exc}") from exc
-        if reply.status_code in (429, 503):
-            raise EndpointBusy()
-        if reply.status_code in (401, 403):  # the same for every sample: stop the run
-            message = _detail(reply).get("message", f"HTTP {reply.status_code}")
-            raise ConfigError(f"{base} refused the token: {message}; set SANDBOX_ENV_TOKEN or pass --token")
-        if reply.status_code >= 500:
-            raise EndpointDown(f"HTTP {reply.status_code}: {reply.text[:300]}")
-        detail = _detail(reply)
-        if detail.get("code") == PolicyNotFoundError.code:  # the same for every sample: stop the run
-            raise PolicyNotFoundError(f"{base}: {detail.get('message', 'unknown policy')}", policy=policy)
-        raise Rejected(f"{base} refused the request: HTTP {reply.status_code}: {reply.text[:500]}")
+            return await post_grade(client, f"{base}/grade", request)
+        except SandboxEnvError as exc:
+            raise _endpoint_error(base, exc, policy) from exc
 
     return grade
 
 
-def _detail(reply: Any) -> dict[str, Any]:
-    try:
-        detail = reply.json().get("detail")
-    except (ValueError, AttributeError):
-        return {}
-    return detail if isinstance(detail, dict) else {}
+def _endpoint_error(base: str, exc: SandboxEnvError, policy: str | None) -> Exception:
+    """What a failed `/grade` means for the run: retry elsewhere, wait, or stop."""
+    status = exc.details.get("status")
+    if status is None or status == 200:  # not reached, or not a Grading
+        return EndpointDown(exc.message)
+    if status in (429, 503):
+        return EndpointBusy()
+    if status in (401, 403):  # the same for every sample: stop the run
+        return ConfigError(f"{base} refused the token: {exc.message}; set SANDBOX_ENV_TOKEN or pass --token")
+    if status >= 500:
+        return EndpointDown(f"HTTP {status}: {exc.message[:300]}")
+    if exc.code == PolicyNotFoundError.code:  # the same for every sample: stop the run
+        return PolicyNotFoundError(f"{base}: {exc.message}", policy=policy)
+    return Rejected(f"{base} refused the request: HTTP {status}: {exc.message[:500]}")

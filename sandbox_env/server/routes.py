@@ -19,7 +19,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse as _StarletteJSONResponse
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from sandbox_env._version import __version__
 from sandbox_env.errors import SandboxEnvError
@@ -27,6 +27,7 @@ from sandbox_env.models import (
     CodeAction,
     CodeObservation,
     EpisodeState,
+    GradeRequest,
     Grading,
     ResetRequest,
     StepRequest,
@@ -154,19 +155,6 @@ async def step(request: Request, body: StepRequest) -> Response:
         observation = await timed_step(request.app.state.metrics, episode, action,
                                        timeout_s=body.timeout_s)
     return observation_response(observation)
-
-
-class GradeRequest(BaseModel):
-    """`POST /grade` body: a task (inline, or a task_id of the server) and a submission."""
-
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"task_id": "HumanEval/0", "submission": "def has_close_elements(numbers, threshold): ..."}]})
-
-    task: dict[str, Any] | None = None
-    task_id: str | None = Field(default=None, max_length=255)
-    submission: str
-    policy: str | None = Field(default=None, max_length=255)
-    reward: str | None = Field(default=None, max_length=255, description="reward policy for this call")
 
 
 @router.post("/grade", response_model=Grading, tags=["Environment"],
