@@ -60,7 +60,7 @@ class Kernel(abc.ABC):
     def __init__(self, policy: Policy, config: KernelConfig | None = None) -> None:
         self.policy = policy
         self.config = config if config is not None else self.config_class()
-        if not isinstance(self.config, self.config_class):
+        if type(self.config) is not self.config_class:  # another backend's options would be dropped
             raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, not {type(self.config).__name__}")
 
     @abc.abstractmethod
