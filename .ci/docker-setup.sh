@@ -36,7 +36,7 @@ PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" - <<'PY'
 import logging, sys
 logging.basicConfig(level=logging.INFO, format="docker-setup: %(message)s")
 from sandbox_env.kernels.docker.images import build_images, python_image_tag
-from sandbox_env.kernels.docker.kernel import runtime_report
+from sandbox_env.kernels.docker.daemon import runtime_report
 built = build_images(offline=None)
 print("docker-setup: built", built or "nothing (cached)", "->", python_image_tag())
 runtime_report()

@@ -121,7 +121,7 @@ def docker_floors(rounds: int) -> dict[str, list[float]]:
 
     import docker
 
-    from sandbox_env.kernels.docker.kernel import default_image
+    from sandbox_env.kernels.docker.containers import default_image
 
     client, image = docker.from_env(), default_image()
     floors: dict[str, list[float]] = {"docker_run": [], "create_start": [], "docker_exec": []}

@@ -26,12 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sandbox_env.kernels.docker.config import DockerConfig
-from sandbox_env.kernels.docker.kernel import (
-    DockerKernel,
-    cleanup_orphans,
-    container_options,
-    default_image,
-)
+from sandbox_env.kernels.docker.containers import cleanup_orphans, container_options, default_image
+from sandbox_env.kernels.docker.kernel import DockerKernel
 from sandbox_env.policy import load_policy
 
 OWNER = "bench-docker"

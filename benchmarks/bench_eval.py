@@ -127,7 +127,7 @@ async def _docker_run_all(programs: list[str], concurrency: int, image: str) -> 
 
 
 def run_docker_per_sample(problems: list[dict[str, Any]], concurrency: int) -> dict[str, Any]:
-    from sandbox_env.kernels.docker.kernel import default_image
+    from sandbox_env.kernels.docker.containers import default_image
 
     programs = [p["prompt"] + p["canonical_solution"] + "\n" + p["test"] + "\n" + f"check({p['entry_point']})"
                 for p in problems]

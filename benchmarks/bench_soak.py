@@ -42,7 +42,7 @@ from sandbox_env import SandboxEnv
 from sandbox_env.models import ExecStatus
 
 DOCKER_LOCK = "/tmp/dockerd.lock"
-SERVER_LABEL = "sandbox-env.server"  # sandbox_env.kernels.docker.SERVER_LABEL: "<pid>:<start ticks>"
+SERVER_LABEL = "sandbox-env.server"  # sandbox_env.kernels.docker.containers.SERVER_LABEL: "<pid>:<start ticks>"
 
 
 # -- the server's own figures ---------------------------------------------------------------------

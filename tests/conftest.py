@@ -117,7 +117,7 @@ def docker_client() -> Any:
     try:
         import docker
 
-        from sandbox_env.kernels.docker.kernel import default_image
+        from sandbox_env.kernels.docker.containers import default_image
 
         client = docker.from_env(timeout=60)
         client.ping()

@@ -252,7 +252,8 @@ async def _image(backend: str, policy: Any) -> dict[str, Any] | None:
     """The sandbox image and its id, so a summary says exactly what ran the code."""
     if backend != "docker":
         return None
-    from sandbox_env.kernels.docker.kernel import default_image, get_client
+    from sandbox_env.kernels.docker.containers import default_image
+    from sandbox_env.kernels.docker.daemon import get_client
 
     name = policy.image or default_image()
     try:

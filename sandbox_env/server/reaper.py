@@ -43,7 +43,7 @@ class Reaper:
         if workdir_root:
             argv += ["--workdir-root", workdir_root]
         if backend == "docker":
-            from sandbox_env.kernels.docker.kernel import default_owner, server_instance
+            from sandbox_env.kernels.docker.containers import default_owner, server_instance
 
             argv += ["--docker-owner", default_owner(), "--docker-server", server_instance()]
         read_end, write_end = os.pipe()  # both close-on-exec: nothing the server starts inherits them
@@ -73,7 +73,7 @@ class Reaper:
 
 
 def sweep_docker(owner: str, server: str) -> None:
-    from sandbox_env.kernels.docker.kernel import cleanup_orphans
+    from sandbox_env.kernels.docker.containers import cleanup_orphans
 
     cleanup_orphans(owner, server=server)
 

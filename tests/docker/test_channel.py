@@ -49,9 +49,9 @@ async def test_a_reply_that_does_not_verify_retires_the_container(kernel, docker
     await kernel.execute("kept = 1")
     old = kernel.container_id
     if fault == "key":
-        kernel._key = os.urandom(len(kernel._key))
+        kernel._channel._key = os.urandom(len(kernel._channel._key))
     else:
-        kernel._received += 1
+        kernel._channel._received += 1
     with pytest.raises(KernelDiedError) as raised:
         await kernel.execute("print('never seen')")
     assert raised.value.retryable and "anomaly" in str(raised.value)
@@ -63,7 +63,7 @@ async def test_a_reply_that_does_not_verify_retires_the_container(kernel, docker
 async def test_a_request_the_supervisor_cannot_verify_retires_the_container(kernel, docker_client) -> None:
     """The supervisor checks the server's frames too: one out of sequence ends that container."""
     old = kernel.container_id
-    kernel._sent += 1
+    kernel._channel._sent += 1
     with pytest.raises(KernelDiedError, match="rejected"):
         await kernel.execute("print(1)")
     assert container_gone(docker_client, old)

@@ -82,7 +82,7 @@ async def test_close_during_a_step_returns_promptly(make_kernel, docker_client) 
 
 async def test_server_crash_leaves_no_container(make_kernel, docker_client) -> None:
     kernel = await make_kernel()
-    kernel._writer.transport.abort()  # what a dying server does to its sockets
+    kernel._channel._writer.transport.abort()  # what a dying server does to its sockets
     deadline = time.monotonic() + 15
     while episode_containers(docker_client, kernel.kernel_id) and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
@@ -98,7 +98,8 @@ async def test_cpu_time_budget(make_kernel) -> None:
 
 async def test_cleanup_orphans(docker_client) -> None:
     from sandbox_env.kernels.docker.config import DockerConfig
-    from sandbox_env.kernels.docker.kernel import DockerKernel, cleanup_orphans
+    from sandbox_env.kernels.docker.containers import cleanup_orphans
+    from sandbox_env.kernels.docker.kernel import DockerKernel
 
     kernel = DockerKernel(sandbox_policy(), DockerConfig(owner="pytest-orphans"))
     await kernel.start()
@@ -119,7 +120,7 @@ async def test_missing_image_is_unavailable(docker_client) -> None:
 
 
 def test_runtime_report(docker_client) -> None:
-    from sandbox_env.kernels.docker.kernel import runtime_report
+    from sandbox_env.kernels.docker.daemon import runtime_report
 
     report = runtime_report(docker_client)
     assert report["cgroup_version"] in ("1", "2")
@@ -141,7 +142,7 @@ def test_apt_mirror_from_both_formats(tmp_path: Path) -> None:
 
 
 def test_image_is_the_expected_one(docker_client) -> None:
-    from sandbox_env.kernels.docker.kernel import default_image
+    from sandbox_env.kernels.docker.containers import default_image
 
     image = docker_client.images.get(default_image())
     assert image.attrs["Config"]["User"] == "10001:10001"
@@ -189,7 +190,8 @@ async def test_churn_leaves_nothing_behind(docker_client) -> None:
 
 async def test_unknown_runtime_is_unavailable(docker_client) -> None:
     from sandbox_env.kernels.docker.config import DockerConfig
-    from sandbox_env.kernels.docker.kernel import DockerKernel, runtime_report
+    from sandbox_env.kernels.docker.daemon import runtime_report
+    from sandbox_env.kernels.docker.kernel import DockerKernel
 
     if runtime_report(docker_client)["runsc_available"]:
         pytest.skip("runsc is installed here")
@@ -200,28 +202,30 @@ async def test_unknown_runtime_is_unavailable(docker_client) -> None:
 
 
 async def test_setup_sweeps_dead_servers_orphans_but_not_live_neighbours(docker_client) -> None:
-    from sandbox_env.kernels.docker import kernel as backend
+    from sandbox_env.kernels.docker import containers
+    from sandbox_env.kernels.docker.config import DockerConfig
+    from sandbox_env.kernels.docker.kernel import DockerKernel
 
-    live = backend.DockerKernel(sandbox_policy(), backend.DockerConfig(owner=backend.default_owner()))  # a live server's episode
+    live = DockerKernel(sandbox_policy(), DockerConfig(owner=containers.default_owner()))  # a live server's episode
     await live.start()
     dead_server = "1999999:123"  # a pid that cannot exist: its server crashed
-    create, host = backend.container_options(sandbox_policy(), image=backend.default_image(),
-                                             owner=backend.default_owner(), episode="pytest-orphan")
-    create["labels"][backend.SERVER_LABEL] = dead_server
+    create, host = containers.container_options(sandbox_policy(), image=containers.default_image(),
+                                                owner=containers.default_owner(), episode="pytest-orphan")
+    create["labels"][containers.SERVER_LABEL] = dead_server
     create.update(command=["sleep", "60"], stdin_open=False, detach=True)
     orphan = docker_client.api.create_container(host_config=docker_client.api.create_host_config(**host), **create)
     try:
-        report = await backend.DockerKernel.setup_backend()
-        assert report["orphans_removed"] >= 1 and report["owner"] == backend.default_owner()
+        report = await DockerKernel.setup_backend()
+        assert report["orphans_removed"] >= 1 and report["owner"] == containers.default_owner()
         assert "cgroup_version" in report and "runsc_available" in report
         assert episode_containers(docker_client, "pytest-orphan") == []
         assert episode_containers(docker_client, live.kernel_id) != []
         assert (await live.execute("print('still here')")).stdout == "still here\n"
         live._closed = True  # as if the server forgot it: teardown must still remove it
-        await backend.DockerKernel.teardown_backend()
+        await DockerKernel.teardown_backend()
         assert episode_containers(docker_client, live.kernel_id) == []
     finally:
-        backend.remove_container(docker_client, orphan["Id"])
+        containers.remove_container(docker_client, orphan["Id"])
 
 
 @pytest.mark.parametrize("delay_s", [0.0, 0.002, 0.01, 0.05, 0.15, 0.3])
@@ -245,13 +249,13 @@ async def test_close_right_after_a_cancelled_step_leaves_no_container(make_kerne
 def test_remove_container_waits_for_an_auto_removal_in_progress(docker_client, attempt: int) -> None:
     """Killing an auto-remove container starts the daemon's own removal: a removal asked for
     meanwhile (409) waits for it, so the container is gone when remove_container returns."""
-    from sandbox_env.kernels.docker import kernel as backend
+    from sandbox_env.kernels.docker import containers
 
-    create, host = backend.container_options(sandbox_policy(), image=backend.default_image(),
-                                             owner="pytest-docker", episode=f"pytest-autoremove-{attempt}")
+    create, host = containers.container_options(sandbox_policy(), image=containers.default_image(),
+                                                owner="pytest-docker", episode=f"pytest-autoremove-{attempt}")
     create.update(command=["sleep", "60"], stdin_open=False, detach=True)
     created = docker_client.api.create_container(host_config=docker_client.api.create_host_config(**host), **create)
     docker_client.api.start(created["Id"])
     docker_client.api.kill(created["Id"])  # the daemon begins removing it (auto_remove)
-    backend.remove_container(docker_client, created["Id"])
+    containers.remove_container(docker_client, created["Id"])
     assert docker_client.api.containers(all=True, filters={"id": created["Id"]}) == []

@@ -159,6 +159,7 @@ async def test_a_kernel_waits_for_a_daemon_not_listening_yet_then_fails_typed(
     import docker
 
     from sandbox_env.errors import KernelStartError
+    from sandbox_env.kernels.docker import daemon
     from sandbox_env.kernels.docker import kernel as backend
     from sandbox_env.policy import load_policy
 
@@ -179,7 +180,8 @@ async def test_a_kernel_waits_for_a_daemon_not_listening_yet_then_fails_typed(
         "label": f"sandbox-env.episode={kernel.kernel_id}"}) == []
 
     link.unlink()  # and a daemon that never comes back: a typed error once the wait is over
-    monkeypatch.setattr(backend, "DAEMON_WAIT_S", 0.5)
+    for module in (daemon, backend):  # the backoff's wait, and the wait the error names
+        monkeypatch.setattr(module, "DAEMON_WAIT_S", 0.5)
     gone = backend.DockerKernel(load_policy("default"), backend.DockerConfig(owner="pytest-faults"), client=late)
     with pytest.raises(KernelStartError, match="did not answer") as raised:
         await asyncio.wait_for(gone.start(), 60)
@@ -340,7 +342,7 @@ def test_a_dockerd_restart_mid_eval_gives_sandbox_errors_never_wrong_answers(
     never a wrong answer; every other one gets its right verdict; pass@k leaves the sandbox errors
     out; the images survive; the server grades again afterwards."""
     from sandbox_env.evaluation.passk import pass_at_k
-    from sandbox_env.kernels.docker.kernel import default_image
+    from sandbox_env.kernels.docker.containers import default_image
 
     daemon = Dockerd.running()
     if daemon is None:  # as `missing()` in tests/conftest.py: required in CI
