@@ -29,7 +29,7 @@ import select
 import sys
 import time
 
-from sandbox_env.inside.procs import set_dumpable
+from sandbox_env.inside.procs import CHUNK, exchange, set_dumpable
 from sandbox_env.inside.wire import HEADER, VERDICT, tag
 
 TYPE_CHECKING = False
@@ -503,7 +503,6 @@ def run_stdio(source: str, stdin: bytes, timeout: float, limit: int) -> tuple[st
     pid = spawn(["-c", RUNNER, "3", home], {0: in_r, 1: out_w, 2: err_w, 3: src_r}, home)
     for fd in (src_r, in_r, out_w, err_w):
         os.close(fd)
-    closers = {src_w: lambda: os.close(src_w), in_w: lambda: os.close(in_w)}
     pending = {src_w: source.encode(), in_w: stdin}
     out, err = bytearray(), bytearray()
     streams = {out_r: out, err_r: err}
@@ -511,23 +510,12 @@ def run_stdio(source: str, stdin: bytes, timeout: float, limit: int) -> tuple[st
         os.set_blocking(fd, False)
     deadline, status = time.monotonic() + timeout, None
     while streams and status is None:
-        left = deadline - time.monotonic()
-        if left <= 0:
+        readable = exchange(pending, streams, deadline, os.close)
+        if readable is None:
             status = "timeout"
             break
-        readable, writable, _ = select.select(list(streams), list(pending), [], left)
-        for fd in writable:
-            try:
-                pending[fd] = pending[fd][os.write(fd, pending[fd][:1 << 16]):]
-            except BlockingIOError:
-                continue
-            except OSError:
-                pending[fd] = b""
-            if not pending[fd]:
-                del pending[fd]
-                closers[fd]()
         for fd in readable:
-            chunk = os.read(fd, 1 << 16)
+            chunk = os.read(fd, CHUNK)
             if not chunk:
                 del streams[fd]
             elif len(out) + len(err) + len(chunk) > limit:
@@ -535,7 +523,7 @@ def run_stdio(source: str, stdin: bytes, timeout: float, limit: int) -> tuple[st
             else:
                 streams[fd] += chunk
     for fd in pending:
-        closers[fd]()
+        os.close(fd)
     ended = None
     while status is None and ended is None:
         done, wstatus, usage = os.wait4(pid, os.WNOHANG)

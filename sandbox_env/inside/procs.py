@@ -1,8 +1,17 @@
-"""Process-level helpers shared by the sandbox's programs: the dumpable switch, exit statuses."""
+"""Process-level helpers shared by the sandbox's programs: the dumpable switch, exit statuses,
+the round of a pipe exchange with a child under a deadline."""
 
 from __future__ import annotations
 
+import os
+import time
+
+TYPE_CHECKING = False  # typing costs milliseconds at start; mypy reads this as True
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
 PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
+CHUNK = 1 << 16  # bytes written to or read from a pipe at a time
 
 
 def set_dumpable(flag: bool) -> bool:
@@ -35,3 +44,30 @@ def exit_status(value: object, *, announce: bool = True) -> int:
         except BaseException:  # noqa: BLE001, S110 - the code may have replaced or closed stderr
             pass
     return 1
+
+
+def exchange(pending: dict[int, bytes], readers: Iterable[int], deadline: float,
+             close: Callable[[int], object]) -> list[int] | None:
+    """One round of feeding a child's input pipes and reading its output pipes (all non-blocking):
+    wait, until `deadline` (`time.monotonic()`), for one of `readers` to be readable or one fd of
+    `pending` to be writable; write each writable fd the next CHUNK of its bytes. An fd done with,
+    all its bytes written or its reader gone (a write failing other than EAGAIN), leaves `pending`
+    and is given to `close`. Returns the readable fds, for the caller to read; None once the
+    deadline has passed (then nothing is waited for or written)."""
+    import select  # here: the worker, which bundles this module too, never needs it
+
+    left = deadline - time.monotonic()
+    if left <= 0:
+        return None
+    readable, writable, _ = select.select(list(readers), list(pending), [], left)
+    for fd in writable:
+        try:
+            pending[fd] = pending[fd][os.write(fd, pending[fd][:CHUNK]):]
+        except BlockingIOError:
+            continue
+        except OSError:
+            pending[fd] = b""
+        if not pending[fd]:
+            del pending[fd]
+            close(fd)
+    return readable

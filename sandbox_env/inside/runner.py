@@ -31,7 +31,7 @@ import time
 
 from sandbox_env.inside.bounded import BoundedOutput
 from sandbox_env.inside.bundle import rebundle
-from sandbox_env.inside.procs import set_dumpable
+from sandbox_env.inside.procs import CHUNK, exchange, set_dumpable
 from sandbox_env.inside.slate import count_processes, kill_all_but, others_alive, process_state, wipe, wipe_ipc
 from sandbox_env.inside.untrusted import step_fields, variables
 from sandbox_env.inside.wire import HEADER, KEY_SIZE, Anomaly, Channel, decode, read_frame, read_raw, write_frame
@@ -42,7 +42,6 @@ TYPE_CHECKING = False  # typing costs 10 ms at container start; mypy reads this 
 if TYPE_CHECKING:
     from typing import Any
 
-CHUNK = 1 << 16
 PACKAGE = "sandbox_env.inside"
 WORKER_MODULES = tuple(f"{PACKAGE}.{name}" for name in ("wire", "procs", "worker"))
 IGNORED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGTSTP",
@@ -427,27 +426,19 @@ def pump(pending: dict[int, bytes], streams: dict[int, BoundedOutput], deadline:
     for fd in owned:
         os.set_blocking(fd, False)
     streams, sinks, status = dict(streams), list(streams.values()), None
-    for fd in [fd for fd, data in pending.items() if not data]:
-        del pending[fd]
+
+    def close(fd: int) -> None:
         os.close(fd)
         owned.remove(fd)
+
+    for fd in [fd for fd, data in pending.items() if not data]:
+        del pending[fd]
+        close(fd)
     while streams:
-        left = deadline - time.monotonic()
-        if left <= 0:
+        readable = exchange(pending, streams, deadline, close)
+        if readable is None:
             status = "timeout"
             break
-        readable, writable, _ = select.select(list(streams), list(pending), [], left)
-        for fd in writable:
-            try:
-                pending[fd] = pending[fd][os.write(fd, pending[fd][:CHUNK]):]
-            except BlockingIOError:
-                continue
-            except OSError:
-                pending[fd] = b""
-            if not pending[fd]:
-                del pending[fd]
-                os.close(fd)
-                owned.remove(fd)
         for fd in readable:
             data = read_some(fd)
             if data == b"":

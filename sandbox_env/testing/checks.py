@@ -15,7 +15,7 @@ import uuid
 from typing import Any
 
 from sandbox_env.models import ExecStatus
-from sandbox_env.testing.procs import own_rss_bytes, token, wait_gone, wait_present
+from sandbox_env.testing.procs import own_rss_bytes, sleeper, token, wait_gone, wait_present
 from sandbox_env.testing.suite import Harness, check, register
 
 # A 1x1 transparent PNG.
@@ -208,9 +208,7 @@ for _label, _row in EXITS.items():
 async def stray_child_does_not_change_the_exit(h: Harness) -> None:
     """A child holding stdout outlives its parent's os._exit: the parent's status and output stand."""
     kernel, tok = await h.kernel(), token()
-    code = ("import os\nprint('parent', flush=True)\n"
-            f"if os.fork() == 0:\n    os.execv('/bin/sleep', [{tok!r}, '300'])\n"
-            "os._exit(0)")
+    code = f"import os\nprint('parent', flush=True)\nif os.fork() == 0:\n    {sleeper(tok)}\nos._exit(0)"
     result = await kernel.execute(code)
     assert (result.status, result.exit_code, result.stdout) == (ExecStatus.OK, 0, "parent\n"), result
     assert (await kernel.execute("print('back')")).stdout.endswith("back\n")
@@ -238,7 +236,7 @@ async def memory_hog(h: Harness) -> None:
 async def fork_loop_contained(h: Harness) -> None:
     kernel, tok = await h.kernel(pids=32, timeout_s=10), token()
     code = ("import os\nstarted = 0\ntry:\n    for _ in range(2000):\n        if os.fork() == 0:\n"
-            f"            os.execv('/bin/sleep', [{tok!r}, '300'])\n        started += 1\n"
+            f"            {sleeper(tok)}\n        started += 1\n"
             "except OSError as exc:\n    print('stopped after', started, type(exc).__name__)\n")
     started = time.monotonic()
     result = await kernel.execute(code)

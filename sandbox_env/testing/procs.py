@@ -13,6 +13,12 @@ def token() -> str:
     return f"sbxtok{uuid.uuid4().hex}"
 
 
+def sleeper(tok: str) -> str:
+    """Python code, one statement (it needs `os`), that turns the process running it into a long
+    sleep carrying `tok` in its command line: a process the checks then look for from outside."""
+    return f"os.execv('/bin/sleep', [{tok!r}, '300'])"
+
+
 def processes_with(needle: str) -> list[int]:
     """Pids of live processes (zombies do not count) whose command line contains `needle`."""
     found = []

@@ -4,7 +4,8 @@ same trusted grader every backend runs)."""
 from __future__ import annotations
 
 from sandbox_env.grading.driver import grade
-from sandbox_env.grading.tasks import parse_task
+from sandbox_env.grading.tasks import Task, parse_task
+from sandbox_env.kernels.base import Kernel
 from sandbox_env.models import ExecStatus, TestStatus
 from sandbox_env.testing.suite import Harness, check
 
@@ -73,12 +74,17 @@ async def program_past_its_limits(h: Harness) -> None:
         assert again.status is ExecStatus.OK and again.stdout == "next\n", again
 
 
+async def full_marks(kernel: Kernel, task: Task, submission: str, tests: int) -> None:
+    """A right submission is graded, and passes every one of the task's `tests` tests."""
+    good = await grade(kernel, task, submission)
+    assert (good.status, good.reward, good.passed, good.total) == ("graded", 1.0, tests, tests), good
+
+
 @check()
 async def grading_function_tests(h: Harness) -> None:
     """A pass, a failure and a timeout, graded one after another on one kernel."""
     kernel = await h.kernel()
-    good = await grade(kernel, SQUARE, "def square(x):\n    return x * x\n")
-    assert (good.status, good.reward, good.passed, good.total) == ("graded", 1.0, 1, 1), good
+    await full_marks(kernel, SQUARE, "def square(x):\n    return x * x\n", tests=1)
     cheat = await grade(kernel, SQUARE, "class A:\n    __eq__ = lambda s, o: True\ndef square(x):\n    return A()\n")
     assert (cheat.status, cheat.reward) == ("graded", 0.0), cheat  # an object that equals anything
     assert [t.status for t in cheat.tests] in ([TestStatus.FAILED], [TestStatus.ERROR]), cheat
@@ -91,7 +97,6 @@ async def grading_function_tests(h: Harness) -> None:
 @check()
 async def grading_stdio_tests(h: Harness) -> None:
     kernel = await h.kernel()
-    good = await grade(kernel, DOUBLE, "print(int(input()) * 2)")
-    assert (good.status, good.reward, good.passed, good.total) == ("graded", 1.0, 2, 2), good
+    await full_marks(kernel, DOUBLE, "print(int(input()) * 2)", tests=2)
     wrong = await grade(kernel, DOUBLE, "print(abs(int(input())) * 2)")
     assert (wrong.reward, wrong.passed) == (0.0, 1), wrong
