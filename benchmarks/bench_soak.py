@@ -167,7 +167,7 @@ def _cmdline(pid: int) -> str:
 
 def leftovers(pid: int, processes: ProcessWatch, containers: ContainerWatch | None) -> dict[str, list[str]]:
     """What still names the stopped server `pid`, by kind."""
-    from sandbox_env.kernels.jupyter.limits import cgroup_layout
+    from sandbox_env.kernels.jupyter.cgroups import cgroup_layout
     from sandbox_env.server.reaper import processes_naming
 
     named = [f"process {p} ({_cmdline(p)[:80]})" for p in processes_naming(f"sandbox-env-{pid}-".encode())]

@@ -79,8 +79,8 @@ def sweep_docker(owner: str, server: str) -> None:
 
 
 def sweep_jupyter(pid: int, workdir_root: str | None) -> None:
-    from sandbox_env.kernels.jupyter.kernel import remove_workdirs
     from sandbox_env.kernels.jupyter.limits import remove_cgroups
+    from sandbox_env.kernels.jupyter.workdirs import remove_workdirs
 
     dead = str(pid)
     remove_cgroups(lambda owner: owner == dead)  # kills every process in them, then removes them

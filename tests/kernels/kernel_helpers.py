@@ -67,7 +67,7 @@ def jupyter_leftovers(kernel: Kernel) -> list[str]:
     kernel_id, root = getattr(kernel, "id", None), getattr(kernel, "root", None)
     if kernel.name != "jupyter" or kernel_id is None:
         return []
-    from sandbox_env.kernels.jupyter.limits import cgroup_layout
+    from sandbox_env.kernels.jupyter.cgroups import cgroup_layout
 
     left = [str(p) for parent in cgroup_layout()[1].values() for p in parent.glob(f"*-{kernel_id}-*")]
     if root is not None and os.path.exists(root):

@@ -18,11 +18,12 @@ from kernel_helpers import (
     wait_present,
 )
 
-from sandbox_env.kernels.jupyter import kernel as jupyter
-from sandbox_env.kernels.jupyter import limits
+from sandbox_env.kernels.jupyter import limits, workdirs
+from sandbox_env.kernels.jupyter.cgroups import cgroup_layout
 from sandbox_env.kernels.jupyter.config import JupyterConfig
-from sandbox_env.kernels.jupyter.kernel import KERNEL_FDS, KERNEL_TASKS, RELAY_TASKS, JupyterKernel
-from sandbox_env.kernels.jupyter.limits import MB, cgroup_layout
+from sandbox_env.kernels.jupyter.kernel import KERNEL_FDS, KERNEL_TASKS, JupyterKernel
+from sandbox_env.kernels.jupyter.limits import MB
+from sandbox_env.kernels.jupyter.process import RELAY_TASKS
 from sandbox_env.models import ExecStatus
 
 needs_cgroups = pytest.mark.skipif(cgroup_layout()[0] == "none", reason="no writable cgroups here")
@@ -288,7 +289,7 @@ async def test_sweeps_workdirs_of_dead_servers(tmp_path: Path, monkeypatch: pyte
     live = tmp_path / f"sandbox-env-{os.getpid()}-def"
     for d in (stale, live):
         (d / "work").mkdir(parents=True)
-    monkeypatch.setattr(jupyter, "_swept_roots", set())
+    monkeypatch.setattr(workdirs, "swept_roots", set())
     kernel = JupyterKernel(test_policy(), JupyterConfig(workdir_root=str(tmp_path)))
     await kernel.start()
     try:

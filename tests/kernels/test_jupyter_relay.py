@@ -16,7 +16,8 @@ import pytest
 import zmq
 from kernel_helpers import KernelFactory
 
-from sandbox_env.kernels.jupyter.kernel import POLL_S, JupyterKernel
+from sandbox_env.kernels.jupyter.kernel import JupyterKernel
+from sandbox_env.kernels.jupyter.steps import POLL_S
 from sandbox_env.models import ExecStatus
 
 MB = 1 << 20
@@ -184,7 +185,7 @@ async def test_the_relay_runs_unprivileged(make_kernel: KernelFactory) -> None:
 async def test_connection_watches_stop_before_their_sockets_close(make_kernel: KernelFactory,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A step watches the server's shell and iopub sockets for a dropped connection (a libzmq
-    monitor each, `_disconnected`). libzmq sends a monitor's events from the context's one I/O
+    monitor each, `process.disconnected`). libzmq sends a monitor's events from the context's one I/O
     thread, with a blocking send, until the socket is gone, which is after close() returns: the
     relay's end, sent to a watch already closed, blocked that thread for good, and every kernel of
     the server with it (each start then failed: "Kernel didn't respond in 30 seconds"). So the

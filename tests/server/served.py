@@ -96,7 +96,7 @@ def leftovers(pid: int) -> list[str]:
                 found.append(f"container {container['Id'][:12]}")
     except Exception:  # noqa: BLE001 - no engine here: nothing of ours can run in one
         pass
-    from sandbox_env.kernels.jupyter.limits import cgroup_layout
+    from sandbox_env.kernels.jupyter.cgroups import cgroup_layout
 
     for parent in cgroup_layout()[1].values():
         found += [f"cgroup {d}" for d in (parent.glob(f"{pid}-*") if parent.is_dir() else [])]

@@ -9,8 +9,8 @@ The full soak, 2,000 episodes per backend with its figures, is `benchmarks/bench
 The finding: after a few hundred Jupyter episodes the server's zmq I/O thread could block for
 good. A kernel's channel socket closed before its disconnect monitor was stopped; its watch
 closed with the socket's Python object, and the relay's end, a moment later, was an event sent
-to a closed watch (libzmq #3575): no kernel of the server started again. `_unwatch` now stops
-the monitors first (sandbox_env/kernels/jupyter/kernel.py).
+to a closed watch (libzmq #3575): no kernel of the server started again. `unwatch` now stops
+the monitors first (sandbox_env/kernels/jupyter/process.py).
 """
 
 from __future__ import annotations
@@ -206,6 +206,7 @@ async def test_a_kernel_stops_its_socket_monitors_before_its_sockets_close(tmp_p
     stopped before the socket closes, and its watch closed (closing the watch first, then an
     event from the socket, blocks the process's zmq I/O thread for good)."""
     from sandbox_env.kernels.jupyter import kernel as jupyter
+    from sandbox_env.kernels.jupyter import process
     from sandbox_env.policy import load_policy
 
     kernel = jupyter.JupyterKernel(load_policy("default"))
@@ -222,8 +223,8 @@ async def test_a_kernel_stops_its_socket_monitors_before_its_sockets_close(tmp_p
     assert all(s._monitor_socket is None for s in sockets), "a socket closed while still monitored"
     assert all(w.closed for w in watches)
     # the process's zmq context still carries messages
-    ctx = jupyter._zmq_context()
-    a, b = ctx.socket(jupyter.zmq.PAIR), ctx.socket(jupyter.zmq.PAIR)
+    ctx = process.zmq_context()
+    a, b = ctx.socket(process.zmq.PAIR), ctx.socket(process.zmq.PAIR)
     try:
         a.bind(f"ipc://{tmp_path}/check")
         b.connect(f"ipc://{tmp_path}/check")

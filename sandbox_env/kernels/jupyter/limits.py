@@ -6,8 +6,7 @@ never runs a line unconfined), and later calls `kill_all()` / `destroy()`, which
 process of the tree, setsid daemons included (they stay in the cgroup). Without cgroups, processes
 are found by session id and by a token placed in their environment: good against accidents only.
 
-Cgroups are created as `sandbox-env/<name>` below the server's own cgroup in each hierarchy, so
-whatever limits the server itself runs under still apply to its kernels.
+Where the cgroups go: `cgroups.py`; the /proc scans of the fallback: `procfs.py`.
 """
 
 from __future__ import annotations
@@ -24,10 +23,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from sandbox_env.kernels.jupyter.cgroups import cgroup_layout, read_int, write_value
+from sandbox_env.kernels.jupyter.procfs import alive, count_user_processes, scan_proc
+
 logger = logging.getLogger(__name__)
 
-V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct", "freezer")
-GROUP_DIR = "sandbox-env"
 OPTIONAL_FILES = ("memory.memsw.limit_in_bytes", "memory.swap.max")  # only with swap accounting
 MB = 1 << 20
 
@@ -47,86 +47,6 @@ class Limits:
     @classmethod
     def from_policy(cls, policy: object) -> Limits:
         return cls(**{f: getattr(policy, f, None) for f in cls.__dataclass_fields__})
-
-
-@lru_cache(maxsize=1)
-def cgroup_layout() -> tuple[str, dict[str, Path]]:
-    """Detect ('v1', {controller: parent dir}) / ('v2', {'': parent dir}) / ('none', {})."""
-    version, parents = _detect_layout()
-    if version == "none":
-        logger.info("no writable cgroups: kernels are confined with rlimits only")
-    else:
-        logger.info("kernels are confined with cgroup %s (%s) plus rlimits", version,
-                    ", ".join(f"{c or 'unified'}: {p}" for c, p in parents.items()))
-    return version, parents
-
-
-def _detect_layout() -> tuple[str, dict[str, Path]]:
-    try:
-        own = {}
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            _, ctrls, path = line.split(":", 2)
-            for c in ctrls.split(",") if ctrls else [""]:
-                own[c] = path.lstrip("/")
-        mounts: dict[str, Path] = {}
-        for line in Path("/proc/self/mountinfo").read_text().splitlines():
-            left, _, right = line.partition(" - ")
-            fstype, _, opts = (right.split(" ") + ["", "", ""])[:3]
-            point = Path(left.split(" ")[4])
-            if fstype == "cgroup2":
-                mounts.setdefault("", point)
-            elif fstype == "cgroup":
-                for opt in opts.split(","):
-                    if opt in V1_CONTROLLERS:
-                        mounts[opt] = point
-    except (OSError, ValueError):
-        return "none", {}
-
-    def parent_of(ctrl: str) -> Path | None:
-        mount = mounts.get(ctrl)
-        if mount is None:
-            return None
-        base = mount / own.get(ctrl, "")
-        base = base if base.is_dir() else mount
-        return base / GROUP_DIR if os.access(base, os.W_OK) else None
-
-    if "memory" in mounts:
-        dirs = {c: p for c in V1_CONTROLLERS if (p := parent_of(c)) is not None}
-        if "memory" in dirs:
-            return "v1", dirs
-    if "" in mounts:
-        root = parent_of("")
-        ctrl_file = mounts[""] / own.get("", "") / "cgroup.controllers"
-        try:
-            available = ctrl_file.read_text().split()
-        except OSError:
-            available = []
-        if root is not None and {"memory", "pids"} <= set(available):
-            return "v2", {"": root}
-    return "none", {}
-
-
-def _write(path: Path, value: str) -> bool:
-    try:
-        path.write_text(value)
-        return True
-    except OSError as exc:
-        logger.debug("cannot write %s to %s: %s", value, path, exc)
-        return False
-
-
-def _read_int(path: Path, key: str | None = None) -> int | None:
-    try:
-        text = path.read_text()
-    except OSError:
-        return None
-    if key is None:
-        return int(text.split()[0]) if text.split() else None
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[0] == key:
-            return int(parts[1])
-    return None
 
 
 class Confinement:
@@ -159,7 +79,7 @@ class Confinement:
         """Create the cgroups and write the limits; falls back to rlimits on any failure."""
         if self.version == "none":
             if self.limits.pids and os.geteuid() != 0 and self.uid is None:
-                self._user_processes = _count_user_processes()
+                self._user_processes = count_user_processes()
             logger.info("confinement %s: no usable cgroups, rlimits only", self.name)
             return
         lim = self.limits
@@ -168,8 +88,8 @@ class Confinement:
             if self.version == "v2":
                 parent = self.dirs[""].parent
                 parent.mkdir(exist_ok=True)
-                _write(parent.parent / "cgroup.subtree_control", "+memory +pids +cpu")
-                if not _write(parent / "cgroup.subtree_control", "+memory +pids +cpu"):
+                write_value(parent.parent / "cgroup.subtree_control", "+memory +pids +cpu")
+                if not write_value(parent / "cgroup.subtree_control", "+memory +pids +cpu"):
                     raise OSError("cannot enable controllers below " + str(parent))
             for d in self.dirs.values():
                 d.mkdir(parents=True, exist_ok=True)
@@ -197,7 +117,7 @@ class Confinement:
         for name, value in values.items():
             if value is None or (name in OPTIONAL_FILES and not (d / name).exists()):
                 continue
-            if not _write(d / name, str(value)):
+            if not write_value(d / name, str(value)):
                 logger.warning("confinement %s: cannot set %s=%s; falling back to rlimits for %s",
                                self.name, name, value, ctrl or "cgroup v2")
                 if self.version == "v1":
@@ -269,19 +189,19 @@ class Confinement:
                 except OSError:
                     pass
             return found
-        return _scan_proc(self.session_id, self.token.encode() if self.token else b"")
+        return scan_proc(self.session_id, self.token.encode() if self.token else b"")
 
     def kill_all(self, timeout_s: float = 3.0) -> bool:
         """SIGKILL every process of the tree and wait until it is empty. Blocking (ms)."""
         deadline = time.monotonic() + timeout_s
         v2 = self._dir("") if self.version == "v2" else None
         if v2 is not None and (v2 / "cgroup.kill").exists():
-            _write(v2 / "cgroup.kill", "1")
+            write_value(v2 / "cgroup.kill", "1")
         freezer = self._dir("freezer") if self.version == "v1" else None
-        frozen = freezer is not None and _write(freezer / "freezer.state", "FROZEN")
+        frozen = freezer is not None and write_value(freezer / "freezer.state", "FROZEN")
         while True:
             pids = self.pids()
-            if self.root_pid is not None and _alive(self.root_pid):
+            if self.root_pid is not None and alive(self.root_pid):
                 pids.add(self.root_pid)
             pids.discard(os.getpid())
             if not pids or time.monotonic() > deadline:
@@ -292,11 +212,11 @@ class Confinement:
                 except OSError:
                     pass
             if frozen:
-                _write(freezer / "freezer.state", "THAWED")  # type: ignore[operator]
+                write_value(freezer / "freezer.state", "THAWED")  # type: ignore[operator]
                 frozen = False
             time.sleep(0.005)
         if frozen:
-            _write(freezer / "freezer.state", "THAWED")  # type: ignore[operator]
+            write_value(freezer / "freezer.state", "THAWED")  # type: ignore[operator]
         if pids:
             logger.warning("confinement %s: %d processes survived SIGKILL", self.name, len(pids))
         return not pids
@@ -306,26 +226,26 @@ class Confinement:
 
     def memory_bytes(self) -> int | None:
         if (d := self._dir("memory")) is not None:
-            return _read_int(d / ("memory.usage_in_bytes" if self.version == "v1" else "memory.current"))
+            return read_int(d / ("memory.usage_in_bytes" if self.version == "v1" else "memory.current"))
         return self._proc_status("VmRSS:")
 
     def reset_peak(self) -> None:
         if (d := self._dir("memory")) is not None:
-            _write(d / ("memory.max_usage_in_bytes" if self.version == "v1" else "memory.peak"), "0")
+            write_value(d / ("memory.max_usage_in_bytes" if self.version == "v1" else "memory.peak"), "0")
         elif pid := self.measured_pid or self.root_pid:
-            _write(Path(f"/proc/{pid}/clear_refs"), "5")  # resets VmHWM
+            write_value(Path(f"/proc/{pid}/clear_refs"), "5")  # resets VmHWM
 
     def peak_memory_bytes(self) -> int | None:
         if (d := self._dir("memory")) is not None:
-            return _read_int(d / ("memory.max_usage_in_bytes" if self.version == "v1" else "memory.peak"))
+            return read_int(d / ("memory.max_usage_in_bytes" if self.version == "v1" else "memory.peak"))
         return self._proc_status("VmHWM:")
 
     def cpu_time_s(self) -> float | None:
         if self.version == "v1" and (d := self._dir("cpuacct")) is not None:
-            ns = _read_int(d / "cpuacct.usage")
+            ns = read_int(d / "cpuacct.usage")
             return None if ns is None else ns / 1e9
         if self.version == "v2":
-            us = _read_int(self.dirs[""] / "cpu.stat", "usage_usec")
+            us = read_int(self.dirs[""] / "cpu.stat", "usage_usec")
             return None if us is None else us / 1e6
         try:  # utime + stime + cutime + cstime of the root (reaped children included)
             with open(f"/proc/{self.measured_pid or self.root_pid}/stat", "rb") as f:
@@ -336,7 +256,7 @@ class Confinement:
 
     def _proc_status(self, key: str) -> int | None:
         pid = self.measured_pid or self.root_pid
-        kib = _read_int(Path(f"/proc/{pid}/status"), key) if pid else None
+        kib = read_int(Path(f"/proc/{pid}/status"), key) if pid else None
         return None if kib is None else kib * 1024
 
     def oom_kills(self) -> int | None:
@@ -345,8 +265,8 @@ class Confinement:
         if d is None:
             return None
         if self.version == "v1":
-            return _read_int(d / "memory.oom_control", "oom_kill")
-        return _read_int(d / "memory.events", "oom_kill")
+            return read_int(d / "memory.oom_control", "oom_kill")
+        return read_int(d / "memory.events", "oom_kill")
 
     def destroy(self) -> None:
         """Kill everything and remove the cgroups. Idempotent. Blocking (ms)."""
@@ -404,46 +324,3 @@ def remove_cgroups(owned: Callable[[str], bool]) -> list[str]:
         leftover.version, leftover.dirs = version, dirs
         leftover.destroy()
     return list(found)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _scan_proc(session_id: int | None, token: bytes) -> set[int]:
-    """Processes in the session or carrying the token in their environment (no-cgroup fallback)."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-            if fields[0] == b"Z":
-                continue
-            if session_id is not None and int(fields[4]) == session_id:
-                found.add(int(entry))
-                continue
-            if token:
-                with open(f"/proc/{entry}/environ", "rb") as f:
-                    if token in f.read():
-                        found.add(int(entry))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
-
-
-def _count_user_processes() -> int:
-    uid = os.getuid()
-    count = 0
-    for entry in os.listdir("/proc"):
-        try:
-            if entry.isdigit() and os.stat(f"/proc/{entry}").st_uid == uid:
-                count += 1
-        except OSError:
-            pass
-    return count
