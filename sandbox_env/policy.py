@@ -41,6 +41,8 @@ class Policy(BaseModel):
         None, description="container runtime; auto = gVisor (runsc) where the host has it")
     image: str | None = Field(None, description="sandbox image (container backends)")
     interrupt_grace_s: float = Field(1.0, gt=0, le=30, description="wait after SIGINT before kill")
+    reuses: int = Field(0, ge=0, le=10_000, description="episodes one sandbox may serve after its first, each "
+                        "after a clean-slate check (docker); 0: a new sandbox for every episode")
 
 
 def policy_path(name: str, search: tuple[Path, ...] = POLICY_DIRS) -> Path:

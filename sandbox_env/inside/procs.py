@@ -1,5 +1,5 @@
-"""Process-level helpers shared by the sandbox's programs: the dumpable switch, exit statuses,
-the round of a pipe exchange with a child under a deadline."""
+"""Process-level helpers shared by the sandbox's programs: the dumpable switch, a field of
+/proc/<pid>/stat, exit statuses, the round of a pipe exchange with a child under a deadline."""
 
 from __future__ import annotations
 
@@ -27,6 +27,16 @@ def set_dumpable(flag: bool) -> bool:
         return bool(prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)) == flag
     except Exception:  # noqa: BLE001 - no ctypes, no libc: the caller decides
         return False
+
+
+def stat_field(pid: int, index: int) -> str:
+    """Field `index` of /proc/<pid>/stat counted after the command name (0: the state letter,
+    19: the start time); "" when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[index].decode()
+    except (OSError, IndexError):
+        return ""
 
 
 def exit_status(value: object, *, announce: bool = True) -> int:

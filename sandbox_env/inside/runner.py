@@ -32,11 +32,12 @@ import time
 from sandbox_env.inside.bounded import BoundedOutput
 from sandbox_env.inside.bundle import rebundle
 from sandbox_env.inside.procs import CHUNK, exchange, set_dumpable
-from sandbox_env.inside.slate import count_processes, kill_all_but, others_alive, process_state, wipe, wipe_ipc
+from sandbox_env.inside.recycle import folder_states, recycle
+from sandbox_env.inside.slate import WORKSPACE, count_processes, kill_all_but, others_alive, process_state, wipe, wipe_ipc
 from sandbox_env.inside.untrusted import step_fields, variables
 from sandbox_env.inside.wire import HEADER, KEY_SIZE, Anomaly, Channel, decode, read_frame, read_raw, write_frame
 from sandbox_env.inside.worker import Worker
-from sandbox_env.inside.zygote import Zygote
+from sandbox_env.inside.zygote import WORKER, Zygote
 
 TYPE_CHECKING = False  # typing costs 10 ms at container start; mypy reads this as True
 if TYPE_CHECKING:
@@ -87,14 +88,49 @@ class Supervisor:
         self.cpu_used = 0.0
         self.worker = 0
         self.oom_file = next(((fd, key) for path, key in MEMORY_FILES if (fd := open_fd(path)) is not None), None)
+        self.oom_seen = self.oom_kills()  # more since: the memory limit was hit (no recycle)
+        try:  # the mode the tmpfs option asks for (Docker copies the image folder's up), and each wipe leaves
+            os.chmod(WORKSPACE, 0o700)
+        except OSError:
+            pass
+        self.folders = folder_states()  # what a recycle must find them as
         self.spawn()
 
-    def spawn(self) -> None:
+    def spawn(self, from_zygote: bool = False) -> bool:
+        """Start a worker: a fork of this process (the first), a new interpreter (later ones), or,
+        for a recycle, a fork of the zygote (fast, and as clean as the first). False: none started."""
         cmd_r, cmd_w = os.pipe()
         res_r, res_w = os.pipe()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
+        theirs, ours = (cmd_r, res_w, out_w, err_w), (cmd_w, res_r, out_r, err_r)
         cpu_left = None if self.cpu_budget is None else max(1, int(self.cpu_budget - self.cpu_used + 0.999))
+        if from_zygote:
+            message = b"%s %d %s" % (WORKER, self.keep, b"-" if cpu_left is None else b"%d" % cpu_left)
+            pid = self.zygote.launch(list(theirs), 5.0, message)
+        else:
+            pid = self.fork_worker(theirs, ours, cpu_left)
+        for fd in theirs:
+            os.close(fd)
+        if not pid:
+            for fd in ours:
+                os.close(fd)
+            self.worker = 0
+            return False
+        for fd in (res_r, out_r, err_r):
+            os.set_blocking(fd, False)
+        self.worker, self.cmd, self.res, self.out, self.err = pid, cmd_w, res_r, out_r, err_r
+        self.replies = bytearray()  # what the worker wrote on its result pipe, not yet taken
+        self.exited: tuple[int, int] | None = None
+        try:
+            self.pidfd: int | None = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            self.pidfd = None
+        return True
+
+    def fork_worker(self, theirs: tuple[int, int, int, int], ours: tuple[int, int, int, int],
+                    cpu_left: int | None) -> int:
+        """Fork (then, once the key is here, exec) a worker on `theirs`; its pid."""
         for _attempt in range(200):  # the pid limit may still be full of dying processes
             try:
                 pid = os.fork()
@@ -104,11 +140,12 @@ class Supervisor:
         else:
             raise RuntimeError("cannot fork a worker")
         if pid == 0 and self.exec_workers:
-            exec_worker((cmd_r, res_w, out_w, err_w), self.keep, cpu_left)
+            exec_worker(theirs, self.keep, cpu_left)
         if pid == 0:
             code = 70
             try:
-                for fd in (*self.closing, *self.zygote.fds(), cmd_w, res_r, out_r, err_r):
+                cmd_r, res_w, out_w, err_w = theirs
+                for fd in (*self.closing, *self.zygote.fds(), *ours):
                     os.close(fd)
                 os.dup2(out_w, 1)
                 os.dup2(err_w, 2)
@@ -119,17 +156,7 @@ class Supervisor:
                 code = 0
             finally:
                 os._exit(code)
-        for fd in (cmd_r, res_w, out_w, err_w):
-            os.close(fd)
-        for fd in (res_r, out_r, err_r):
-            os.set_blocking(fd, False)
-        self.worker, self.cmd, self.res, self.out, self.err = pid, cmd_w, res_r, out_r, err_r
-        self.replies = bytearray()  # what the worker wrote on its result pipe, not yet taken
-        self.exited: tuple[int, int] | None = None
-        try:
-            self.pidfd: int | None = os.pidfd_open(pid)
-        except (AttributeError, OSError):
-            self.pidfd = None
+        return pid
 
     def oom_kills(self) -> int | None:
         """The container cgroup's OOM-kill count (cgroup v1 memory.oom_control, v2 memory.events)."""
@@ -538,6 +565,8 @@ def serve(channel: Channel, supervisor: Supervisor) -> None:
             result = supervisor.execute(str(request["code"]), float(request["timeout"]))
         elif op == "inspect":
             result = supervisor.inspect()
+        elif op == "recycle":
+            result = recycle(supervisor)
         elif op == "run":
             result = supervisor.run_program(str(request["source"]), base64.b64decode(request.get("stdin") or ""),
                                             float(request["timeout"]))

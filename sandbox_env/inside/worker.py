@@ -100,6 +100,8 @@ class Worker:
             self.last_seq = request.get("seq")
             if request.get("op") == "exec":
                 reply = self.run(request["code"])
+            elif request.get("op") == "slate":  # for a recycle: what the next episode would inherit
+                reply = {"environ": dict(os.environ), "path": list(sys.path), "variables": self.variables()}
             else:
                 reply = {"variables": self.variables()}
             write_frame(self.res, {**reply, "seq": self.last_seq})

@@ -45,6 +45,7 @@ PYTHON_SIGNALS = {signal.SIGINT: signal.default_int_handler, signal.SIGPIPE: sig
                   signal.SIGXFSZ: signal.SIG_IGN}
 EXIT = struct.Struct(">id")  # exit code (negative: killed by that signal), CPU seconds
 SOCKET_FD = 3  # where a zygote started by exec finds its socket
+WORKER = b"worker"  # a request for a REPL worker instead of a program
 MODULES = ("sandbox_env.inside.bundle", "sandbox_env.inside.procs", __name__)
 
 
@@ -76,9 +77,12 @@ def serve(sock: Any) -> None:
             for fd in fds:
                 os.close(fd)
             continue
-        if not warm:
+        if not warm:  # before a worker too: every recycled episode then starts from the same state
             warm = True
             warm_up()
+        if message.startswith(WORKER):
+            start_worker(sock, fds, message)
+            continue
         pid = os.fork()
         if pid == 0:
             run_program(sock, *fds)
@@ -88,6 +92,54 @@ def serve(sock: Any) -> None:
         _, status, usage = os.wait4(pid, 0)
         code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.waitstatus_to_exitcode(status)
         sock.send(EXIT.pack(code, usage.ru_utime + usage.ru_stime))
+
+
+def start_worker(sock: Any, fds: list[int], message: bytes) -> None:
+    """Fork a REPL worker (`worker.Worker`) on these pipe ends (its commands, its results, stdout,
+    stderr) and send its pid, or 0. It is forked by a child that exits at once: the worker is then
+    the supervisor's (PID 1 adopts orphans), which reaps it and reads its CPU time as for any worker,
+    and this process is free for the next program. `message`: b"worker <keep> <cpu seconds left or
+    ->" (from the supervisor, the only one who can write to this socket)."""
+    report_r, report_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(report_r)
+            worker = os.fork()
+            if worker == 0:
+                os.close(report_w)
+                run_worker(sock, fds, message)
+            os.write(report_w, b"%d" % worker)
+        finally:
+            os._exit(0)
+    for fd in (report_w, *fds):
+        os.close(fd)
+    os.waitpid(pid, 0)  # once it is reaped, the worker's parent is PID 1
+    reported = os.read(report_r, 32)
+    os.close(report_r)
+    sock.send(reported if reported.isdigit() else b"0")
+
+
+def run_worker(sock: Any, fds: list[int], message: bytes) -> None:
+    """In the forked worker: fds 1-4 as the supervisor's first worker has them, nothing else open
+    but stdin (/dev/null), dumpable (nothing of this process is a secret); never returns."""
+    import fcntl
+
+    code = 70
+    try:
+        _, keep, cpu = message.split()
+        sock.close()
+        moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 16) for fd in fds]  # out of the targets' way
+        for target, fd in zip((3, 4, 1, 2), moved):  # commands, results, stdout, stderr
+            os.dup2(fd, target)
+        os.closerange(5, os.sysconf("SC_OPEN_MAX"))
+        set_dumpable(True)
+        from sandbox_env.inside.worker import Worker  # the runner's bundle has it; a replacement zygote's has not
+
+        Worker(3, 4, int(keep), None if cpu == b"-" else int(cpu)).loop()
+        code = 0
+    finally:
+        os._exit(code)
 
 
 def warm_up() -> None:
@@ -183,6 +235,7 @@ class Zygote:
                 os._exit(0)
         there.close()
         self.pid, self.sock = pid, here
+        self.first = pid  # a zygote replaced since (`ensure`) was killed or tampered with
 
     def fds(self) -> tuple[int, ...]:
         """What a forked worker must close."""
@@ -223,10 +276,11 @@ class Zygote:
         self.sock = here
         return True
 
-    def launch(self, fds: list[int], timeout: float) -> int:
-        """Fork a program on these pipe ends; its pid, or 0 when the zygote does not answer."""
+    def launch(self, fds: list[int], timeout: float, message: bytes = b"run") -> int:
+        """Fork a program (or, with a `WORKER` message, a worker) on these pipe ends; its pid, or 0
+        when the zygote does not answer."""
         try:
-            send_fds(self.sock, b"run", fds)
+            send_fds(self.sock, message, fds)
             if select.select([self.sock], [], [], timeout)[0]:
                 return int(self.sock.recv(32))
         except (OSError, ValueError):

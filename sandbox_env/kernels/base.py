@@ -28,6 +28,17 @@ CAPABILITIES: dict[str, str] = {
     "rich_display": "IPython's display() comes back as rich outputs (images, HTML)",
 }
 ALL_CAPABILITIES = frozenset(CAPABILITIES)
+# Why a kernel was closed after its episode instead of recycled (`Kernel.recycle`, `KernelPool`).
+REFUSALS: dict[str, str] = {
+    "unsupported": "the backend cannot recycle its kernels",
+    "budget": "the policy's reuse budget is spent (reuses = 0: always)",
+    "busy": "a request was still running when the episode ended",
+    "tainted": "the episode saw an anomaly: a lost, replaced or tampered-with sandbox",
+    "leftovers": "the sandbox's check found something of the episode left, or not as it was",
+    "failed": "the recycle itself failed: an error, a timeout, a reply that is not a report",
+    "pool_full": "clean, but the pool had no room for it",
+    "closed": "the pool was closing",
+}
 
 
 class KernelConfig(BaseModel):
@@ -60,6 +71,7 @@ class Kernel(abc.ABC):
     def __init__(self, policy: Policy, config: KernelConfig | None = None) -> None:
         self.policy = policy
         self.config = config if config is not None else self.config_class()
+        self.reuses = 0  # episodes served after the first (`recycle`): 0 for a kernel never used
         if type(self.config) is not self.config_class:  # another backend's options would be dropped
             raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, not {type(self.config).__name__}")
 
@@ -90,6 +102,14 @@ class Kernel(abc.ABC):
         Raises `KernelError` only when the backend fails.
         """
         raise KernelUnavailableError(f"the {self.name} backend cannot run programs")
+
+    async def recycle(self) -> str | None:
+        """Make this kernel, whose episode is over, fit for a new episode without starting another:
+        None once it is, as good as fresh (nothing of the episode left: namespace, processes,
+        files, state of its sandbox), which `policy.reuses` allows so many times. Otherwise why
+        not, one of `REFUSALS`, and the caller closes the kernel. Never raises for anything the
+        episode did. Backends that cannot prove a sandbox clean keep this: never recycled."""
+        return "unsupported"
 
     @classmethod
     async def setup_backend(cls) -> dict[str, Any]:

@@ -1,10 +1,12 @@
-"""A warm pool of started, never-used kernels, so a reset does not wait for a kernel to boot."""
+"""A warm pool of started kernels, so a reset does not wait for a kernel to boot: never-used ones,
+and ones whose episode is over that proved clean (`Kernel.recycle`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+from collections import Counter, deque
 from collections.abc import Callable
 
 from sandbox_env.errors import KernelError
@@ -17,48 +19,113 @@ REFILL_DELAY_S = 0.05
 
 
 class KernelPool:
-    """Keeps `size` started kernels ready; each kernel is handed out once and never returned.
+    """Keeps `size` started kernels ready. A kernel handed out serves one episode; then `release`
+    recycles it in the background and keeps it if it proved clean and there is room (up to twice
+    `size` ready), else closes it (kernels that cannot recycle are simply closed). A recycled kernel goes only to the owner
+    (tenant) whose episode it served: what a clean-slate check cannot see never crosses tenants.
 
     Refills happen one at a time in the background: kernel start is CPU-heavy and a burst of
-    parallel starts would starve the kernels that are executing steps.
+    parallel starts would starve the kernels that are executing steps. A kernel being recycled
+    counts as one coming: it takes milliseconds, a start hundreds of them, so the refill waits
+    for it, and so does `acquire` when nothing is ready for its owner but a recycle is under way.
     """
 
     def __init__(self, factory: Callable[[], Kernel], size: int) -> None:
         self._factory = factory
         self.size = size
-        self._ready: asyncio.Queue[Kernel] = asyncio.Queue()
+        # (kernel, the owner it served last; None: never used)
+        self._ready: deque[tuple[Kernel, str | None]] = deque()
         self._refill_task: asyncio.Task[None] | None = None
         self._wakeup = asyncio.Event()
         self._closed = False
         self.cold_starts = 0
+        self._returning: set[asyncio.Task[None]] = set()  # kernels taken back: recycled, then kept or closed
+        self._recycling: dict[asyncio.Task[None], str] = {}  # those not yet recycled, and their owners
+        self._returned = asyncio.Event()  # set whenever a recycle is done, kept or not
+        self.handed_out: Counter[str] = Counter()  # "fresh" (never used) or "recycled"
+        self.refusals: Counter[str] = Counter()  # why kernels were closed instead of recycled
 
     @property
     def ready_count(self) -> int:
-        return self._ready.qsize()
+        return len(self._ready)
+
+    @property
+    def returning(self) -> int:
+        """Kernels taken back and not yet kept or closed."""
+        return len(self._returning)
 
     async def start(self, *, wait: bool = False) -> None:
         """Begin filling the pool; with `wait`, return once it is full."""
         if self._refill_task is None and self.size > 0:
             self._refill_task = asyncio.create_task(self._refill_loop(), name="kernel-pool-refill")
             self._wakeup.set()
-        while wait and self.size and self._ready.qsize() < self.size:
+        while wait and self.size and len(self._ready) < self.size:
             if self._refill_task is not None and self._refill_task.done():
                 break
             await asyncio.sleep(0.02)
 
-    async def acquire(self) -> Kernel:
-        """A started kernel that nobody has used: warm if one is ready, else started now."""
-        if self._closed:
-            raise KernelError("kernel pool is closed")
-        while not self._ready.empty():
-            kernel = self._ready.get_nowait()
+    async def acquire(self, owner: str = "") -> Kernel:
+        """A started kernel for `owner`, never used or recycled after one of `owner`'s episodes: a
+        ready one, else the next to come back from such a recycle, else one started now."""
+        while True:
+            if self._closed:
+                raise KernelError("kernel pool is closed")
+            kernel = self._take(owner)
+            if kernel is None:
+                if owner not in self._recycling.values():
+                    break
+                self._returned.clear()
+                await self._returned.wait()
+                continue
             asyncio.get_running_loop().call_later(REFILL_DELAY_S, self._wakeup.set)
             if kernel.is_alive():
+                self.handed_out["recycled" if kernel.reuses else "fresh"] += 1
                 return kernel
             await kernel.close()  # died while waiting (e.g. killed from outside)
         self._wakeup.set()
         self.cold_starts += 1
+        self.handed_out["fresh"] += 1
         return await self._start_one()
+
+    def _take(self, owner: str) -> Kernel | None:
+        for entry in self._ready:
+            if entry[1] in (None, owner):
+                self._ready.remove(entry)
+                return entry[0]
+        return None
+
+    def release(self, kernel: Kernel, owner: str = "") -> None:
+        """Take back a kernel whose episode (of `owner`) is over; never waits: it is recycled in
+        the background."""
+        task = asyncio.get_running_loop().create_task(self._take_back(kernel, owner), name="kernel-pool-recycle")
+        self._returning.add(task)
+        self._recycling[task] = owner
+        task.add_done_callback(self._returning.discard)
+
+    async def _take_back(self, kernel: Kernel, owner: str) -> None:
+        why: str | None = "failed"  # unless recycle() answers (it may raise, or be cancelled)
+        try:
+            why = self._no_room() or await kernel.recycle()
+            why = why or self._no_room()
+        except Exception:
+            log.exception("recycling a kernel failed")
+        finally:
+            self._recycling.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+            why = "closed" if self._closed else why
+            if why is None:
+                self._ready.append((kernel, owner))
+            else:
+                self.refusals[why] += 1
+                self._wakeup.set()  # the refill may be short of one now
+            self._returned.set()
+            if why is not None:
+                await kernel.close()
+
+    def _no_room(self) -> str | None:
+        """Room for a recycled kernel: up to twice the pool's size, since the refill aims at the
+        size counting kernels in use as gone (with one client, one in use comes back to `size`
+        ready ones: closing it would make the refill start a container per episode)."""
+        return "closed" if self._closed else "pool_full" if len(self._ready) >= 2 * self.size else None
 
     async def close(self) -> None:
         self._closed = True
@@ -66,8 +133,11 @@ class KernelPool:
             self._refill_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refill_task
-        while not self._ready.empty():
-            await self._ready.get_nowait().close()
+        for task in list(self._recycling):  # each closes its kernel as it ends
+            task.cancel()
+        await asyncio.gather(*self._returning, return_exceptions=True)
+        while self._ready:
+            await self._ready.popleft()[0].close()
 
     async def _start_one(self) -> Kernel:
         kernel = self._factory()
@@ -81,7 +151,7 @@ class KernelPool:
     async def _refill_loop(self) -> None:
         failures = 0
         while not self._closed:
-            if self._ready.qsize() >= self.size:
+            if len(self._ready) + len(self._recycling) >= self.size:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
@@ -96,4 +166,4 @@ class KernelPool:
             if self._closed:
                 await kernel.close()
                 return
-            self._ready.put_nowait(kernel)
+            self._ready.append((kernel, None))

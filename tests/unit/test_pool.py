@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import pytest_asyncio
 
 from sandbox_env.errors import KernelError, KernelStartError
 from sandbox_env.kernels.fake import FakeKernel
@@ -105,3 +107,116 @@ async def test_start_failures(caplog: pytest.LogCaptureFixture, monkeypatch: pyt
     assert 1.0 in naps and "could not start a kernel" in caplog.text  # backed off (0.5 * 2), then retried
     await refilling.close()
     await pool.close()
+
+
+class Recyclable(FakeKernel):
+    """A fake kernel that recycles when `verdict` is None (else refuses with it), after `delay`."""
+
+    verdict: str | None = None
+    delay = 0.0
+
+    async def recycle(self) -> str | None:
+        await asyncio.sleep(self.delay)
+        if self.verdict is None:
+            self.reuses += 1
+        return self.verdict
+
+
+class Recycling:
+    """Pools of `Recyclable` kernels; every pool and kernel is closed after the test."""
+
+    def __init__(self) -> None:
+        self.made: list[Recyclable] = []
+        self.pools: list[KernelPool] = []
+
+    async def pool(self, size: int = 1, **attributes: Any) -> KernelPool:
+        def factory() -> Recyclable:
+            kernel = Recyclable(small_policy())
+            for name, value in attributes.items():
+                setattr(kernel, name, value)
+            self.made.append(kernel)
+            return kernel
+
+        self.pools.append(KernelPool(factory, size))
+        await self.pools[-1].start(wait=True)
+        return self.pools[-1]
+
+    async def close(self) -> None:
+        await asyncio.gather(*(pool.close() for pool in self.pools))
+        await asyncio.gather(*(kernel.close() for kernel in self.made))
+
+
+@pytest_asyncio.fixture
+async def recycling() -> AsyncIterator[Recycling]:
+    pools = Recycling()
+    yield pools
+    await pools.close()
+
+
+async def handed_back(pool: KernelPool, kernel: Any, owner: str = "") -> None:
+    pool.release(kernel, owner)
+    await until(lambda: pool.returning == 0)
+
+
+async def test_a_kernel_that_cannot_recycle_is_closed_when_released() -> None:
+    pool = KernelPool(Factory(), size=1)
+    await pool.start(wait=True)
+    kernel = await pool.acquire()
+    await handed_back(pool, kernel)
+    assert not kernel.is_alive() and pool.refusals == {"unsupported": 1}
+    await pool.close()
+
+
+async def test_a_recycled_kernel_is_handed_out_again_and_counted(recycling: Recycling) -> None:
+    pool = await recycling.pool()
+    kernel = await pool.acquire()
+    await handed_back(pool, kernel)
+    assert await pool.acquire() is kernel and kernel.reuses == 1
+    assert dict(pool.handed_out) == {"fresh": 1, "recycled": 1} and not pool.refusals
+
+
+async def test_a_refused_kernel_is_closed_and_its_reason_counted(recycling: Recycling) -> None:
+    pool = await recycling.pool(verdict="leftovers")
+    kernel = await pool.acquire()
+    await handed_back(pool, kernel)
+    assert not kernel.is_alive() and pool.refusals == {"leftovers": 1}
+    await until(lambda: pool.ready_count == 1)  # the refill makes up for it
+    assert await pool.acquire() is not kernel
+
+
+async def test_acquire_waits_for_a_recycle_rather_than_starting_cold(recycling: Recycling) -> None:
+    pool = await recycling.pool(delay=0.05)
+    first = await pool.acquire()
+    pool.release(first)  # recycling for 50 ms; nothing else is ready
+    assert await pool.acquire() is first
+    assert pool.cold_starts == 0 and len(recycling.made) == 1  # no refill either: it was coming
+
+
+async def test_a_recycled_kernel_goes_only_to_its_last_owner(recycling: Recycling) -> None:
+    pool = await recycling.pool()
+    kernel = await pool.acquire("alice")
+    await handed_back(pool, kernel, "alice")
+    assert await pool.acquire("bob") is not kernel and kernel.is_alive()
+    assert await pool.acquire("alice") is kernel
+
+
+async def test_room_for_recycled_kernels_is_twice_the_size(recycling: Recycling) -> None:
+    pool = await recycling.pool()
+    taken = [await pool.acquire() for _ in range(3)]  # one warm, two cold
+    for kernel in taken:
+        pool.release(kernel)
+    await until(lambda: pool.returning == 0)
+    assert pool.ready_count == 2 and pool.refusals == {"pool_full": 1}
+    assert sum(k.is_alive() for k in taken) == 2
+    await pool.close()
+    assert not any(k.is_alive() for k in recycling.made)
+
+
+async def test_close_stops_recycles_under_way_and_closes_their_kernels(recycling: Recycling) -> None:
+    pool = await recycling.pool(delay=30)
+    kernel = await pool.acquire()
+    pool.release(kernel)
+    await pool.close()
+    assert pool.returning == 0 and not kernel.is_alive() and pool.refusals == {"closed": 1}
+    with pytest.raises(KernelError):
+        await pool.acquire()

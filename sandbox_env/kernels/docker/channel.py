@@ -20,7 +20,7 @@ from sandbox_env.inside.wire import HEADER, KEY_SIZE, MAX_FRAME, TAG_SIZE, TO_SA
 
 logger = logging.getLogger(__name__)
 
-RUNNER_MODULES = ("bundle", "wire", "bounded", "procs", "slate", "untrusted", "worker", "zygote", "runner")
+RUNNER_MODULES = ("bundle", "wire", "bounded", "procs", "slate", "untrusted", "worker", "zygote", "recycle", "runner")
 LARGE_FRAME = 256 << 10  # decoded and validated in a thread: the event loop stays free
 STDERR_LINES = 5  # per container: what the supervisor itself printed (a crash), escaped and cut
 STDERR_BYTES = 300

@@ -1,5 +1,5 @@
 """The sandbox containers on the daemon: their hardened options and labels, their removal, the
-events the daemon logged for one, and the sweep of orphans a crashed server left."""
+events the daemon logged for one and how it ended, and the sweep of orphans a crashed server left."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ import docker.errors
 from docker.types import LogConfig, Ulimit
 
 from sandbox_env._version import __version__
-from sandbox_env.kernels.docker.daemon import EXECUTOR, get_client, registered_runtimes
+from sandbox_env.inside.procs import stat_field
+from sandbox_env.kernels.docker.daemon import EXECUTOR, get_client, registered_runtimes, runtime_report
+from sandbox_env.models import ExecStatus
 from sandbox_env.policy import Policy
 
 logger = logging.getLogger(__name__)
@@ -39,11 +41,7 @@ def default_image() -> str:
 
 
 def _start_ticks(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[19].decode()
-    except (OSError, IndexError):
-        return ""
+    return stat_field(pid, 19)
 
 
 @functools.lru_cache(maxsize=1)
@@ -131,6 +129,26 @@ def container_events(client: docker.DockerClient, container_id: str, since: floa
             close()
 
 
+def stopped_from_outside(client: docker.DockerClient, container_id: str, since: float) -> bool:
+    """The daemon logged a kill, stop or pause of the container since `since` (or cannot say)."""
+    try:
+        events = container_events(client, container_id, since)
+    except Exception:  # noqa: BLE001 - the daemon itself is in trouble: infrastructure
+        return True
+    return any(event.get("Action") in ("kill", "stop", "pause") for event in events)
+
+
+def death_status(client: docker.DockerClient, container_id: str) -> tuple[ExecStatus, int]:
+    """How a container ended, as a step's status and exit code."""
+    try:
+        state = client.api.inspect_container(container_id)["State"]
+    except Exception:  # noqa: BLE001 - gone (auto-removed) or daemon trouble: report a plain kill
+        return ExecStatus.KILLED, 137
+    if state.get("OOMKilled"):
+        return ExecStatus.OOM, 137
+    return ExecStatus.KILLED, int(state.get("ExitCode") or 137)
+
+
 def remove_container(client: docker.DockerClient, container_id: str, wait_s: float = 10.0) -> bool:
     """Kill and remove; when the daemon is already auto-removing it, wait until it is gone.
     False when the daemon failed (5xx: say, shutting down) and a later try may succeed;
@@ -171,3 +189,10 @@ def cleanup_orphans(owner: str | None = None, client: docker.DockerClient | None
     if ids:
         logger.warning("removed %d orphaned sandbox containers (%s)", len(ids), ", ".join(labels))
     return len(ids)
+
+
+def sweep_and_report() -> dict[str, Any]:
+    """At server start: remove this owner's orphans (of servers no longer running), report the
+    runtime. Blocking."""
+    removed = cleanup_orphans(default_owner(), keep_live=True)
+    return {**runtime_report(), "owner": default_owner(), "orphans_removed": removed}

@@ -32,14 +32,17 @@ from sandbox_env.kernels.docker.channel import LARGE_FRAME, Channel, raw_socket
 from sandbox_env.kernels.docker.config import DockerConfig
 from sandbox_env.kernels.docker.containers import (
     cleanup_orphans,
-    container_events,
     container_options,
+    death_status,
     default_image,
     default_owner,
     remove_container,
     server_instance,
+    stopped_from_outside,
+    sweep_and_report,
 )
-from sandbox_env.kernels.docker.daemon import DAEMON_WAIT_S, backoff, call_in_pool, daemon_unreachable, get_client, runtime_report
+from sandbox_env.kernels.docker.daemon import DAEMON_WAIT_S, backoff, call_in_pool, daemon_unreachable, get_client
+from sandbox_env.kernels.docker.recycling import make_slate, unfit
 from sandbox_env.models import ExecStatus, ExecutionResult
 from sandbox_env.policy import Policy
 
@@ -73,17 +76,16 @@ class DockerKernel(Kernel):
         self._boot_task: asyncio.Task[None] | None = None
         self._removals: set[asyncio.Future[None]] = set()  # outlive a cancelled caller; close() waits
         self._closed = False
+        self._tainted = False  # its container was lost, replaced or tampered with: never recycled
 
     # -- lifecycle -------------------------------------------------------------------------
     @classmethod
     async def setup_backend(cls) -> dict[str, Any]:
         """At server start: remove this owner's orphans (a crash's leftovers), report the runtime."""
         try:
-            removed = await asyncio.to_thread(functools.partial(cleanup_orphans, default_owner(), keep_live=True))
-            report = await asyncio.to_thread(runtime_report)
+            return await asyncio.to_thread(sweep_and_report)
         except docker.errors.DockerException as exc:
             raise KernelUnavailableError(f"Docker engine unusable: {exc}") from exc
-        return {**report, "owner": default_owner(), "orphans_removed": removed}
 
     @classmethod
     async def teardown_backend(cls) -> None:
@@ -118,6 +120,24 @@ class DockerKernel(Kernel):
         await self._discard()
         while self._removals:
             await asyncio.gather(*self._removals, return_exceptions=True)
+
+    async def recycle(self) -> str | None:
+        """The supervisor makes the next episode's slate and checks it (`recycling.make_slate`);
+        any refusal removes the container now. If this raises (cancelled), the caller closes."""
+        why = unfit(closed=self._closed, reuses=self.reuses, allowed=self.policy.reuses, busy=self._lock.locked(),
+                    tainted=self._tainted or self._boot_task is not None or not self.is_alive())
+        if why is None:
+            async with self._lock:
+                try:
+                    why = await make_slate(self._live_channel(), self.container_id or "")
+                except BaseException:
+                    self._tainted = True  # cancelled mid-frame: the channel cannot be trusted
+                    raise
+        if why is not None:
+            await self.close()
+            return why
+        self.reuses, self.execution_count = self.reuses + 1, 0
+        return None
 
     async def _boot(self) -> None:
         """Start a container. While nothing listens on the daemon's socket (a daemon restarting),
@@ -311,16 +331,11 @@ class DockerKernel(Kernel):
     async def _killed_from_outside(self, since: float) -> bool:
         """The daemon logged a kill, stop or pause of the container (or cannot say): the service's
         failure. Otherwise only the program can have silenced or killed its supervisor."""
-        container = self.container_id
         if self._closed:
             return False  # closed by its owner: the step ends as a kill (see `_lost`)
-        if container is None:
+        if self.container_id is None:
             return True
-        try:
-            events = await call_in_pool(container_events, self._client or get_client(), container, since)
-        except Exception:  # noqa: BLE001 - the daemon itself is in trouble: infrastructure
-            return True
-        return any(event.get("Action") in ("kill", "stop", "pause") for event in events)
+        return await call_in_pool(stopped_from_outside, self._client or get_client(), self.container_id, since)
 
     async def inspect(self) -> dict[str, Any]:
         info: dict[str, Any] = {"backend": self.name, "kernel_id": self.kernel_id, "image": self.image,
@@ -350,6 +365,7 @@ class DockerKernel(Kernel):
             self._boot_task = None
             await task  # a failed replacement raises its KernelStartError here
         elif self._channel is None or self._channel.at_eof():
+            self._tainted = True
             await self._discard()
             await self._boot()
 
@@ -360,6 +376,7 @@ class DockerKernel(Kernel):
             if not self._closed:
                 await self._boot()
 
+        self._tainted = True
         if not self._closed:
             self._boot_task = asyncio.get_running_loop().create_task(replace())
 
@@ -375,14 +392,7 @@ class DockerKernel(Kernel):
     async def _death_status(self) -> tuple[ExecStatus, int]:
         if self.container_id is None:
             return ExecStatus.KILLED, 137
-        try:
-            state = (await call_in_pool((self._client or get_client()).api.inspect_container,
-                                        self.container_id))["State"]
-        except Exception:  # noqa: BLE001 - gone (auto-removed) or daemon trouble: report a plain kill
-            return ExecStatus.KILLED, 137
-        if state.get("OOMKilled"):
-            return ExecStatus.OOM, 137
-        return ExecStatus.KILLED, int(state.get("ExitCode") or 137)
+        return await call_in_pool(death_status, self._client or get_client(), self.container_id)
 
 
 class _DaemonUnreachable(KernelStartError):

@@ -1,0 +1,178 @@
+"""A closed episode's sandbox made fit for the next episode, or refused: the supervisor's side of
+a `recycle` request (Docker).
+
+The rule is conservative: a sandbox is recycled only when its episode left nothing behind but its
+worker's namespace. So what the episode could have left is looked for first, in this order:
+while its processes still run, the zygote's state, the supervisor's, an OOM kill, the worker's
+environment; with everything stopped (nothing forks in between), any process but the worker;
+once everything but the supervisor and the zygote is killed, any file in a scratch folder, any
+System V IPC object, a scratch folder's changed mode or extended attributes. A single finding
+refuses the sandbox, and the server removes the container: nothing is wiped, since a sandbox is
+recycled only when there is nothing to wipe. Then a fresh worker is forked from the zygote (which
+never held anything of an episode) and checked in turn: only it, the zygote and the supervisor
+alive, the container's environment, an empty namespace, nothing importable from a writable place
+but the (empty) workspace.
+
+Findings are fixed words (`FINDINGS`), never text the episode chose (a file name, a variable): they
+travel to the server and its log. Stdlib only; it reaches the container in the runner's bundle.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from sandbox_env.inside.bounded import BoundedOutput
+from sandbox_env.inside.procs import stat_field
+from sandbox_env.inside.slate import SCRATCH_DIRS, SYSV_IPC, WORKSPACE, live_pids, process_state
+
+TYPE_CHECKING = False  # typing costs milliseconds at start; mypy reads this as True
+if TYPE_CHECKING:
+    from typing import Any
+
+    from sandbox_env.inside.runner import Supervisor
+
+ANSWER_S = 2.0  # an idle worker answers in milliseconds; one that does not is a finding
+# Every word a report may hold; the server refuses a report with any other.
+FINDINGS = frozenset({
+    "zygote", "limits", "oom", "worker", "environment", "process",
+    *(f"file:{top}" for top in SCRATCH_DIRS), *(f"folder:{top}" for top in SCRATCH_DIRS),
+    *(f"ipc:{kind}" for kind, _ in SYSV_IPC),
+    "fresh:worker", "fresh:process", "fresh:environment", "fresh:namespace", "fresh:module_path",
+})
+
+
+def folder_state(top: str) -> tuple[int, int, int, tuple[str, ...] | None] | None:
+    """What episode code may change on a scratch folder itself, not below it: its mode, owner,
+    group and extended attributes (a few bytes for the next episode to find)."""
+    try:
+        st = os.stat(top, follow_symlinks=False)
+    except OSError:
+        return None
+    try:
+        names: tuple[str, ...] | None = tuple(sorted(os.listxattr(top, follow_symlinks=False)))
+    except OSError:  # a file system without them
+        names = None
+    return st.st_mode, st.st_uid, st.st_gid, names
+
+
+def folder_states() -> dict[str, Any]:
+    return {top: folder_state(top) for top in SCRATCH_DIRS}
+
+
+def recycle(sup: Supervisor) -> dict[str, Any]:
+    """Look for what the episode left; if nothing, start and check a fresh worker. The reply's
+    `findings` are empty exactly when the sandbox is fit for another episode."""
+    findings = while_running(sup)
+    if not findings:
+        findings = stopped_processes(sup)
+        sup.kill_everything()
+    if not findings:
+        findings = left_behind(sup.folders)
+    if not findings:
+        findings = fresh_worker(sup)
+    if not findings:
+        sup.cpu_used, sup.oom_seen = 0.0, sup.oom_kills()  # the CPU budget is per episode
+    return {"clean": not findings, "findings": sorted(set(findings))}
+
+
+def while_running(sup: Supervisor) -> list[str]:
+    """The zygote killed, replaced, stopped or with other limits, priority or CPUs than the
+    supervisor had at start; the supervisor's own changed; an OOM kill; the worker's environment
+    changed (it says so itself: a lie can only hide a change that dies with it)."""
+    zygote = sup.zygote
+    if not zygote.pid or zygote.pid != zygote.first or stat_field(zygote.pid, 0) not in ("S", "R", "D"):
+        return ["zygote"]
+    if process_state(zygote.pid) != sup.baseline:
+        return ["zygote"]
+    if process_state(os.getpid()) != sup.baseline:
+        return ["limits"]
+    if (sup.oom_kills() or 0) > (sup.oom_seen or 0):
+        return ["oom"]
+    if not sup.worker or sup.reap() is not None:
+        return []  # no worker (a program ran last, or it exited): no environment left to look at
+    reply = ask(sup, "slate")
+    if reply is None:
+        return ["worker"]
+    return [] if reply.get("environ") == dict(os.environ) else ["environment"]
+
+
+def stopped_processes(sup: Supervisor) -> list[str]:
+    """Any process but the supervisor, the zygote and the worker: seen with everything stopped, so
+    that nothing forks between the listing and the look."""
+    os.kill(-1, signal.SIGSTOP)
+    os.kill(sup.zygote.pid, signal.SIGCONT)
+    expected = {1, os.getpid(), sup.zygote.pid, sup.worker}
+    return ["process"] if set(live_pids()) - expected else []
+
+
+def left_behind(folders: dict[str, Any]) -> list[str]:
+    """With nothing of the episode alive: files, IPC objects, changed scratch folders."""
+    found = [f"file:{top}" for top in SCRATCH_DIRS if listing(top)]
+    found += [f"folder:{top}" for top in SCRATCH_DIRS if folder_state(top) != folders.get(top)]
+    for kind, _ in SYSV_IPC:
+        try:
+            with open(f"/proc/sysvipc/{kind}") as f:
+                if f.read().count("\n") > 1:  # a header line, then one line per object
+                    found.append(f"ipc:{kind}")
+        except OSError:
+            continue
+    return found
+
+
+def listing(top: str) -> list[str]:
+    try:
+        return os.listdir(top)
+    except FileNotFoundError:
+        return []
+    except OSError:
+        return ["?"]  # unreadable: not known to be empty
+
+
+def fresh_worker(sup: Supervisor) -> list[str]:
+    """Fork the next episode's worker from the zygote and check what it starts with."""
+    if not sup.spawn(from_zygote=True):
+        return ["fresh:worker"]
+    reply = ask(sup, "slate")
+    if reply is None:
+        return ["fresh:worker"]
+    found = []
+    if set(live_pids()) != {1, os.getpid(), sup.zygote.pid, sup.worker}:
+        found.append("fresh:process")
+    if reply.get("environ") != dict(os.environ):
+        found.append("fresh:environment")
+    if reply.get("variables") != {}:
+        found.append("fresh:namespace")
+    if not importable_only_read_only(reply.get("path")):
+        found.append("fresh:module_path")
+    return found
+
+
+def importable_only_read_only(path: Any) -> bool:
+    """Every folder on the worker's `sys.path` is on a read-only file system (no module on disk
+    can have changed), but the workspace, its working directory, found empty just before."""
+    if type(path) is not list or not all(type(entry) is str for entry in path):
+        return False
+    return all(entry in ("", WORKSPACE) or read_only(entry) for entry in path)
+
+
+def read_only(path: str) -> bool:
+    """Whether `path`, or the nearest folder above it that exists, is on a read-only mount."""
+    while True:
+        try:
+            return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+        except FileNotFoundError:
+            if path in ("", "/"):
+                return False
+            path = os.path.dirname(path.rstrip("/")) or "/"
+        except OSError:
+            return False
+
+
+def ask(sup: Supervisor, op: str) -> dict[str, Any] | None:
+    """The worker's answer to `op`, or None when it does not give one in time. Whatever it prints
+    meanwhile is dropped: none of it may reach the next episode."""
+    sup.ask({"op": op})
+    reply, _ = sup.wait(time.monotonic() + ANSWER_S, BoundedOutput(sup.keep), BoundedOutput(sup.keep))
+    return reply
