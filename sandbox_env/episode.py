@@ -29,8 +29,10 @@ from sandbox_env.models import (
     Grading,
 )
 
-# (policy name or None for the default) -> a started, never-used kernel
+# (policy name or None for the default) -> a started kernel, never used or recycled (`Kernel.recycle`)
 KernelSource = Callable[[str | None], Awaitable[Kernel]]
+# takes back a kernel whose episode is over (to recycle or close it); never waits
+KernelSink = Callable[[Kernel], None]
 # (task_id, inline task, policy name) -> the task; raises TaskNotFoundError / TaskError
 TaskResolver = Callable[[str | None, Any, str | None], Task]
 HISTORY_BYTES = 1 << 20  # default budget of one episode's step history (Settings.history_bytes)
@@ -40,11 +42,15 @@ RESERVED_STATE_KEYS = frozenset(EpisodeState.model_fields) | {"task_id", "gradin
 
 
 class Episode:
-    """Reset always takes a fresh kernel, so no namespace, file or process survives a reset."""
+    """Reset always takes another kernel, never used or proven clean since its last episode
+    (`Kernel.recycle`), so no namespace, file or process survives a reset. A kernel the episode
+    is done with goes to `release` (its pool), or without one is closed."""
 
     def __init__(self, acquire: KernelSource, *, backend: str, tasks: TaskResolver | None = None,
-                 reward: str | None = None, owner: str = "", history_bytes: int = HISTORY_BYTES) -> None:
+                 reward: str | None = None, owner: str = "", history_bytes: int = HISTORY_BYTES,
+                 release: KernelSink | None = None) -> None:
         self._acquire = acquire
+        self._release = release
         self.owner = owner  # the tenant (token) that opened it
         # Names the episode from its first moment (its episode_id comes with the first reset), so
         # inspection lists it and DELETE reaches it before any reset; MCP session ids are this.
@@ -109,8 +115,7 @@ class Episode:
                 raise EpisodeClosedError("episode is closed")
             old, self._kernel = self._kernel, kernel
             if old is not None:  # closing can take tens of ms (container removal): not on the reset path
-                self._closing.add(asyncio.create_task(old.close()))
-                self._closing = {t for t in self._closing if not t.done()}
+                self._let_go(old)
             self._kernel_lost = False
             self._done = False
             self.task = new_task
@@ -197,13 +202,24 @@ class Episode:
                 "history": list(self.history)}
 
     async def close(self) -> None:
+        """Without waiting for the kernel when it goes back to its pool (`release`)."""
         if self._closed:
             return
         self._closed = True
         kernel, self._kernel = self._kernel, None
-        if kernel is not None:
+        if kernel is not None and self._release is not None:
+            self._release(kernel)
+        elif kernel is not None:
             await kernel.close()
         await asyncio.gather(*self._closing, return_exceptions=True)
+
+    def _let_go(self, kernel: Kernel) -> None:
+        """Hand a kernel back to its pool, or close it in the background."""
+        if self._release is not None:
+            self._release(kernel)
+            return
+        self._closing.add(asyncio.create_task(kernel.close()))
+        self._closing = {t for t in self._closing if not t.done()}
 
     def _ensure_open(self) -> None:
         if self._closed:

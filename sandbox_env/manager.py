@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -129,8 +130,9 @@ class EpisodeManager:
     async def open_episode(self, owner: str = "") -> Episode:
         """Take a session slot for `owner` (a tenant); the episode gets its kernel at its first reset."""
         self._admit(owner)
-        episode = Episode(self._acquire, backend=self.settings.backend, tasks=self.resolve_task,
-                          reward=self.settings.reward, owner=owner, history_bytes=self.history_budget)
+        episode = Episode(functools.partial(self._acquire, owner=owner), backend=self.settings.backend,
+                          tasks=self.resolve_task, reward=self.settings.reward, owner=owner,
+                          history_bytes=self.history_budget, release=functools.partial(self._release, owner=owner))
         self.episodes[id(episode)] = episode
         return episode
 
@@ -218,7 +220,7 @@ class EpisodeManager:
                 else:
                     await candidate.close()
             if kernel is None:
-                kernel = await self._acquire(name)
+                kernel = await self._acquire(name, owner)
             result = await grade(kernel, task, submission,
                                  reward=choose_reward(task, reward, self.settings.reward))
         except BaseException:
@@ -231,10 +233,12 @@ class EpisodeManager:
             if not self.gradings[owner]:
                 del self.gradings[owner]
         # run_program leaves a clean slate (no process, no file), so the kernel may grade again.
-        if result.status == "graded" and kernel.is_alive() and len(stash) < self.settings.grader_stash and not self.draining:
+        if result.status != "graded" or not kernel.is_alive() or self.draining:
+            await kernel.close()
+        elif len(stash) < self.settings.grader_stash:
             stash.append(kernel)
         else:
-            await kernel.close()
+            self._release(kernel, owner)
         return result
 
     def find(self, key: str, owner: str | None) -> list[Episode]:
@@ -258,14 +262,24 @@ class EpisodeManager:
         return self._policies[name]
 
     def pool_stats(self) -> dict[str, dict[str, int]]:
-        return {name: {"ready": p.ready_count, "size": p.size, "cold_starts": p.cold_starts}
+        return {name: {"ready": p.ready_count, "size": p.size, "cold_starts": p.cold_starts, "returning": p.returning,
+                       "fresh": p.handed_out["fresh"], "recycled": p.handed_out["recycled"]}
                 for name, p in self._pools.items()}
 
-    async def _acquire(self, policy_name: str | None) -> Kernel:
+    def recycle_refusals(self) -> dict[str, dict[str, int]]:
+        """Per policy: how many kernels were closed instead of recycled after an episode, by reason."""
+        return {name: dict(p.refusals) for name, p in self._pools.items()}
+
+    async def _acquire(self, policy_name: str | None, owner: str = "") -> Kernel:
         policy = self.policy(policy_name)
         pool = self._pool(policy.name)
         await pool.start()
-        return await pool.acquire()
+        return await pool.acquire(owner)
+
+    def _release(self, kernel: Kernel, owner: str = "") -> None:
+        """`owner`'s episode or grading is done with `kernel`: back to its pool, which recycles it
+        in the background for `owner` only (or closes it)."""
+        self._pool(kernel.policy.name).release(kernel, owner)
 
     def _pool(self, name: str) -> KernelPool:
         if name not in self._pools:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -19,6 +19,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from sandbox_env.episode import Episode
@@ -58,6 +60,7 @@ class ServerMetrics:
         self.capacity_rejections = Counter(
             "sandbox_env_capacity_rejections", "Sessions refused because the server was full",
             registry=self.registry)
+        self.registry.register(KernelCollector(manager))
 
     def _read(self, attribute: str) -> float:
         manager = self._manager()
@@ -83,6 +86,30 @@ class ServerMetrics:
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class KernelCollector(Collector):
+    """The pools' counts, read at scrape time: kernels handed out fresh or recycled, and kernels
+    closed instead of recycled, by reason (`kernels.base.REFUSALS`)."""
+
+    def __init__(self, manager: Callable[[], EpisodeManager | None]) -> None:
+        self._manager = manager
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        handed = CounterMetricFamily("sandbox_env_kernels_handed_out", "Kernels handed to episodes and "
+                                     "gradings: fresh (never used) or recycled", labels=("policy", "source"))
+        refused = CounterMetricFamily("sandbox_env_recycle_refusals", "Kernels closed after their episode "
+                                      "instead of recycled, by reason", labels=("policy", "reason"))
+        manager = self._manager()
+        if manager is not None:
+            for policy, stats in manager.pool_stats().items():
+                for source in ("fresh", "recycled"):
+                    handed.add_metric((policy, source), stats[source])
+            for policy, reasons in manager.recycle_refusals().items():
+                for reason, count in sorted(reasons.items()):
+                    refused.add_metric((policy, reason), count)
+        yield handed
+        yield refused
 
 
 async def timed_step(metrics: ServerMetrics, episode: Episode, action: CodeAction, *,

@@ -71,6 +71,27 @@ async def test_a_reset_takes_a_fresh_kernel_and_closes_the_old_one(kernels: Kern
     await ep.close()  # idempotent
 
 
+async def test_kernels_done_with_go_back_through_release_without_waiting(kernels: KernelSource) -> None:
+    released: list[Any] = []
+    ep = episode(kernels, release=released.append)
+    await ep.reset()
+    await ep.reset()  # the first kernel goes back, still alive: its pool recycles or closes it
+    assert released == kernels.handed[:1] and released[0].is_alive()
+    await ep.close()
+    assert released == kernels.handed and all(k.is_alive() for k in released)
+
+
+async def test_a_kernel_that_failed_is_closed_not_released(kernels: KernelSource) -> None:
+    released: list[Any] = []
+    ep = episode(kernels, release=released.append)
+    await ep.reset()
+    kernels.handed[0].crash()
+    with pytest.raises(KernelDiedError):
+        await ep.step(CodeAction(code="print(1)"))
+    await ep.close()
+    assert released == [] and not kernels.handed[0].is_alive()
+
+
 async def test_a_failed_reset_keeps_the_episode(kernels: KernelSource) -> None:
     ep = episode(kernels)
     await ep.reset()

@@ -65,6 +65,21 @@ async def test_sessions_up_to_the_limit(managers: Factory) -> None:
     assert throwaway.closed and manager.active == 1
 
 
+async def test_closed_episodes_hand_their_kernels_to_the_pool(managers: Factory) -> None:
+    """The fake backend cannot recycle: its kernels are closed by the pool, and counted."""
+    manager = await managers()
+    episode = await manager.open_episode("alice")
+    await episode.reset()
+    kernel = episode._kernel
+    await manager.close_episode(episode)
+    pool = manager._pools["default"]
+    while pool.returning:
+        await asyncio.sleep(0.01)
+    assert kernel is not None and not kernel.is_alive()
+    assert manager.recycle_refusals() == {"default": {"unsupported": 1}}
+    assert manager.pool_stats()["default"]["fresh"] == 1
+
+
 async def test_tenant_quota(managers: Factory) -> None:
     manager = await managers(max_sessions=4, tenant_max_sessions=1)
     mine = await manager.open_episode("alice")
