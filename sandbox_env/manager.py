@@ -59,7 +59,8 @@ class EpisodeManager:
         self.tasks: dict[str, Task] = load_tasks(self.settings.tasks) if self.settings.tasks else {}
         if self.settings.reward:
             reward_policy(self.settings.reward)  # a bad server default fails at start, not mid-episode
-        self._graders: dict[str, list[Kernel]] = {}
+        # (policy, owner) -> kernels kept for that owner's next grading: no sandbox crosses tenants
+        self._graders: dict[tuple[str, str], list[Kernel]] = {}
         self.grading = 0
         self.gradings: dict[str, int] = {}  # per owner (tenant)
         self._counted = False
@@ -212,7 +213,7 @@ class EpisodeManager:
         self.gradings[owner] = self.gradings.get(owner, 0) + 1
         kernel: Kernel | None = None
         try:
-            stash = self._graders.setdefault(name, [])
+            stash = self._graders.setdefault((name, owner), [])
             while stash and kernel is None:
                 candidate = stash.pop()
                 if candidate.is_alive():

@@ -19,8 +19,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     max_sessions: int = Field(32, ge=1, description="concurrent episodes (WebSocket sessions)")
-    pool_size: int = Field(2, ge=0, description="warm kernels kept ready per policy")
-    grader_stash: int = Field(2, ge=0, description="kernels kept for the next one-shot grading, per policy")
+    pool_size: int = Field(2, ge=0, description="warm kernels kept ready per policy (recycled ones: up to twice that)")
+    grader_stash: int = Field(2, ge=0, description="kernels kept for the next one-shot grading, per policy and tenant")
     session_timeout_s: float | None = Field(600.0, gt=0, description="close sessions idle this long "
                                             "(no request; keepalive pings do not count); None: never")
     max_message_bytes: int = Field(16 << 20, ge=1024, description="largest accepted WS/HTTP message")

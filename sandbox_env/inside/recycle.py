@@ -71,9 +71,10 @@ def recycle(sup: Supervisor) -> dict[str, Any]:
     if not findings:
         findings = left_behind(sup.folders)
     if not findings:
+        sup.cpu_used = 0.0  # the CPU budget is per episode: the next worker's limit starts from it
         findings = fresh_worker(sup)
     if not findings:
-        sup.cpu_used, sup.oom_seen = 0.0, sup.oom_kills()  # the CPU budget is per episode
+        sup.oom_seen = sup.oom_kills()
     return {"clean": not findings, "findings": sorted(set(findings))}
 
 

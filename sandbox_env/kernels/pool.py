@@ -88,11 +88,14 @@ class KernelPool:
         return await self._start_one()
 
     def _take(self, owner: str) -> Kernel | None:
-        for entry in self._ready:
-            if entry[1] in (None, owner):
-                self._ready.remove(entry)
-                return entry[0]
-        return None
+        """`owner`'s newest recycled kernel, else the oldest never used: those can serve anyone."""
+        mine = [entry for entry in self._ready if entry[1] == owner]
+        fresh = [entry for entry in self._ready if entry[1] is None]
+        entry = mine[-1] if mine else fresh[0] if fresh else None
+        if entry is None:
+            return None
+        self._ready.remove(entry)
+        return entry[0]
 
     def release(self, kernel: Kernel, owner: str = "") -> None:
         """Take back a kernel whose episode (of `owner`) is over; never waits: it is recycled in

@@ -198,6 +198,17 @@ async def test_nothing_of_the_last_episode_is_in_the_next_workers_memory(pools: 
     assert counts["printed"] == counts["hidden"] == counts["none"], counts
 
 
+async def test_the_next_episode_gets_the_whole_cpu_budget(pools: PoolFactory) -> None:
+    """`cpu_time_s` is an episode's budget: a recycled sandbox starts it again."""
+    pool = await pools(cpu_time_s=2)
+    burn = "import time\nwhile time.process_time() < 1.5:\n    pass\nprint('done')"
+    kernel, _ = await play(pool, burn, "done\n")
+    again = await pool.acquire()
+    assert again is kernel, pool.refusals
+    step = await again.execute(burn)  # with the last episode's remainder (0.5 s), killed at 1 s
+    assert step.status is ExecStatus.OK and step.stdout == "done\n", step
+
+
 @pytest.mark.parametrize("leftover", LEFTOVERS)
 async def test_a_leftover_refuses_the_sandbox(pools: PoolFactory, docker_client: Any, caplog: pytest.LogCaptureFixture,
                                               leftover: str) -> None:

@@ -135,20 +135,28 @@ async def test_one_shot_grading_reuses_a_stashed_kernel(managers: Factory) -> No
     manager = await managers(grader_stash=1)
     first = await manager.grade(SQUARE, GOOD)
     assert (first.status, first.reward) == ("graded", 1.0)
-    stashed = manager._graders["default"]
+    stashed = manager._graders["default", ""]
     assert len(stashed) == 1 and manager.grading == 0
     kernel = stashed[0]
     again = await manager.grade(SQUARE, "def square(x):\n    return x\n", reward="fraction")
-    assert again.reward == 0.0 and manager._graders["default"] == [kernel]  # the same kernel, graded again
+    assert again.reward == 0.0 and manager._graders["default", ""] == [kernel]  # the same kernel, graded again
     kernel.crash()  # died in the stash: closed, and a fresh one grades
     assert (await manager.grade(SQUARE, GOOD)).reward == 1.0
-    assert manager._graders["default"][0] is not kernel and not kernel.is_alive()
+    assert manager._graders["default", ""][0] is not kernel and not kernel.is_alive()
+
+
+async def test_a_stashed_kernel_grades_only_for_its_owner(managers: Factory) -> None:
+    manager = await managers(grader_stash=1)
+    assert (await manager.grade(SQUARE, GOOD, owner="alice")).reward == 1.0
+    kernel = manager._graders["default", "alice"][0]
+    assert (await manager.grade(SQUARE, GOOD, owner="bob")).reward == 1.0
+    assert manager._graders["default", "alice"] == [kernel] and manager._graders["default", "bob"][0] is not kernel
 
 
 async def test_no_stash_and_infrastructure_failures(managers: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
     manager = await managers(grader_stash=0)
     assert (await manager.grade(SQUARE, GOOD)).reward == 1.0
-    assert manager._graders["default"] == []
+    assert manager._graders["default", ""] == []
 
     async def broken(self: FakeKernel, source: str, **_: Any) -> Any:
         raise KernelDiedError("the sandbox fell over")
@@ -156,7 +164,7 @@ async def test_no_stash_and_infrastructure_failures(managers: Factory, monkeypat
     monkeypatch.setattr(FakeKernel, "run_program", broken)
     failed = await manager.grade(SQUARE, GOOD)
     assert (failed.status, failed.reward, failed.retryable) == ("infra_error", None, True)
-    assert manager._graders["default"] == []
+    assert manager._graders["default", ""] == []
 
 
 async def test_grading_limits(managers: Factory) -> None:
