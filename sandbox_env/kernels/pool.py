@@ -28,6 +28,9 @@ class KernelPool:
     parallel starts would starve the kernels that are executing steps. A kernel being recycled
     counts as one coming: it takes milliseconds, a start hundreds of them, so the refill waits
     for it, and so does `acquire` when nothing is ready for its owner but a recycle is under way.
+    Each `acquire` that had to wait or start cold lets the refill aim one kernel higher (at most
+    `size` higher): back-to-back episodes get enough kernels in circulation that one is ready
+    while the last ones recycle.
     """
 
     def __init__(self, factory: Callable[[], Kernel], size: int) -> None:
@@ -42,6 +45,7 @@ class KernelPool:
         self._returning: set[asyncio.Task[None]] = set()  # kernels taken back: recycled, then kept or closed
         self._recycling: dict[asyncio.Task[None], str] = {}  # those not yet recycled, and their owners
         self._returned = asyncio.Event()  # set whenever a recycle is done, kept or not
+        self._short = 0  # kernels the refill adds to `size`: acquires found none ready
         self.handed_out: Counter[str] = Counter()  # "fresh" (never used) or "recycled"
         self.refusals: Counter[str] = Counter()  # why kernels were closed instead of recycled
 
@@ -72,6 +76,7 @@ class KernelPool:
                 raise KernelError("kernel pool is closed")
             kernel = self._take(owner)
             if kernel is None:
+                self._short = min(self._short + 1, self.size)
                 if owner not in self._recycling.values():
                     break
                 self._returned.clear()
@@ -154,7 +159,7 @@ class KernelPool:
     async def _refill_loop(self) -> None:
         failures = 0
         while not self._closed:
-            if len(self._ready) + len(self._recycling) >= self.size:
+            if len(self._ready) + len(self._recycling) >= self.size + self._short:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
@@ -165,7 +170,7 @@ class KernelPool:
                 log.exception("warm pool could not start a kernel (attempt %d)", failures)
                 await asyncio.sleep(min(30.0, 0.5 * 2**failures))
                 continue
-            failures = 0
+            failures, self._short = 0, max(0, self._short - 1)
             if self._closed:
                 await kernel.close()
                 return

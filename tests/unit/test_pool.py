@@ -188,8 +188,19 @@ async def test_acquire_waits_for_a_recycle_rather_than_starting_cold(recycling: 
     pool = await recycling.pool(delay=0.05)
     first = await pool.acquire()
     pool.release(first)  # recycling for 50 ms; nothing else is ready
-    assert await pool.acquire() is first
-    assert pool.cold_starts == 0 and len(recycling.made) == 1  # no refill either: it was coming
+    assert await pool.acquire() is first and pool.cold_starts == 0
+
+
+async def test_a_pool_that_runs_short_grows_up_to_twice_its_size(recycling: Recycling) -> None:
+    pool = await recycling.pool(delay=0.02)
+    kernel = await pool.acquire()
+    for _ in range(30):  # back-to-back episodes: each takes the next kernel, hands back the last
+        following = await pool.acquire()
+        pool.release(kernel)
+        kernel = following
+        await asyncio.sleep(0.005)
+    await until(lambda: pool.ready_count + pool.returning >= 2)
+    assert pool.cold_starts <= 1 and 2 <= len(recycling.made) <= 3, (pool.cold_starts, len(recycling.made))
 
 
 async def test_a_recycled_kernel_goes_only_to_its_last_owner(recycling: Recycling) -> None:
