@@ -3,10 +3,12 @@ a `recycle` request (Docker).
 
 The rule is conservative: a sandbox is recycled only when its episode left nothing behind but its
 worker's namespace. So what the episode could have left is looked for first, in this order:
-while its processes still run, the zygote's state, the supervisor's, an OOM kill, the worker's
+while its processes still run, the zygote killed, stopped or replaced, an OOM kill, the worker's
 environment; with everything stopped (nothing forks in between), any process but the worker;
-once everything but the supervisor and the zygote is killed, any file in a scratch folder, any
-System V IPC object, a scratch folder's changed mode or extended attributes. A single finding
+once everything but the supervisor and the zygote is killed (so that nothing can change them
+after the look), the zygote's and the supervisor's limits, priority and CPUs, any file in a
+scratch folder, any System V IPC object, a scratch folder's changed mode or extended attributes.
+A single finding
 refuses the sandbox, and the server removes the container: nothing is wiped, since a sandbox is
 recycled only when there is nothing to wipe. Then a fresh worker is forked from the zygote (which
 never held anything of an episode) and checked in turn: only it, the zygote and the supervisor
@@ -69,7 +71,7 @@ def recycle(sup: Supervisor) -> dict[str, Any]:
         findings = stopped_processes(sup)
         sup.kill_everything()
     if not findings:
-        findings = left_behind(sup.folders)
+        findings = left_behind(sup)
     if not findings:
         sup.cpu_used = 0.0  # the CPU budget is per episode: the next worker's limit starts from it
         findings = fresh_worker(sup)
@@ -79,16 +81,12 @@ def recycle(sup: Supervisor) -> dict[str, Any]:
 
 
 def while_running(sup: Supervisor) -> list[str]:
-    """The zygote killed, replaced, stopped or with other limits, priority or CPUs than the
-    supervisor had at start; the supervisor's own changed; an OOM kill; the worker's environment
-    changed (it says so itself: a lie can only hide a change that dies with it)."""
+    """The zygote killed, replaced or stopped (looked at before this recycle stops and resumes
+    it); an OOM kill; the worker's environment changed (it says so itself: a lie can only hide a
+    change that dies with it)."""
     zygote = sup.zygote
     if not zygote.pid or zygote.pid != zygote.first or stat_field(zygote.pid, 0) not in ("S", "R", "D"):
         return ["zygote"]
-    if process_state(zygote.pid) != sup.baseline:
-        return ["zygote"]
-    if process_state(os.getpid()) != sup.baseline:
-        return ["limits"]
     if (sup.oom_kills() or 0) > (sup.oom_seen or 0):
         return ["oom"]
     if not sup.worker or sup.reap() is not None:
@@ -108,10 +106,14 @@ def stopped_processes(sup: Supervisor) -> list[str]:
     return ["process"] if set(live_pids()) - expected else []
 
 
-def left_behind(folders: dict[str, Any]) -> list[str]:
-    """With nothing of the episode alive: files, IPC objects, changed scratch folders."""
-    found = [f"file:{top}" for top in SCRATCH_DIRS if listing(top)]
-    found += [f"folder:{top}" for top in SCRATCH_DIRS if folder_state(top) != folders.get(top)]
+def left_behind(sup: Supervisor) -> list[str]:
+    """With nothing of the episode alive: the zygote or the supervisor with other limits,
+    priority, CPUs or scheduling than the supervisor had at start (the next worker is forked from
+    the zygote), files, IPC objects, changed scratch folders."""
+    found = [] if process_state(sup.zygote.pid) == sup.baseline else ["zygote"]
+    found += [] if process_state(os.getpid()) == sup.baseline else ["limits"]
+    found += [f"file:{top}" for top in SCRATCH_DIRS if listing(top)]
+    found += [f"folder:{top}" for top in SCRATCH_DIRS if folder_state(top) != sup.folders.get(top)]
     for kind, _ in SYSV_IPC:
         try:
             with open(f"/proc/sysvipc/{kind}") as f:

@@ -34,6 +34,11 @@ ZYGOTE = ("import os\nzygote = [p for p in map(int, filter(str.isdigit, os.listd
 SETTLES = ("import time\nfor _ in range(1000):\n"
            "    if open(f'/proc/{{zygote}}/stat').read().rsplit(')', 1)[1].split()[0] == '{state}':\n"
            "        print('planted')\n        break\n    time.sleep(0.01)\n")
+# ... or does it only once the recycle has begun: when the worker answers the supervisor's question
+# about its environment (the episode's code may rewrite the worker's own reply path).
+DURING = ("import os, resource, sys\nworker = sys.modules['sandbox_env.inside.worker']\nreply = worker.write_frame\n"
+          "def tamper(fd, message):\n    if 'environ' in message:\n        {tamper}\n    reply(fd, message)\n"
+          "worker.write_frame = tamper\nprint('planted')")
 LIBC = "import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
 # (what an episode does, the finding the supervisor must report). Each prints "planted" once done.
 LEFTOVERS = {
@@ -60,7 +65,11 @@ LEFTOVERS = {
     "zygote's nice value": (ZYGOTE + "os.setpriority(os.PRIO_PROCESS, zygote, 10)\nprint('planted')", "zygote"),
     "zygote stopped": (ZYGOTE + "import signal\nos.kill(zygote, signal.SIGSTOP)\n" + SETTLES.format(state="T"), "zygote"),
     "zygote killed": (ZYGOTE + "import signal\nos.kill(zygote, signal.SIGKILL)\n" + SETTLES.format(state="Z"), "zygote"),
+    "zygote's rlimit, lowered during the recycle": (ZYGOTE + DURING.format(tamper="resource.prlimit(zygote, resource."
+                                                                          "RLIMIT_NOFILE, (64, 64))"), "zygote"),
     "supervisor's nice value": ("import os\nos.setpriority(os.PRIO_PROCESS, 1, 10)\nprint('planted')", "limits"),
+    "supervisor's nice value, raised during the recycle": (DURING.format(tamper="os.setpriority(os.PRIO_PROCESS, 1, 10)"),
+                                                           "limits"),
     "environment variable": ("import os\nos.environ['PYTHONSTARTUP'] = '/tmp/x.py'\nprint('planted')", "environment"),
     "scratch folder's mode": ("import os\nos.chmod('/workspace', 0o1777)\nprint('planted')", "folder:/workspace"),
     "scratch folder's extended attribute": ("import os\nos.setxattr('/workspace', 'user.note', b'hi')\nprint('planted')",
