@@ -67,6 +67,9 @@ LEFTOVERS = {
     "zygote killed": (ZYGOTE + "import signal\nos.kill(zygote, signal.SIGKILL)\n" + SETTLES.format(state="Z"), "zygote"),
     "zygote's rlimit, lowered during the recycle": (ZYGOTE + DURING.format(tamper="resource.prlimit(zygote, resource."
                                                                           "RLIMIT_NOFILE, (64, 64))"), "zygote"),
+    "daemon started during the recycle": (DURING.format(tamper="os.fork() or os.setsid() or __import__('time').sleep(60)"),
+                                          "process"),
+    "file written during the recycle": (DURING.format(tamper="open('/tmp/late', 'w').close()"), "file:/tmp"),
     "supervisor's nice value": ("import os\nos.setpriority(os.PRIO_PROCESS, 1, 10)\nprint('planted')", "limits"),
     "supervisor's nice value, raised during the recycle": (DURING.format(tamper="os.setpriority(os.PRIO_PROCESS, 1, 10)"),
                                                            "limits"),
