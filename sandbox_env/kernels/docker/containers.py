@@ -131,6 +131,11 @@ def container_events(client: docker.DockerClient, container_id: str, since: floa
             close()
 
 
+def is_paused(client: docker.DockerClient, container_id: str) -> bool:
+    """Paused: only the daemon's clients can do that, never the code inside."""
+    return bool(client.api.inspect_container(container_id).get("State", {}).get("Paused"))
+
+
 def remove_container(client: docker.DockerClient, container_id: str, wait_s: float = 10.0) -> bool:
     """Kill and remove; when the daemon is already auto-removing it, wait until it is gone.
     False when the daemon failed (5xx: say, shutting down) and a later try may succeed;

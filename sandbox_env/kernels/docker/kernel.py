@@ -36,6 +36,7 @@ from sandbox_env.kernels.docker.containers import (
     container_options,
     default_image,
     default_owner,
+    is_paused,
     remove_container,
     server_instance,
 )
@@ -317,10 +318,16 @@ class DockerKernel(Kernel):
         if container is None:
             return True
         try:
-            events = await call_in_pool(container_events, self._client or get_client(), container, since)
+            client = self._client or get_client()
+            events = await call_in_pool(container_events, client, container, since)
+            if any(event.get("Action") in ("kill", "stop", "pause") for event in events):
+                return True
+            # paused before `since` (the request was sent late): no event in the window, still paused
+            return await call_in_pool(is_paused, client, container)
+        except docker.errors.NotFound:
+            return False  # gone: the code brought it down (memory), or the events said so above
         except Exception:  # noqa: BLE001 - the daemon itself is in trouble: infrastructure
             return True
-        return any(event.get("Action") in ("kill", "stop", "pause") for event in events)
 
     async def inspect(self) -> dict[str, Any]:
         info: dict[str, Any] = {"backend": self.name, "kernel_id": self.kernel_id, "image": self.image,
