@@ -195,10 +195,20 @@ _BY_CODE: dict[str, type[SandboxEnvError]] = {
 
 
 def error_from_dict(data: dict[str, Any]) -> SandboxEnvError:
-    """Rebuild an exception from its wire form; unknown codes become `SandboxEnvError`."""
+    """Rebuild an exception from its wire form; unknown codes, and details that do not fit the
+    code's class (a malformed reply), become `SandboxEnvError` with the message kept."""
     code = str(data.get("code", ""))
     message = str(data.get("message", "unknown error"))
     details = {k: v for k, v in data.items() if k not in ("code", "message")}
+    try:
+        return _typed_error(code, message, details)
+    except (TypeError, ValueError):
+        error = SandboxEnvError(message)
+        error.details = {**details, "wire_code": code}
+        return error
+
+
+def _typed_error(code: str, message: str, details: dict[str, Any]) -> SandboxEnvError:
     if code in ("capacity_reached", "CAPACITY_REACHED"):
         return CapacityError(int(details.get("active_sessions", 0)), int(details.get("max_sessions", 0)))
     if code == DrainingError.code:
@@ -206,6 +216,4 @@ def error_from_dict(data: dict[str, Any]) -> SandboxEnvError:
     if code == QuotaError.code:
         return QuotaError(str(details.get("quota", "sessions")), int(details.get("active_sessions", 0)),
                           int(details.get("max_sessions", 0)))
-    cls = _BY_CODE.get(code, SandboxEnvError)
-    err = cls(message, **details)
-    return err
+    return _BY_CODE.get(code, SandboxEnvError)(message, **details)

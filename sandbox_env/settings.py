@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -71,3 +72,10 @@ class Settings(BaseSettings):
                                         "finish; at least the longest step limit of the allowed policies")
     reaper: bool = Field(True, description="a watchdog process that removes the server's containers, "
                          "kernels and work directories within seconds if the server is killed")
+
+    @field_validator("workdir_root")
+    @classmethod
+    def _absolute_workdir_root(cls, value: str | None) -> str | None:
+        """One meaning for the kernels, their sweeps and the reaper: empty is the temp dir, and a
+        relative path would resolve differently in a kernel's sandbox."""
+        return os.path.abspath(value) if value else None

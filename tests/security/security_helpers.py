@@ -45,6 +45,8 @@ SYSCALLS = [line.split('"')[1] for line in PROBE_SOURCE.split("SYSCALLS = {", 1)
 RESULT_MARK = "@@sbx-security-result@@"
 # The machine's own tooling (the shell that runs these sessions): never opened, never written.
 MACHINERY = ["/tmp/bash_jobs", "/tmp/bash_tool_"]
+if sys.prefix != sys.base_prefix:  # a virtualenv (say, under /tmp): the kernels' read-only Python, tens of thousands of files
+    MACHINERY.append(sys.prefix.rstrip("/") + "/")
 RUNTIME_SOCKETS = ["/var/run/docker.sock", "/run/docker.sock", "/run/containerd/containerd.sock",
                    "/run/docker/containerd/containerd.sock", "/var/run/docker/containerd/containerd.sock"]
 RUNTIME_PATHS = ("/run/docker", "/var/run/docker", "/run/containerd", "/var/run/containerd", "/run/docker.sock")

@@ -33,3 +33,12 @@ def test_a_backend_refuses_another_backends_config() -> None:
     assert type(fake(small_policy()).config) is KernelConfig
     with pytest.raises(TypeError, match="KernelConfig"):
         fake(small_policy(), DockerConfig(image="x"))  # its options would be dropped silently
+
+
+@pytest.mark.parametrize(("given", "expected"), [("", None), (None, None), ("rel/dir", None), ("/srv/x", "/srv/x")])
+def test_the_workdir_root_is_absolute_or_none(given: str | None, expected: str | None, monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: object) -> None:
+    monkeypatch.chdir(str(tmp_path))
+    root = JupyterConfig.from_settings(Settings(workdir_root=given, auth=False)).workdir_root
+    # an empty value once reached mkdtemp(dir=""): relative kernel folders, and no kernel started
+    assert root == (f"{tmp_path}/rel/dir" if given == "rel/dir" else expected)

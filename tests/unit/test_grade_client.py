@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from sandbox_env.client.grading import post_grade
-from sandbox_env.errors import ClientError, QuotaError
+from sandbox_env.errors import ClientError, QuotaError, SandboxEnvError
 from sandbox_env.models import GradeRequest
 
 GRADED = {"task_id": "t", "status": "graded", "reward": 1.0, "passed": 1, "total": 1, "tests": []}
@@ -44,6 +44,9 @@ def test_the_model_refuses_what_the_server_would() -> None:
     (httpx.Response(429, json={"detail": QuotaError("gradings", 2, 2).to_dict()}), QuotaError, 429),
     (httpx.Response(502, text="bad gateway"), ClientError, 502),
     (httpx.Response(200, json={"not": "a grading"}), ClientError, 200),
+    # details that do not fit the code's class: still an error with its status, for the harness to sort
+    (httpx.Response(503, json={"detail": {"code": "draining", "active_sessions": "n/a"}}), SandboxEnvError, 503),
+    (httpx.Response(403, json={"detail": {"code": "kernel_error", "self": 1}}), SandboxEnvError, 403),
 ])
 async def test_every_answered_error_carries_its_status(reply: httpx.Response, kind: type, status: int) -> None:
     async with client(httpx.MockTransport(lambda request: reply)) as http:

@@ -130,12 +130,18 @@ def container_events(client: docker.DockerClient, container_id: str, since: floa
 
 
 def stopped_from_outside(client: docker.DockerClient, container_id: str, since: float) -> bool:
-    """The daemon logged a kill, stop or pause of the container since `since` (or cannot say)."""
+    """The daemon logged a kill, stop or pause of the container since `since`, or it is paused
+    now (only the daemon's clients can pause it: a pause before `since` logs nothing in the
+    window), or the daemon cannot say."""
     try:
         events = container_events(client, container_id, since)
+        if any(event.get("Action") in ("kill", "stop", "pause") for event in events):
+            return True
+        return bool(client.api.inspect_container(container_id).get("State", {}).get("Paused"))
+    except docker.errors.NotFound:
+        return False  # gone with no kill logged: the code brought it down (memory)
     except Exception:  # noqa: BLE001 - the daemon itself is in trouble: infrastructure
         return True
-    return any(event.get("Action") in ("kill", "stop", "pause") for event in events)
 
 
 def death_status(client: docker.DockerClient, container_id: str) -> tuple[ExecStatus, int]:
