@@ -207,7 +207,7 @@ class Episode:
             return
         self._closed = True
         kernel, self._kernel = self._kernel, None
-        if kernel is not None and self._release is not None:
+        if kernel is not None and self._release is not None and kernel.recycles:
             self._release(kernel)
         elif kernel is not None:
             await kernel.close()
@@ -215,7 +215,7 @@ class Episode:
 
     def _let_go(self, kernel: Kernel) -> None:
         """Hand a kernel back to its pool, or close it in the background."""
-        if self._release is not None:
+        if self._release is not None and kernel.recycles:
             self._release(kernel)
             return
         self._closing.add(asyncio.create_task(kernel.close()))

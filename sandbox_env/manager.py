@@ -238,8 +238,10 @@ class EpisodeManager:
             await kernel.close()
         elif len(stash) < self.settings.grader_stash:
             stash.append(kernel)
-        else:
+        elif kernel.recycles:
             self._release(kernel, owner)
+        else:
+            await kernel.close()
         return result
 
     def find(self, key: str, owner: str | None) -> list[Episode]:

@@ -66,6 +66,9 @@ class Kernel(abc.ABC):
     # What of the contract this backend fulfils. The default claims all of it, so a new backend is
     # held to the whole suite unless it says otherwise.
     capabilities: ClassVar[frozenset[str]] = ALL_CAPABILITIES
+    # Whether `recycle` can ever succeed. Kernels that cannot are closed as before, not handed to
+    # their pool: an episode's close still waits for them (nothing of the episode outlives it).
+    recycles: ClassVar[bool] = False
     config_class: ClassVar[type[KernelConfig]] = KernelConfig
 
     def __init__(self, policy: Policy, config: KernelConfig | None = None) -> None:

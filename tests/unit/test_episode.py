@@ -19,6 +19,7 @@ from sandbox_env.errors import (
     PolicyNotFoundError,
 )
 from sandbox_env.grading.tasks import Task, parse_task
+from sandbox_env.kernels.fake import FakeKernel
 from sandbox_env.models import CodeAction, ExecStatus, Grading
 
 SQUARE = parse_task({"id": "square", "prompt": "Write square(x).", "timeout_s": 1, "tests": {
@@ -71,7 +72,9 @@ async def test_a_reset_takes_a_fresh_kernel_and_closes_the_old_one(kernels: Kern
     await ep.close()  # idempotent
 
 
-async def test_kernels_done_with_go_back_through_release_without_waiting(kernels: KernelSource) -> None:
+async def test_kernels_done_with_go_back_through_release_without_waiting(kernels: KernelSource,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(FakeKernel, "recycles", True)  # as a backend that can recycle (Docker)
     released: list[Any] = []
     ep = episode(kernels, release=released.append)
     await ep.reset()
@@ -89,6 +92,14 @@ async def test_a_kernel_that_failed_is_closed_not_released(kernels: KernelSource
     with pytest.raises(KernelDiedError):
         await ep.step(CodeAction(code="print(1)"))
     await ep.close()
+    assert released == [] and not kernels.handed[0].is_alive()
+
+
+async def test_a_kernel_that_cannot_recycle_is_closed_by_the_episode(kernels: KernelSource) -> None:
+    released: list[Any] = []
+    ep = episode(kernels, release=released.append)
+    await ep.reset()
+    await ep.close()  # waits for the kernel, as before recycling existed
     assert released == [] and not kernels.handed[0].is_alive()
 
 

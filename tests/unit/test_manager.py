@@ -65,8 +65,10 @@ async def test_sessions_up_to_the_limit(managers: Factory) -> None:
     assert throwaway.closed and manager.active == 1
 
 
-async def test_closed_episodes_hand_their_kernels_to_the_pool(managers: Factory) -> None:
-    """The fake backend cannot recycle: its kernels are closed by the pool, and counted."""
+async def test_closed_episodes_hand_their_kernels_to_the_pool(managers: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend that says it recycles gets its kernels back through the pool; the fake's recycle
+    then refuses (unsupported): closed by the pool, and counted."""
+    monkeypatch.setattr(FakeKernel, "recycles", True)
     manager = await managers()
     episode = await manager.open_episode("alice")
     await episode.reset()

@@ -57,6 +57,7 @@ class DockerKernel(Kernel):
     """A stateful Python interpreter in its own hardened container."""
 
     name = "docker"
+    recycles = True
 
     config_class = DockerConfig
     config: DockerConfig
