@@ -40,7 +40,7 @@ ANSWER_S = 2.0  # an idle worker answers in milliseconds; one that does not is a
 FINDINGS = frozenset({
     "zygote", "limits", "oom", "worker", "environment", "process",
     *(f"file:{top}" for top in SCRATCH_DIRS), *(f"folder:{top}" for top in SCRATCH_DIRS),
-    *(f"ipc:{kind}" for kind, _ in SYSV_IPC),
+    *(f"ipc:{kind}" for kind, _ in SYSV_IPC), "zombie", "network",
     "fresh:worker", "fresh:process", "fresh:environment", "fresh:namespace", "fresh:module_path",
 })
 
@@ -71,7 +71,7 @@ def recycle(sup: Supervisor) -> dict[str, Any]:
         findings = stopped_processes(sup)
         sup.kill_everything()
     if not findings:
-        findings = left_behind(sup)
+        findings = left_behind(sup) or reset_times()
     if not findings:
         sup.cpu_used = 0.0  # the CPU budget is per episode: the next worker's limit starts from it
         findings = fresh_worker(sup)
@@ -112,6 +112,9 @@ def left_behind(sup: Supervisor) -> list[str]:
     the zygote), files, IPC objects, changed scratch folders."""
     found = [] if process_state(sup.zygote.pid) == sup.baseline else ["zygote"]
     found += [] if process_state(os.getpid()) == sup.baseline else ["limits"]
+    # zombies too: one the zygote does not reap (a program's CLONE_PARENT child) holds a pid for good
+    found += ["zombie"] if set(all_pids()) - {1, os.getpid(), sup.zygote.pid} else []
+    found += ["network"] if sockets_left() else []
     found += [f"file:{top}" for top in SCRATCH_DIRS if listing(top)]
     found += [f"folder:{top}" for top in SCRATCH_DIRS if folder_state(top) != sup.folders.get(top)]
     for kind, _ in SYSV_IPC:
@@ -121,6 +124,43 @@ def left_behind(sup: Supervisor) -> list[str]:
                     found.append(f"ipc:{kind}")
         except OSError:
             continue
+    return found
+
+
+NET_TABLES = ("tcp", "tcp6", "udp", "udp6", "raw", "raw6")  # unix sockets die with their processes
+
+
+def sockets_left() -> bool:
+    """Any inet socket in the container's network namespace with nothing of the episode alive:
+    TIME_WAIT lasts a minute, keeps ports taken and its ports and counters carry data."""
+    for table in NET_TABLES:
+        try:
+            with open(f"/proc/net/{table}") as f:
+                if f.read().count("\n") > 1:  # a header line, then one line per socket
+                    return True
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return True
+    return False
+
+
+def all_pids() -> list[int]:
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+
+
+def reset_times() -> list[str]:
+    """The scratch folders' timestamps, which episode code sets at will (64 bits each): the
+    workspace's to 0 (the supervisor owns it), the others' to now (all their write permission
+    allows); a folder whose times cannot be reset is a finding."""
+    found = []
+    for top in SCRATCH_DIRS:
+        try:
+            os.utime(top, ns=(0, 0)) if top == WORKSPACE else os.utime(top)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            found.append(f"folder:{top}")
     return found
 
 

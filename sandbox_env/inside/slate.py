@@ -123,15 +123,38 @@ def ioprio(pid: int) -> int | None:
         return None
 
 
+SCHED_GETATTR = {"x86_64": 315, "aarch64": 275}
+SCHED_ATTR_SIZE = 56  # struct sched_attr with the utilization clamps
+
+
+def sched_attr(pid: int) -> bytes | None:
+    """The whole struct sched_attr: beside the policy and nice value, the time slice
+    (sched_runtime, EEVDF) and the clamps, which sched_setattr changes and forks inherit."""
+    try:
+        import ctypes
+
+        number = SCHED_GETATTR.get(os.uname().machine)
+        if number is None:
+            return None
+        buffer = ctypes.create_string_buffer(SCHED_ATTR_SIZE)
+        if ctypes.CDLL(None, use_errno=True).syscall(number, pid, buffer, SCHED_ATTR_SIZE, 0) != 0:
+            return None
+        return buffer.raw[4:]  # without the size field the kernel fills in
+    except (ImportError, OSError, AttributeError):
+        return None
+
+
 def process_state(pid: int) -> tuple[Any, ...] | None:
     """What same-uid code can change in another process and its forks inherit, but cannot always
-    undo (a lowered hard limit, a higher nice value, SCHED_IDLE, an idle I/O class): the rlimits,
-    the nice value, the CPUs, the scheduling policy and priority, the I/O priority."""
+    undo (a lowered hard limit, a higher nice value, SCHED_IDLE, an idle I/O class, a time slice):
+    the rlimits, the nice value, the CPUs, the scheduling policy, priority and attributes, the I/O
+    priority."""
     try:
         with open(f"/proc/{pid}/limits") as f:
             limits = f.read()
         return (limits, os.getpriority(os.PRIO_PROCESS, pid), sorted(os.sched_getaffinity(pid)),
-                os.sched_getscheduler(pid), os.sched_getparam(pid).sched_priority, ioprio(pid))
+                os.sched_getscheduler(pid), os.sched_getparam(pid).sched_priority, ioprio(pid),
+                sched_attr(pid))
     except OSError:
         return None
 

@@ -80,8 +80,10 @@ def serve(sock: Any) -> None:
         if not warm:  # before a worker too: every recycled episode then starts from the same state
             warm = True
             warm_up()
+        reap_strays()
         if message.startswith(WORKER):
             start_worker(sock, fds, message)
+            reap_strays()
             continue
         pid = os.fork()
         if pid == 0:
@@ -90,8 +92,22 @@ def serve(sock: Any) -> None:
             os.close(fd)
         sock.send(b"%d" % pid)
         _, status, usage = os.wait4(pid, 0)
+        reap_strays()
         code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.waitstatus_to_exitcode(status)
         sock.send(EXIT.pack(code, usage.ru_utime + usage.ru_stime))
+
+
+def reap_strays() -> None:
+    """Children the zygote did not fork itself (a program's clone(CLONE_PARENT) makes them its
+    siblings): reaped whenever no child of its own is due, or their zombies would hold the pids
+    limit for the container's later programs and episodes."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
 
 
 def start_worker(sock: Any, fds: list[int], message: bytes) -> None:

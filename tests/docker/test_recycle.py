@@ -75,6 +75,14 @@ LEFTOVERS = {
                                                            "limits"),
     "environment variable": ("import os\nos.environ['PYTHONSTARTUP'] = '/tmp/x.py'\nprint('planted')", "environment"),
     "scratch folder's mode": ("import os\nos.chmod('/workspace', 0o1777)\nprint('planted')", "folder:/workspace"),
+    # TIME_WAIT outlives every process by a minute: ports taken, and data in the ports and counters
+    "loopback socket in TIME_WAIT": ("import socket\ns = socket.socket()\ns.bind(('127.0.0.1', 0))\ns.listen()\n"
+                                     "c = socket.create_connection(s.getsockname())\na, _ = s.accept()\na.close()\n"
+                                     "c.close()\ns.close()\nprint('planted')", "network"),
+    # the EEVDF time slice (sched_runtime): not a nice value or policy, but inherited all the same
+    "zygote's time slice": (ZYGOTE + LIBC + "import struct\nattr = struct.pack('IIQiIQQQ', 48, 0, 0, 0, 0, 100_000_000, 0, 0)\n"
+                            "print('planted' if libc.syscall(314, zygote, ctypes.c_char_p(attr), 0) == 0 else ctypes.get_errno())",
+                            "zygote"),
     "scratch folder's extended attribute": ("import os\nos.setxattr('/workspace', 'user.note', b'hi')\nprint('planted')",
                                             "folder:/workspace"),
 }
@@ -232,6 +240,38 @@ async def test_a_leftover_refuses_the_sandbox(pools: PoolFactory, docker_client:
     assert f"'{finding}'" in caplog.text, caplog.text  # the check that caught it
     assert gone(docker_client, container) and not kernel.is_alive()
     assert (await pool.acquire()).container_id != container
+
+
+# A program (the zygote's child, as a grader is) gives the zygote children of its own with
+# clone(CLONE_PARENT): exited, they stay zombies unless the zygote reaps them, each holding a pid.
+SIBLINGS = (LIBC + "import time\nfor _ in range(20):\n    if libc.syscall(56, 0x8000 | 17, 0, 0, 0, 0) == 0:\n"
+            "        os._exit(0)\ntime.sleep(0.3)\nprint('planted')")  # 56: clone; CLONE_PARENT | SIGCHLD
+ZOMBIES = ("import os\nprint(sum(open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[0] == 'Z'\n"
+           "          for p in filter(str.isdigit, os.listdir('/proc'))))")
+
+
+async def test_a_programs_zombie_siblings_never_reach_the_next_episode(pools: PoolFactory) -> None:
+    pool = await pools()
+    kernel = await pool.acquire()
+    program = await kernel.run_program(SIBLINGS, timeout_s=10)
+    assert program.stdout == "planted\n", program
+    pool.release(kernel)
+    await settled(pool)
+    again = await pool.acquire()  # recycled (the zygote reaped them) or another container
+    assert (await again.execute(ZOMBIES)).stdout == "0\n"
+    forks = await again.execute("import os, time\npids = []\nfor _ in range(20):\n    pid = os.fork()\n"
+                                "    if pid == 0:\n        time.sleep(1)\n        os._exit(0)\n    pids.append(pid)\n"
+                                "for pid in pids:\n    os.waitpid(pid, 0)\nprint('forked')")
+    assert forks.stdout == "forked\n", forks  # 20 at once: the pids limit (32) is the episode's whole
+
+
+async def test_the_scratch_folders_times_start_again(pools: PoolFactory) -> None:
+    pool = await pools()
+    kernel, _ = await play(pool, "import os\nos.utime('/workspace', ns=(0xdeadbeef12345, 0xdeadbeef12345))")
+    again = await pool.acquire()
+    assert again is kernel, pool.refusals  # else this proves nothing about a recycled sandbox
+    seen = await again.execute("import os\nprint(os.stat('/workspace').st_mtime_ns)")
+    assert seen.stdout == "0\n", seen
 
 
 async def test_a_module_written_for_the_next_episode_refuses_the_sandbox(pools: PoolFactory, docker_client: Any,
