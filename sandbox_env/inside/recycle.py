@@ -110,11 +110,12 @@ def left_behind(sup: Supervisor) -> list[str]:
     """With nothing of the episode alive: the zygote or the supervisor with other limits,
     priority, CPUs or scheduling than the supervisor had at start (the next worker is forked from
     the zygote), files, IPC objects, changed scratch folders."""
+    sup.reap_orphans()  # the worker's children it did not wait for: zombies of ours, not leftovers
     found = [] if process_state(sup.zygote.pid) == sup.baseline else ["zygote"]
     found += [] if process_state(os.getpid()) == sup.baseline else ["limits"]
     # zombies too: one the zygote does not reap (a program's CLONE_PARENT child) holds a pid for good
     found += ["zombie"] if set(all_pids()) - {1, os.getpid(), sup.zygote.pid} else []
-    found += ["network"] if sockets_left() else []
+    found += ["network"] if sockets_left(sup.unix_sockets) else []
     found += [f"file:{top}" for top in SCRATCH_DIRS if listing(top)]
     found += [f"folder:{top}" for top in SCRATCH_DIRS if folder_state(top) != sup.folders.get(top)]
     for kind, _ in SYSV_IPC:
@@ -127,12 +128,14 @@ def left_behind(sup: Supervisor) -> list[str]:
     return found
 
 
-NET_TABLES = ("tcp", "tcp6", "udp", "udp6", "raw", "raw6")  # unix sockets die with their processes
+NET_TABLES = ("tcp", "tcp6", "udp", "udp6", "raw", "raw6")
 
 
-def sockets_left() -> bool:
-    """Any inet socket in the container's network namespace with nothing of the episode alive:
-    TIME_WAIT lasts a minute, keeps ports taken and its ports and counters carry data."""
+def sockets_left(unix_at_start: set[str]) -> bool:
+    """Any inet socket in the container's network namespace with nothing of the episode alive
+    (TIME_WAIT lasts a minute, keeps ports taken, and its ports carry data), or any unix socket
+    but the supervisor's own: sockets sent into their own queue (SCM_RIGHTS, a cycle nothing
+    holds) outlive every process, with their names and whatever files they carry."""
     for table in NET_TABLES:
         try:
             with open(f"/proc/net/{table}") as f:
@@ -142,7 +145,16 @@ def sockets_left() -> bool:
             continue
         except OSError:
             return True
-    return False
+    return bool(unix_sockets() - unix_at_start)
+
+
+def unix_sockets() -> set[str]:
+    """The inodes of the unix sockets in the container's network namespace ("?": unreadable)."""
+    try:
+        with open("/proc/net/unix") as f:
+            return {fields[6] for fields in (line.split() for line in f.read().splitlines()[1:]) if len(fields) > 6}
+    except OSError:
+        return {"?"}
 
 
 def all_pids() -> list[int]:

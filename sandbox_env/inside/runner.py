@@ -32,7 +32,7 @@ import time
 from sandbox_env.inside.bounded import BoundedOutput
 from sandbox_env.inside.bundle import rebundle
 from sandbox_env.inside.procs import CHUNK, exchange, set_dumpable
-from sandbox_env.inside.recycle import folder_states, recycle
+from sandbox_env.inside.recycle import folder_states, recycle, unix_sockets
 from sandbox_env.inside.slate import WORKSPACE, count_processes, kill_all_but, others_alive, process_state, wipe, wipe_ipc
 from sandbox_env.inside.untrusted import step_fields, variables
 from sandbox_env.inside.wire import HEADER, KEY_SIZE, Anomaly, Channel, decode, read_frame, read_raw, write_frame
@@ -94,6 +94,7 @@ class Supervisor:
         except OSError:
             pass
         self.folders = folder_states()  # what a recycle must find them as
+        self.unix_sockets = unix_sockets()  # ours and the zygote's: any other left is an episode's
         self.spawn()
 
     def spawn(self, from_zygote: bool = False) -> bool:

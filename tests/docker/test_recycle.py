@@ -79,6 +79,13 @@ LEFTOVERS = {
     "loopback socket in TIME_WAIT": ("import socket\ns = socket.socket()\ns.bind(('127.0.0.1', 0))\ns.listen()\n"
                                      "c = socket.create_connection(s.getsockname())\na, _ = s.accept()\na.close()\n"
                                      "c.close()\ns.close()\nprint('planted')", "network"),
+    # sockets sent into their own queue: garbage nothing holds, alive after every process, names listed
+    "unix sockets in flight": ("import array, socket\nnamed = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+                               "named.bind(b'\\0left-by-the-last-episode')\n"
+                               "a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+                               "a.sendmsg([b'!'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, "
+                               "array.array('i', [a.fileno(), b.fileno(), named.fileno()]))])\n"
+                               "for each in (a, b, named):\n    each.detach()\nprint('planted')", "network"),
     # the EEVDF time slice (sched_runtime): not a nice value or policy, but inherited all the same
     "zygote's time slice": (ZYGOTE + LIBC + "import struct\nattr = struct.pack('IIQiIQQQ', 48, 0, 0, 0, 0, 100_000_000, 0, 0)\n"
                             "print('planted' if libc.syscall(314, zygote, ctypes.c_char_p(attr), 0) == 0 else ctypes.get_errno())",
