@@ -182,6 +182,11 @@ class JupyterKernel(Kernel):
                 cur.proc.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 await asyncio.to_thread(cur.proc.wait, 5)  # reap it before removing its cgroups
+        if cur.holder is not None:
+            with contextlib.suppress(OSError):
+                cur.holder.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(cur.holder.wait, 5)
         if cur.relay is not None:
             with contextlib.suppress(OSError):
                 cur.relay.kill()
