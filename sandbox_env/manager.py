@@ -30,6 +30,7 @@ from sandbox_env.grading.tasks import (
     test_count,
 )
 from sandbox_env.kernels.base import Kernel
+from sandbox_env.kernels.demand import MB, MemoryBudget, StartLatency
 from sandbox_env.kernels.pool import KernelPool
 from sandbox_env.kernels.registry import load_kernel_class
 from sandbox_env.models import Grading
@@ -51,6 +52,7 @@ class EpisodeManager:
         self.default_policy: Policy = load_policy(self.settings.policy)
         self.episodes: dict[int, Episode] = {}
         self._pools: dict[str, KernelPool] = {}
+        self.pool_budget = MemoryBudget(self.settings.pool_memory_mb * MB)  # shared by every policy's pool
         self._policies: dict[str, Policy] = {self.default_policy.name: self.default_policy}
         self._reaper: asyncio.Task[None] | None = None
         self.draining = False
@@ -265,9 +267,17 @@ class EpisodeManager:
         return self._policies[name]
 
     def pool_stats(self) -> dict[str, dict[str, int]]:
-        return {name: {"ready": p.ready_count, "size": p.size, "cold_starts": p.cold_starts, "returning": p.returning,
+        """Per policy: kernels ready, in use, the pool's target (`size`: its floor), hand-outs;
+        `kernel_bytes`: what one ready kernel is taken to hold (0: not known yet)."""
+        return {name: {"ready": p.ready_count, "in_use": p.in_use, "target": p.target, "size": p.size,
+                       "ceiling": p.ceiling, "cold_starts": p.cold_starts, "returning": p.returning,
+                       "idle_closed": p.idle_closed, "kernel_bytes": p.footprint.bytes or 0,
                        "fresh": p.handed_out["fresh"], "recycled": p.handed_out["recycled"]}
                 for name, p in self._pools.items()}
+
+    def start_latencies(self) -> dict[str, StartLatency]:
+        """Per policy: how long its pool's kernel starts took."""
+        return {name: p.latency for name, p in self._pools.items()}
 
     def recycle_refusals(self) -> dict[str, dict[str, int]]:
         """Per policy: how many kernels were closed instead of recycled after an episode, by reason."""
@@ -288,7 +298,8 @@ class EpisodeManager:
         if name not in self._pools:
             policy = self._policies[name]
             config = self.kernel_class.config_class.from_settings(self.settings)
-            self._pools[name] = KernelPool(lambda: self.kernel_class(policy, config), self.settings.pool_size)
+            self._pools[name] = KernelPool(lambda: self.kernel_class(policy, config), self.settings.pool_size,
+                                           budget=self.pool_budget)
         return self._pools[name]
 
     async def _reap_idle(self, timeout_s: float) -> None:

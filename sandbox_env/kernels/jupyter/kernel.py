@@ -384,6 +384,11 @@ class JupyterKernel(Kernel):
                     "memory_mb": None if memory is None else round(memory / MB, 1),
                     "pid": cur.proc.pid if cur.proc else None, "limits": cur.conf.mechanism}
 
+    async def memory_bytes(self) -> int | None:
+        """The confinement's charge: its cgroup's, else the kernel's RSS (a file read)."""
+        cur = self._cur
+        return None if cur is None else cur.conf.memory_bytes()
+
 
 _warned_unisolated = False
 
