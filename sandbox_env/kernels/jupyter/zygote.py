@@ -17,7 +17,8 @@ bwrap reports it). A relay is forked into the kernel's cgroups and drops its pri
 
 Protocol (SOCK_SEQPACKET, one request at a time): a JSON request with its descriptors, answered by
 `{"pid": N}` with the child's pidfd and the read end of a pipe that will hold its exit status (4
-bytes, as `os.waitstatus_to_exitcode`), or by `{"error": "..."}`.
+bytes, as `os.waitstatus_to_exitcode`; the template writes it once it has reaped the child, and a
+kernel's first child writes its kernel's itself), or by `{"error": "..."}`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import ctypes
 import gc
 import json
 import os
-import random
 import resource
 import selectors
 import signal
@@ -42,7 +42,7 @@ import ipykernel.kernelapp  # noqa: F401
 import ipykernel.zmqshell  # noqa: F401
 import zmq  # noqa: F401
 
-PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP = 1, 24, 38, 22
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP = 1, 4, 24, 38, 22
 SECCOMP_MODE_FILTER = 2
 CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x20000, 0x2000000, 0x4000000, 0x8000000
 CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
@@ -88,6 +88,8 @@ def drop_privileges(uid: int, gid: int, seccomp: str) -> None:
     header = struct.pack("II", 0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
     check(libc.capset(header, bytes(24)), "capset")  # inheritable too
     check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "PR_SET_PDEATHSIG")  # reset by setuid
+    # setuid made it undumpable: its /proc files root's, unreadable (as no exec'd process has them)
+    check(libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "PR_SET_DUMPABLE")
     check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
     program = bytes.fromhex(seccomp)
 
@@ -107,25 +109,23 @@ def close_all_but(keep: list[int]) -> None:
     os.closerange(start, MAX_FD)
 
 
-def standard_streams(stdin: int, log: int) -> None:
+def standard_streams(stdin: int, log: int, keep: list[int] = []) -> None:  # noqa: B006 - never mutated
     os.dup2(stdin, 0)
     os.dup2(log, 1)
     os.dup2(log, 2)
-    close_all_but([])
+    close_all_but(keep)
 
 
-def fresh_interpreter_state(env: dict[str, str]) -> None:
-    """What a new interpreter would not share with its siblings: the environment, the random
-    module's state."""
+def fresh_environment(env: dict[str, str]) -> None:
+    """The child's own environment. (`random` reseeds itself in a forked child; the string hash
+    seed and the address layout are the template's, the same for each kernel it forks.)"""
     os.environ.clear()
     os.environ.update(env)
-    random.seed()
-    gc.unfreeze()
 
 
-def kernel(request: dict[str, Any], holder: int, log: int) -> None:
-    """The first child: into the kernel's cgroups and the holder's namespaces; fork the kernel and
-    wait for it."""
+def kernel(request: dict[str, Any], status: int, holder: int, log: int) -> None:
+    """The first child: into the kernel's cgroups and the holder's namespaces; fork the kernel, wait
+    for it and write its status itself (the template may be gone by then)."""
     join_cgroups(request["cgroups"])
     check(libc.setns(holder, SANDBOX_NAMESPACES), "setns")
     pid = os.fork()
@@ -138,12 +138,14 @@ def kernel(request: dict[str, Any], holder: int, log: int) -> None:
     os.close(holder)
     while True:
         try:
-            _, status = os.waitpid(pid, 0)
+            _, waited = os.waitpid(pid, 0)
             break
         except InterruptedError:
             continue
-    code = os.waitstatus_to_exitcode(status)
-    os._exit(128 - code if code < 0 else code)
+    code = os.waitstatus_to_exitcode(waited)
+    code = 128 - code if code < 0 else code
+    os.write(status, struct.pack("i", code))
+    os._exit(code)
 
 
 def run_kernel(request: dict[str, Any], log: int) -> None:
@@ -153,7 +155,7 @@ def run_kernel(request: dict[str, Any], log: int) -> None:
     set_rlimits(request["rlimits"])
     drop_privileges(request["uid"], request["gid"], request["seccomp"])
     os.umask(0o022)
-    fresh_interpreter_state(request["env"])
+    fresh_environment(request["env"])
     workdir = request["workdir"]
     os.makedirs(workdir, mode=0o700, exist_ok=True)
     os.chdir(workdir)
@@ -165,33 +167,32 @@ def run_kernel(request: dict[str, Any], log: int) -> None:
     os._exit(0)
 
 
-def relay(request: dict[str, Any], stdin: int, log: int) -> None:
+def relay(request: dict[str, Any], status: int, stdin: int, log: int) -> None:
     join_cgroups(request["cgroups"])
     if request["unshare_net"]:
         check(libc.unshare(CLONE_NEWNET), "unshare")  # as the kernel's: no interface at all
     set_rlimits(request["rlimits"])
     os.setsid()
-    standard_streams(stdin, log)
+    standard_streams(stdin, log, keep=[status])  # held: no status, no EOF while the relay runs
     os.chdir(request["cwd"])
-    fresh_interpreter_state(request["env"])
+    fresh_environment(request["env"])
     namespace: dict[str, Any] = {"__name__": "sandbox_env_relay"}
     exec(RELAY, namespace)  # noqa: S102 - the server's own relay source, compiled once at start
     os._exit(namespace["main"](["relay", json.dumps(request["config"])]))
 
 
-def child(request: dict[str, Any], fds: list[int]) -> None:
-    """In the forked child: never returns."""
+def child(request: dict[str, Any], status: int, fds: list[int]) -> None:
+    """In the forked child: never returns. It outlives the template if that dies: the server's own
+    death still ends it (the sandbox's bwrap dies with the server, and with it every process of
+    the sandbox; a relay ends when its stdin, the server's pipe, closes)."""
     try:
-        check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "PR_SET_PDEATHSIG")
-        if os.getppid() != ZYGOTE:
-            os._exit(71)
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        close_all_but(fds)
+        close_all_but([status, *fds])
         if request["op"] == "kernel":
-            kernel(request, *fds)
+            kernel(request, status, *fds)
         elif request["op"] == "relay":
-            relay(request, *fds)
+            relay(request, status, *fds)
     except BaseException as exc:  # noqa: BLE001 - told in the kernel's log
         os.write(2, f"sandbox-env kernel template: {request.get('op')}: {exc!r}\n".encode())
     os._exit(72)
@@ -231,7 +232,7 @@ def serve(sock: socket.socket) -> None:
                 continue
             received = receive(sock)
             if received is None:
-                return  # the server closed its end: the children die with us (PDEATHSIG)
+                return  # the server closed its end; its children end with their episodes (see child)
             request, fds = received
             read, write = os.pipe2(os.O_CLOEXEC)
             try:
@@ -243,9 +244,8 @@ def serve(sock: socket.socket) -> None:
                 continue
             if pid == 0:
                 os.close(read)
-                os.close(write)
                 sock.close()
-                child(request, fds)
+                child(request, write, fds)
             pidfd = os.pidfd_open(pid)
             exits[pid] = write
             sock.sendmsg([json.dumps({"pid": pid}).encode()],
@@ -272,7 +272,6 @@ if __name__ == "__main__":
     CONFIG = json.loads(sys.argv[1])
     RELAY = compile(CONFIG["relay_source"], "relay.py", "exec")
     sys.dont_write_bytecode = True  # -I ignored PYTHONDONTWRITEBYTECODE
-    ZYGOTE = os.getpid()
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the server's death ends the template
     control = socket.socket(fileno=CONFIG["control_fd"])
     control.send(json.dumps({"ready": os.getpid()}).encode())
