@@ -240,9 +240,7 @@ class EpisodeManager:
             await kernel.close()
         elif len(stash) < self.settings.grader_stash:
             stash.append(kernel)
-        elif kernel.recycles:
-            self._release(kernel, owner)
-        else:
+        elif not self._release(kernel, owner):
             await kernel.close()
         return result
 
@@ -289,10 +287,14 @@ class EpisodeManager:
         await pool.start()
         return await pool.acquire(owner)
 
-    def _release(self, kernel: Kernel, owner: str = "") -> None:
+    def _release(self, kernel: Kernel, owner: str = "") -> bool:
         """`owner`'s episode or grading is done with `kernel`: back to its pool, which recycles it
-        in the background for `owner` only (or closes it)."""
+        in the background for `owner` only (or closes it). False: its backend does not recycle,
+        the caller closes it."""
+        if not kernel.recycles:
+            return False
         self._pool(kernel.policy.name).release(kernel, owner)
+        return True
 
     def _pool(self, name: str) -> KernelPool:
         if name not in self._pools:
