@@ -223,7 +223,10 @@ async def spawn(cur: KernelProcess, command: list[str], env: dict[str, str], *, 
                                      interrupt_mode="signal" if box is None else "message")
         log = os.open(root / "kernel.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         stack.callback(os.close, log)
-        cur.relay, front = start_relay(root, box, gen, conf, log)  # starts while the kernel does
+        if forked(conf, box):  # not on the event loop: the template's first start imports, a fork waits
+            cur.relay, front = await asyncio.to_thread(start_relay, root, box, gen, conf, log)
+        else:
+            cur.relay, front = start_relay(root, box, gen, conf, log)  # starts while the kernel does
         if forked(conf, box):
             assert box is not None
             cur.holder = subprocess.Popen(sandbox.sandbox_argv(runtime, box, HOLD, env=env, seccomp=fd, run_dir=run),

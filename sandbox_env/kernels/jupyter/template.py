@@ -105,12 +105,20 @@ class Template:
         self._sock = ours
         logger.info("kernel template started (pid %d)", self._proc.pid)
 
+    def ensure(self) -> None:
+        """Started (blocks for the imports, about 0.4 s, the first time and after a death)."""
+        with self._lock:
+            self._ensure()
+
+    def _ensure(self) -> None:
+        if self._proc is None or self._proc.poll() is not None:
+            self._close()
+            self._start()
+
     def fork(self, request: dict[str, Any], fds: list[int]) -> ForkedProcess:
         """Ask the template for a child; `fds` are the request's descriptors (the caller keeps them)."""
         with self._lock:
-            if self._proc is None or self._proc.poll() is not None:
-                self._close()
-                self._start()
+            self._ensure()
             assert self._sock is not None
             try:
                 self._sock.sendmsg([json.dumps(request).encode()],
