@@ -232,7 +232,7 @@ def serve(sock: socket.socket) -> None:
                 continue
             received = receive(sock)
             if received is None:
-                return  # the server closed its end; its children end with their episodes (see child)
+                return  # the server closed its end, or died; its children end with their episodes (see child)
             request, fds = received
             read, write = os.pipe2(os.O_CLOEXEC)
             try:
@@ -272,7 +272,6 @@ if __name__ == "__main__":
     CONFIG = json.loads(sys.argv[1])
     RELAY = compile(CONFIG["relay_source"], "relay.py", "exec")
     sys.dont_write_bytecode = True  # -I ignored PYTHONDONTWRITEBYTECODE
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the server's death ends the template
     control = socket.socket(fileno=CONFIG["control_fd"])
     control.send(json.dumps({"ready": os.getpid()}).encode())
     serve(control)
