@@ -87,7 +87,8 @@ class Template:
     def _start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
-            config = {"relay_source": _RELAY_SOURCE, "control_fd": theirs.fileno()}
+            # the server's pid names the template and everything forked from it (its command line)
+            config = {"server": os.getpid(), "control_fd": theirs.fileno(), "relay_source": _RELAY_SOURCE}
             self._proc = subprocess.Popen([sys.executable, "-I", "-c", _SOURCE, json.dumps(config)],
                                           pass_fds=(theirs.fileno(),), env=_ENV, cwd="/", stdin=subprocess.DEVNULL,
                                           start_new_session=True)
