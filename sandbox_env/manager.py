@@ -43,6 +43,14 @@ log = logging.getLogger(__name__)
 _LIVE_MANAGERS: dict[type[Kernel], int] = {}
 
 
+class OneShot:
+    """A kernel lent for one-shot work (`EpisodeManager.one_shot`); `keep = False`: close it after."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+        self.keep = True
+
+
 class EpisodeManager:
     """Capacity counts every open episode, WebSocket sessions and stateless HTTP calls alike."""
 
@@ -210,6 +218,20 @@ class EpisodeManager:
                 reward_policy(reward)
             except ConfigError as exc:
                 raise TaskError(exc.message) from exc
+        async with self.one_shot(policy, owner) as lease:
+            result = await grade(lease.kernel, task, submission,
+                                 reward=choose_reward(task, reward, self.settings.reward))
+            lease.keep = result.status == "graded"
+        return result
+
+    @contextlib.asynccontextmanager
+    async def one_shot(self, policy: str | None = None, owner: str = "") -> AsyncIterator[OneShot]:
+        """A warm kernel for one-shot work through `run_program` (a grading, a `/run_code`): the
+        stashed one of (policy, owner) if alive, else one from the pool. It counts toward capacity
+        and `owner`'s session and grading quotas while held. Afterwards it is stashed for the next
+        one-shot (run_program leaves a clean slate: no process, no file) unless the holder set
+        `keep = False`, it died, or the server drains; on an exception it is closed."""
+        self.admit_grading(owner)
         name = self.policy(policy).name
         self.grading += 1
         self.gradings[owner] = self.gradings.get(owner, 0) + 1
@@ -224,8 +246,8 @@ class EpisodeManager:
                     await candidate.close()
             if kernel is None:
                 kernel = await self._acquire(name, owner)
-            result = await grade(kernel, task, submission,
-                                 reward=choose_reward(task, reward, self.settings.reward))
+            lease = OneShot(kernel)
+            yield lease
         except BaseException:
             if kernel is not None:
                 await kernel.close()
@@ -235,14 +257,12 @@ class EpisodeManager:
             self.gradings[owner] -= 1
             if not self.gradings[owner]:
                 del self.gradings[owner]
-        # run_program leaves a clean slate (no process, no file), so the kernel may grade again.
-        if result.status != "graded" or not kernel.is_alive() or self.draining:
+        if not lease.keep or not kernel.is_alive() or self.draining:
             await kernel.close()
         elif len(stash) < self.settings.grader_stash:
             stash.append(kernel)
         elif not self._release(kernel, owner):
             await kernel.close()
-        return result
 
     def find(self, key: str, owner: str | None) -> list[Episode]:
         """Live episodes of `owner` (None: everyone's) that `key` names: the one whose session_id
