@@ -160,8 +160,8 @@ def socket_paths(km: AsyncKernelManager) -> list[Path]:
             ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")]
 
 
-def start_relay(root: Path, box: sandbox.Layout | None, gen: int, conf: Confinement,
-                log: int) -> tuple[subprocess.Popen[bytes] | ForkedProcess, dict[str, Any]]:
+async def start_relay(root: Path, box: sandbox.Layout | None, gen: int, conf: Confinement,
+                      log: int) -> tuple[subprocess.Popen[bytes] | ForkedProcess, dict[str, Any]]:
     """The kernel's relay (`kernels/jupyter/relay.py`), in the kernel's confinement: it binds its sockets in a
     folder of the server's (0700, hidden from the kernel under its tmpfs) and waits for the
     kernel's addresses. Returns the process and the client's connection info for its sockets."""
@@ -192,7 +192,7 @@ def start_relay(root: Path, box: sandbox.Layout | None, gen: int, conf: Confinem
 
     proc: subprocess.Popen[bytes] | ForkedProcess
     if forked(conf, box):
-        proc = fork_relay(conf, config, folder, log)
+        proc = await fork_relay(conf, config, folder, log)
     else:
         proc = subprocess.Popen([sys.executable, "-I", "-c", _RELAY_SOURCE, json.dumps(config)],
                                 stdin=subprocess.PIPE, stdout=log, stderr=log, cwd=str(folder),
@@ -223,10 +223,7 @@ async def spawn(cur: KernelProcess, command: list[str], env: dict[str, str], *, 
                                      interrupt_mode="signal" if box is None else "message")
         log = os.open(root / "kernel.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         stack.callback(os.close, log)
-        if forked(conf, box):  # not on the event loop: the template's first start imports, a fork waits
-            cur.relay, front = await asyncio.to_thread(start_relay, root, box, gen, conf, log)
-        else:
-            cur.relay, front = start_relay(root, box, gen, conf, log)  # starts while the kernel does
+        cur.relay, front = await start_relay(root, box, gen, conf, log)  # starts while the kernel does
         if forked(conf, box):
             assert box is not None
             cur.holder = subprocess.Popen(sandbox.sandbox_argv(runtime, box, HOLD, env=env, seccomp=fd, run_dir=run),
@@ -248,13 +245,13 @@ def forked(conf: Confinement, box: sandbox.Layout | None) -> bool:
 FORKING = True  # tests switch it off to exercise the exec path
 
 
-def fork_relay(conf: Confinement, config: dict[str, Any], folder: Path, log: int) -> ForkedProcess:
+async def fork_relay(conf: Confinement, config: dict[str, Any], folder: Path, log: int) -> ForkedProcess:
     read, write = os.pipe()
     try:
         request = {"op": "relay", "cgroups": [str(d) for d in conf.dirs.values()], "rlimits": conf.rlimits(),
                    "cwd": str(folder), "env": {"SANDBOX_ENV_KERNEL": conf.token}, "config": config,
                    "unshare_net": conf.limits.network is False}
-        proc = template().fork(request, [read, log])
+        proc = await template("relay").fork(request, [read, log])
     except BaseException:
         os.close(write)
         raise
@@ -277,7 +274,7 @@ async def fork_kernel(holder: subprocess.Popen[bytes], conf: Confinement, box: s
         request = {"op": "kernel", "cgroups": [str(d) for d in conf.dirs.values()], "rlimits": conf.rlimits(),
                    "uid": box.uid, "gid": box.gid, "seccomp": seccomp_bpf_program().hex(), "env": env,
                    "workdir": str(workdir), "argv": args}
-        return await asyncio.to_thread(template().fork, request, [pidfd, log])
+        return await template("kernel").fork(request, [pidfd, log])
     finally:
         os.close(pidfd)
 

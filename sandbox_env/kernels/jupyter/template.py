@@ -1,7 +1,8 @@
 """The server's side of the kernel template (`zygote.py`): starting it, asking it for a kernel or a
 relay, and the handle of a process it forked, which stands in for `subprocess.Popen`.
 
-One template per server process, started on the first kernel and again if it dies. Only a root
+One template per kind (kernels, relays) per server process, started on the first kernel and again
+if it dies. Only a root
 server with cgroups uses it (`usable`): its kernels join the namespaces of a sandbox that bwrap
 built and drop to the sandbox's uid themselves, and the cgroups are what finds and kills every
 process of a kernel (a forked process carries the template's environment, not the kernel's token).
@@ -10,6 +11,7 @@ process of a kernel (a forked process carries the template's environment, not th
 from __future__ import annotations
 
 import array
+import asyncio
 import contextlib
 import json
 import logging
@@ -77,9 +79,13 @@ class ForkedProcess:
 
 
 class Template:
-    """The running template process and its control socket; requests are one at a time."""
+    """The running template process and its control socket; requests are one at a time. `kind`:
+    "kernel" (ipykernel imported) or "relay" (zmq only). Relays come from a template of their own:
+    a forked child shares its template's stack canary, pointer guard and address layout, which a
+    kernel can read in its own memory, and a relay parses what kernels send."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
@@ -88,7 +94,8 @@ class Template:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
             # the server's pid names the template and everything forked from it (its command line)
-            config = {"server": os.getpid(), "control_fd": theirs.fileno(), "relay_source": _RELAY_SOURCE}
+            config = {"server": os.getpid(), "kind": self.kind, "control_fd": theirs.fileno(),
+                      "relay_source": _RELAY_SOURCE}
             self._proc = subprocess.Popen([sys.executable, "-I", "-c", _SOURCE, json.dumps(config)],
                                           pass_fds=(theirs.fileno(),), env=_ENV, cwd="/", stdin=subprocess.DEVNULL,
                                           start_new_session=True)
@@ -104,20 +111,38 @@ class Template:
             raise KernelStartError(f"the kernel template did not start ({hello[:200]!r})")
         ours.settimeout(None)
         self._sock = ours
-        logger.info("kernel template started (pid %d)", self._proc.pid)
-
-    def ensure(self) -> None:
-        """Started (blocks for the imports, about 0.4 s, the first time and after a death)."""
-        with self._lock:
-            self._ensure()
+        logger.info("%s template started (pid %d)", self.kind, self._proc.pid)
 
     def _ensure(self) -> None:
         if self._proc is None or self._proc.poll() is not None:
             self._close()
             self._start()
 
-    def fork(self, request: dict[str, Any], fds: list[int]) -> ForkedProcess:
-        """Ask the template for a child; `fds` are the request's descriptors (the caller keeps them)."""
+    async def fork(self, request: dict[str, Any], fds: list[int]) -> ForkedProcess:
+        """A child of the template, asked for off the event loop. `fds` (the request's descriptors)
+        stay the caller's: the request carries copies of its own, so a caller cancelled meanwhile
+        may close them. A child forked for a cancelled caller is killed."""
+        copies = [os.dup(fd) for fd in fds]
+        try:
+            call = asyncio.ensure_future(asyncio.to_thread(self._fork, request, copies))
+        except BaseException:
+            for fd in copies:
+                os.close(fd)
+            raise
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            call.add_done_callback(_discard)
+            raise
+
+    def _fork(self, request: dict[str, Any], fds: list[int]) -> ForkedProcess:
+        try:
+            return self._ask(request, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _ask(self, request: dict[str, Any], fds: list[int]) -> ForkedProcess:
         with self._lock:
             self._ensure()
             assert self._sock is not None
@@ -154,8 +179,17 @@ class Template:
             self._close()
 
 
-_TEMPLATE = Template()
+def _discard(call: asyncio.Future[ForkedProcess]) -> None:
+    if not call.cancelled() and call.exception() is None:
+        child = call.result()
+        child.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(5)
+        child.close()
 
 
-def template() -> Template:
-    return _TEMPLATE
+_TEMPLATES = {kind: Template(kind) for kind in ("kernel", "relay")}
+
+
+def template(kind: str = "kernel") -> Template:
+    return _TEMPLATES[kind]

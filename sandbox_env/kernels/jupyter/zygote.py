@@ -24,6 +24,7 @@ kernel's first child writes its kernel's itself), or by `{"error": "..."}`.
 from __future__ import annotations
 
 import array
+import contextlib
 import ctypes
 import gc
 import json
@@ -35,12 +36,6 @@ import socket
 import struct
 import sys
 from typing import Any
-
-import ipykernel.debugger  # noqa: F401 - resolved by the kernel's traits at start: 60 ms each time
-import ipykernel.ipkernel  # noqa: F401
-import ipykernel.kernelapp  # noqa: F401
-import ipykernel.zmqshell  # noqa: F401
-import zmq  # noqa: F401
 
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP = 1, 4, 24, 38, 22
 SECCOMP_MODE_FILTER = 2
@@ -57,13 +52,15 @@ def check(result: int, what: str) -> None:
         raise OSError(ctypes.get_errno(), what)
 
 
-def join_cgroups(paths: list[str]) -> None:
-    for path in paths:
-        fd = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY)
-        try:
-            os.write(fd, str(os.getpid()).encode())
-        finally:
-            os.close(fd)
+def cgroup_files(paths: list[str]) -> list[int]:
+    """The cgroups' `cgroup.procs`, opened while the host's /sys is still in sight."""
+    return [os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC) for path in paths]
+
+
+def join_cgroups(files: list[int]) -> None:
+    for fd in files:
+        os.write(fd, b"0")  # the writer itself
+        os.close(fd)
     try:
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write("500")  # if the host itself runs out of memory, go before the server
@@ -124,18 +121,20 @@ def fresh_environment(env: dict[str, str]) -> None:
 
 
 def kernel(request: dict[str, Any], status: int, holder: int, log: int) -> None:
-    """The first child: into the kernel's cgroups and the holder's namespaces; fork the kernel, wait
-    for it and write its status itself (the template may be gone by then)."""
-    join_cgroups(request["cgroups"])
+    """The first child: into the holder's namespaces, then fork the kernel, wait for it and write
+    its status itself (the template may be gone by then). It stays out of the kernel's cgroups:
+    their teardown kills the kernel, and this process, not the host's init, reaps it."""
+    files = cgroup_files(request["cgroups"])
     check(libc.setns(holder, SANDBOX_NAMESPACES), "setns")
     pid = os.fork()
     if pid == 0:
         try:
+            join_cgroups(files)  # from inside: the pid namespace is the sandbox's now
             run_kernel(request, log)
         finally:
             os._exit(70)
-    os.close(log)
-    os.close(holder)
+    for fd in (*files, log, holder):
+        os.close(fd)
     while True:
         try:
             _, waited = os.waitpid(pid, 0)
@@ -144,7 +143,8 @@ def kernel(request: dict[str, Any], status: int, holder: int, log: int) -> None:
             continue
     code = os.waitstatus_to_exitcode(waited)
     code = 128 - code if code < 0 else code
-    os.write(status, struct.pack("i", code))
+    with contextlib.suppress(OSError):  # the server may have stopped listening
+        os.write(status, struct.pack("i", code))
     os._exit(code)
 
 
@@ -168,7 +168,7 @@ def run_kernel(request: dict[str, Any], log: int) -> None:
 
 
 def relay(request: dict[str, Any], status: int, stdin: int, log: int) -> None:
-    join_cgroups(request["cgroups"])
+    join_cgroups(cgroup_files(request["cgroups"]))
     if request["unshare_net"]:
         check(libc.unshare(CLONE_NEWNET), "unshare")  # as the kernel's: no interface at all
     set_rlimits(request["rlimits"])
@@ -234,24 +234,39 @@ def serve(sock: socket.socket) -> None:
             if received is None:
                 return  # the server closed its end, or died; its children end with their episodes (see child)
             request, fds = received
-            read, write = os.pipe2(os.O_CLOEXEC)
             try:
-                pid = os.fork()
-            except OSError as exc:
-                for fd in (*fds, read, write):
-                    os.close(fd)
-                sock.send(json.dumps({"error": repr(exc)}).encode())
-                continue
-            if pid == 0:
-                os.close(read)
-                sock.close()
-                child(request, write, fds)
-            pidfd = os.pidfd_open(pid)
-            exits[pid] = write
-            sock.sendmsg([json.dumps({"pid": pid}).encode()],
-                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [pidfd, read]))])
-            for fd in (*fds, pidfd, read):
-                os.close(fd)
+                answer(sock, request, fds, exits)
+            except Exception as exc:  # noqa: BLE001 - one bad request never ends the template
+                with contextlib.suppress(OSError):
+                    sock.send(json.dumps({"error": repr(exc)}).encode())
+            finally:
+                for fd in fds:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+
+
+def answer(sock: socket.socket, request: dict[str, Any], fds: list[int], exits: dict[int, int]) -> None:
+    """Fork the child `request` asks for; its pidfd and status pipe go to the server."""
+    read, write = os.pipe2(os.O_CLOEXEC)
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(read)
+        os.close(write)
+        raise
+    if pid == 0:
+        os.close(read)
+        sock.close()
+        child(request, write, fds)
+    os.set_blocking(write, False)  # in the template only: a status write never blocks it
+    pidfd = os.pidfd_open(pid)
+    exits[pid] = write
+    try:
+        sock.sendmsg([json.dumps({"pid": pid}).encode()],
+                     [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [pidfd, read]))])
+    finally:
+        os.close(pidfd)
+        os.close(read)
 
 
 def reap(exits: dict[int, int]) -> None:
@@ -264,13 +279,25 @@ def reap(exits: dict[int, int]) -> None:
             return
         write = exits.pop(pid, None)
         if write is not None:
-            os.write(write, struct.pack("i", os.waitstatus_to_exitcode(status)))
+            with contextlib.suppress(OSError):  # non-blocking; the server may have closed its end
+                os.write(write, struct.pack("i", os.waitstatus_to_exitcode(status)))
             os.close(write)
+
+
+def preload(kind: str) -> None:
+    """What every child of this kind would import: once, here."""
+    if kind == "kernel":
+        import ipykernel.debugger  # noqa: F401 - resolved by the kernel's traits at start: 60 ms each time
+        import ipykernel.ipkernel  # noqa: F401
+        import ipykernel.kernelapp  # noqa: F401
+        import ipykernel.zmqshell  # noqa: F401
+    import zmq  # noqa: F401
 
 
 if __name__ == "__main__":
     CONFIG = json.loads(sys.argv[1])
     RELAY = compile(CONFIG["relay_source"], "relay.py", "exec")
+    preload(CONFIG["kind"])
     sys.dont_write_bytecode = True  # -I ignored PYTHONDONTWRITEBYTECODE
     control = socket.socket(fileno=CONFIG["control_fd"])
     control.send(json.dumps({"ready": os.getpid()}).encode())
