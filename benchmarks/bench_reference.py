@@ -115,8 +115,9 @@ def sandboxes(side: str, pid: int) -> int:
     if side == "jupyter":
         count = 0
         for proc in tree(pid):
-            try:  # the kernel itself, not the two bwrap processes above it
-                count += proc.name().startswith("python") and "ipykernel_launcher" in proc.cmdline()
+            try:  # a kernel bwrap started, or the holder of a kernel forked from the template
+                argv = proc.cmdline()
+                count += (proc.name().startswith("python") and "ipykernel_launcher" in argv) or argv == ["sleep", "infinity"]
             except psutil.Error:
                 pass
         return count
