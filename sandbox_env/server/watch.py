@@ -105,7 +105,7 @@ async def _events(episode: Episode, request: Request) -> AsyncIterator[bytes]:
             version = live.version
             step = (episode.running or {}).get("step")
             if step != running or not live.running:  # a step began or ended (or the episode was reset)
-                running, offset = step, 0
+                running, offset = step, live.written  # the state carries what was written so far
                 state, sent = await _state(episode, sent, episode_id)
                 episode_id = state["state"].get("episode_id")
                 yield await asyncio.to_thread(_event, "state", state)

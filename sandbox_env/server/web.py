@@ -1,8 +1,9 @@
 """Per-episode inspection: JSON under `/episodes`, and a page at `/web` that renders it.
 
-The page is a Jinja2 template (autoescaped) plus a static script that polls the JSON routes and
-renders with `textContent` only, so output of the sandboxed code can never inject markup; the
-Content-Security-Policy allows no inline script and no other origin.
+The page is a Jinja2 template (autoescaped) plus a static script that follows an episode's event
+stream (`watch.py`) and renders with `textContent` only, images as `data:` URLs of an `<img>`
+(which runs no script), so output of the sandboxed code can never inject markup; the
+Content-Security-Policy allows no inline script and no other origin, images from `data:` only.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ TEMPLATES = Jinja2Templates(directory=HERE / "templates")  # autoescape on for .
 STATIC_TYPES = {"episodes.js": "text/javascript", "episodes.css": "text/css"}
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
-                               "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+                               "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
                                "frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",  # the page's URL may carry ?token=
