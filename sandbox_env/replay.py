@@ -15,6 +15,7 @@ import asyncio
 import copy
 import datetime
 import queue
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,16 +119,19 @@ class SandboxKernelManager:
         self._manager: EpisodeManager | None = None
         self._episode: Episode | None = None
         self._client: SandboxKernelClient | None = None
+        self.start_s = 0.0  # how long the sandbox took to start
 
     @property
     def has_kernel(self) -> bool:
         return self._episode is not None and not self._episode.closed
 
     async def start_kernel(self, **kwargs: Any) -> None:
+        started = time.perf_counter()
         self._manager = EpisodeManager(Settings(backend=self.sandbox_backend, pool_size=0, max_sessions=1))
         await self._manager.start()
         self._episode = await self._manager.open_episode()
         await self._episode.reset(policy=self.sandbox_policy)
+        self.start_s = time.perf_counter() - started
 
     def client(self, **kwargs: Any) -> SandboxKernelClient:
         assert self._episode is not None, "start_kernel first"
@@ -164,6 +168,7 @@ class CellVerdict:
 class Replay:
     cells: list[CellVerdict]
     notebook: Any  # the executed notebook (nbformat's NotebookNode)
+    start_s: float = 0.0  # of it, starting the fresh sandbox
 
     @property
     def same(self) -> bool:
@@ -217,4 +222,4 @@ async def replay(notebook: Any, *, backend: str | None = None, policy: str | Non
         said, details = verdict(recorded.get("outputs", []), replayed.get("outputs", []))
         step = (recorded.metadata.get("sandbox_env") or {}).get("step")
         cells.append(CellVerdict(index, step, said, details))
-    return Replay(cells, fresh)
+    return Replay(cells, fresh, manager.start_s)
