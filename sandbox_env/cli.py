@@ -1,4 +1,5 @@
-"""`sandbox-env` command line: serve, run one snippet, evaluate samples, check a policy, build images.
+"""`sandbox-env` command line: serve, run one snippet, evaluate samples, replay an episode, check a
+policy, build images.
 
 Everything heavy (uvicorn, the server, kernels) is imported inside the commands, so
 `sandbox-env --help` stays fast.
@@ -168,6 +169,46 @@ def _read_code(file: str) -> str:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise _fail(f"cannot read {file}: {exc}") from None
+
+
+@app.command("replay")
+def replay_command(
+    notebook: Path = typer.Argument(..., metavar="EPISODE.ipynb",  # noqa: B008 - typer's idiom
+                                    help="A notebook exported from an episode (GET /episodes/{id}/notebook)."),
+    backend: str | None = typer.Option(None, help="Execution backend.", show_default="the notebook's"),
+    policy: str | None = typer.Option(None, help="Resource policy.", show_default="the notebook's"),
+    output: Path | None = typer.Option(None, help="Write the re-executed notebook here."),  # noqa: B008
+) -> None:
+    """Re-execute an exported episode with nbclient in a fresh sandbox; compare every cell's outputs.
+
+    Prints one verdict per cell (same / differs / new error). Exit status: 0 if every cell is the
+    same, 1 if any differs, 2 if the notebook cannot be read or the sandbox fails.
+    """
+    try:
+        import nbclient  # noqa: F401 - the extra's packages, checked before anything starts
+        import nbformat  # noqa: F401
+
+        from sandbox_env.errors import SandboxEnvError
+        from sandbox_env.replay import load_notebook, replay, save_notebook
+    except ImportError as exc:
+        raise _fail(f"replay needs the 'replay' extra (pip install 'openenv-sandbox-env[replay]'): {exc}") from None
+    try:
+        nb = load_notebook(str(notebook))
+    except Exception as exc:  # noqa: BLE001 - nbformat's converters raise anything on a malformed file
+        raise _fail(f"cannot read {notebook} as a notebook: {type(exc).__name__}: {str(exc)[:500]}") from None
+    try:
+        done = asyncio.run(replay(nb, backend=backend, policy=policy))
+    except SandboxEnvError as exc:
+        raise _fail(exc.message) from None
+    for cell in done.cells:
+        where = f"step {cell.step}" if cell.step is not None else f"cell {cell.index}"
+        typer.echo(f"{where}: {cell.verdict}" + (f" ({'; '.join(cell.details)})" if cell.details else ""))
+    counts = done.counts()
+    typer.echo(f"{len(done.cells)} cells: {counts['same']} same, {counts['differs']} differ, "
+               f"{counts['new error']} new errors")
+    if output is not None:
+        save_notebook(done.notebook, str(output))
+    raise typer.Exit(0 if done.same else EXIT_FAILED)
 
 
 @policy_app.command("check")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,6 +22,7 @@ from sandbox_env.grading.driver import choose_reward, grade
 from sandbox_env.grading.tasks import Task
 from sandbox_env.history import StepHistory
 from sandbox_env.kernels.base import Kernel
+from sandbox_env.kernels.inspection import LiveOutput
 from sandbox_env.models import (
     GRADING_KEY,
     TASK_KEY,
@@ -39,6 +42,31 @@ HISTORY_BYTES = 1 << 20  # default budget of one episode's step history (Setting
 # State fields a reset option must not overwrite (a client could otherwise plant a fake grading).
 MAX_OPTIONS_BYTES = 4096  # reset options are echoed in every state reply: a small, fixed cost
 RESERVED_STATE_KEYS = frozenset(EpisodeState.model_fields) | {"task_id", "grading", "seed"}
+SAMPLE_S = 0.5  # resource use is sampled this often while a step runs (and at each step's start and end)
+MAX_SAMPLES = 512  # kept per episode: past it, every other one goes (the whole life, coarser)
+RUNNING_CODE_CHARS = 64 << 10  # of a running step's code, shown by inspection
+
+
+class Samples:
+    """Memory and CPU over an episode's life: `{"t", "memory_mb", "cpu_time_s"}`, at most
+    MAX_SAMPLES, thinned (every other one dropped, the interval doubled) when full."""
+
+    def __init__(self) -> None:
+        self.items: deque[dict[str, Any]] = deque()
+        self.interval = 0.0  # samples closer than this to the last one are skipped
+
+    def add(self, usage: dict[str, Any], *, force: bool = False) -> None:
+        now = time.time()
+        if not force and self.items and now - self.items[-1]["t"] < self.interval:
+            return
+        self.items.append({"t": round(now, 3), "memory_mb": usage.get("memory_mb"), "cpu_time_s": usage.get("cpu_time_s")})
+        if len(self.items) > MAX_SAMPLES:
+            self.items = deque(list(self.items)[::2])
+            self.interval = max(SAMPLE_S, self.interval * 2)
+
+    def clear(self) -> None:
+        self.items.clear()
+        self.interval = 0.0
 
 
 class Episode:
@@ -48,8 +76,9 @@ class Episode:
 
     def __init__(self, acquire: KernelSource, *, backend: str, tasks: TaskResolver | None = None,
                  reward: str | None = None, owner: str = "", history_bytes: int = HISTORY_BYTES,
-                 release: KernelSink | None = None) -> None:
+                 release: KernelSink | None = None, on_end: Callable[[dict[str, Any]], None] | None = None) -> None:
         self._acquire = acquire
+        self._on_end = on_end  # takes the record of each episode that ends (a reset, the close): for export
         self._release = release
         self.owner = owner  # the tenant (token) that opened it
         # Names the episode from its first moment (its episode_id comes with the first reset), so
@@ -67,8 +96,17 @@ class Episode:
         self._closing: set[asyncio.Task[None]] = set()
         self._done = False
         self.created_at = time.time()
+        self.reset_at: float | None = None
         self.last_active = time.monotonic()
         self.history = StepHistory(history_bytes)
+        # Inspection's own copies: it reads these and the kernel's cgroup files, never the
+        # interpreter. `live` follows the running step's output (kernels that stream write it);
+        # `snapshot` is the namespace as the sandbox's trusted code listed it after step N.
+        self.live = LiveOutput()
+        self.running: dict[str, Any] | None = None  # {"step", "code", "started"} while a step runs
+        self.snapshot: dict[str, Any] | None = None
+        self.samples = Samples()
+        self.image: str | None = None  # the kernel's image (Docker), for the exported record
 
     @property
     def state(self) -> EpisodeState:
@@ -113,6 +151,7 @@ class Episode:
             if self._closed:  # closed while the kernel was starting: nobody would ever close it
                 await kernel.close()
                 raise EpisodeClosedError("episode is closed")
+            self._ended()
             old, self._kernel = self._kernel, kernel
             if old is not None:  # closing can take tens of ms (container removal): not on the reset path
                 self._let_go(old)
@@ -130,6 +169,11 @@ class Episode:
                 **task_fields,
             )
             self.history.clear()
+            self.snapshot, self.running, self.reset_at = None, None, time.time()
+            self.samples.clear()
+            self.image = getattr(kernel, "image", None)
+            self.live.begin()
+            self.live.end()  # watchers see the reset
             self.last_active = time.monotonic()
             metadata: dict[str, Any] = {"episode_id": self._state.episode_id, "policy": self._state.policy,
                                         "backend": self.backend}
@@ -159,17 +203,32 @@ class Episode:
             if action.submit:
                 return await self._submit(kernel, action)
             limit = kernel.policy.timeout_s if timeout_s is None else min(timeout_s, kernel.policy.timeout_s)
+            started = time.time()
+            self.running = {"step": self._state.step_count + 1, "code": action.code[:RUNNING_CODE_CHARS],
+                            "started": started}
+            kernel.live = self.live  # the backend writes the step's output here as it arrives
+            kernel.snapshot = None  # set again if the step's sandbox sends one
+            self.live.begin()
+            sampler = asyncio.create_task(self._sample(kernel))
             try:
                 result = await kernel.execute(action.code, timeout_s=limit)
             except KernelError:
                 self._kernel, self._kernel_lost = None, True
                 await kernel.close()
                 raise
+            finally:
+                sampler.cancel()
+                self.running = None
+                self.live.end()
             self._state.step_count += 1
             self._state.last_exit_code = result.exit_code
             self.last_active = time.monotonic()
-            self.history.append({"step": self._state.step_count, "code": action.code,
+            if kernel.snapshot is not None:
+                self.snapshot = {"step": self._state.step_count, **kernel.snapshot}
+            self.history.append({"step": self._state.step_count, "code": action.code, "started": round(started, 3),
                                  "result": result.model_dump(mode="json")})
+            with contextlib.suppress(Exception):
+                self.samples.add(await kernel.usage(), force=True)
             return CodeObservation.from_result(result, reward=0.0)
 
     def submission(self, code: str) -> str:
@@ -195,21 +254,62 @@ class Episode:
                                reward=grading.reward, done=done,
                                metadata={GRADING_KEY: grading.model_dump(mode="json"), TASK_KEY: {"id": self.task.id}})
 
+    async def _sample(self, kernel: Kernel) -> None:
+        """Resource use while a step runs (cgroup files: the step is not disturbed)."""
+        with contextlib.suppress(Exception):
+            self.samples.add(await kernel.usage(), force=True)
+            while True:
+                await asyncio.sleep(SAMPLE_S)
+                self.samples.add(await kernel.usage())
+
     async def inspect(self) -> dict[str, Any]:
+        """Everything inspection shows, at once, running step or not, and without sending the
+        interpreter anything: the state, the kernel's resource use now (cgroup files), the last
+        snapshot of its namespace (taken by the sandbox's trusted code after step `snapshot_step`),
+        the running step (its code, elapsed time, output so far), the history and the samples."""
         kernel = self._kernel
-        details = await kernel.inspect() if kernel is not None and kernel.is_alive() else {}
+        details: dict[str, Any] = {}
+        if kernel is not None:
+            with contextlib.suppress(Exception):
+                details = await kernel.inspect()
+        snapshot = self.snapshot or {}
+        details["variables"] = snapshot.get("variables", [])
+        running = None
+        if self.running is not None:
+            running = {**self.running, "elapsed_s": round(time.time() - self.running["started"], 3),
+                       "output": self.live.text()}
         return {"state": self._state.model_dump(mode="json"), "kernel": details,
-                "history": list(self.history)}
+                "snapshot_step": snapshot.get("step"), "variables_total": snapshot.get("total", 0),
+                "running": running, "history": list(self.history), "samples": list(self.samples.items)}
+
+    def record(self) -> dict[str, Any]:
+        """The episode as export needs it (`notebook.py`): who, what, under which limits, its steps."""
+        kernel = self._kernel
+        policy = kernel.policy if kernel is not None else None
+        return {"episode_id": self._state.episode_id, "session_id": self.session_id, "owner": self.owner,
+                "backend": self.backend, "policy": self._state.policy,
+                "limits": policy.model_dump(mode="json") if policy is not None else None,
+                "image": self.image, "task_id": self.task.id if self.task is not None else None,
+                "seed": (self._state.model_extra or {}).get("seed"), "created_at": self.created_at, "reset_at": self.reset_at,
+                "closed_at": time.time() if self._closed else None, "step_count": self._state.step_count,
+                "history_complete": self.history.complete, "history": list(self.history)}
 
     async def close(self) -> None:
         """Without waiting for the kernel when it goes back to its pool (`release`)."""
         if self._closed:
             return
         self._closed = True
+        self._ended()
         kernel, self._kernel = self._kernel, None
         if kernel is not None and not (self._release is not None and self._release(kernel)):
             await kernel.close()
         await asyncio.gather(*self._closing, return_exceptions=True)
+
+    def _ended(self) -> None:
+        """The episode that was running ends (a reset or the close): its record goes to `on_end`."""
+        if self._on_end is not None and self._state.episode_id is not None:
+            with contextlib.suppress(Exception):
+                self._on_end(self.record())
 
     def _let_go(self, kernel: Kernel) -> None:
         """Hand a kernel back to its pool, or close it in the background."""

@@ -3,13 +3,15 @@
 The inspection API and the page show it, and a submit without code grades the code of the steps
 that ran ok, in order. A step whose record alone passes the byte budget keeps the head of each
 long text; older steps go first when the budget is full. Either way the history is then no longer
-complete, and a submit must carry its code. Imports only the standard library.
+complete, and a submit must carry its code. `Records` keeps ended episodes' records a while, for
+export. Imports only the standard library.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 MAX_ENTRIES = 100
@@ -90,3 +92,40 @@ class StepHistory:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self._entries[index][0]
+
+
+class Records:
+    """Records of ended episodes (`Episode.record()`: their metadata and step history), kept for
+    export for `ttl_s` after they end, within `budget_bytes` in all (the oldest go first)."""
+
+    def __init__(self, ttl_s: float, budget_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl_s, self.budget_bytes, self.clock = ttl_s, budget_bytes, clock
+        self._items: deque[tuple[float, int, dict[str, Any]]] = deque()  # (ended, size, record)
+        self.size = 0
+
+    def add(self, record: dict[str, Any]) -> None:
+        if not record.get("episode_id") or self.ttl_s <= 0:
+            return
+        size = weight(record) + _OVERHEAD
+        if size > self.budget_bytes:
+            return
+        self._items.append((self.clock(), size, record))
+        self.size += size
+        self._expire()
+
+    def find(self, key: str, owner: str | None) -> dict[str, Any] | None:
+        """The latest record whose session_id or episode_id is `key`, of `owner` (None: anyone's)."""
+        self._expire()
+        for _, _, record in reversed(self._items):
+            if (owner is None or record.get("owner") == owner) and key in (record.get("session_id"), record.get("episode_id")):
+                found: dict[str, Any] = record
+                return found
+        return None
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def _expire(self) -> None:
+        horizon = self.clock() - self.ttl_s
+        while self._items and (self._items[0][0] < horizon or self.size > self.budget_bytes):
+            self.size -= self._items.popleft()[1]

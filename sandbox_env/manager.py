@@ -29,6 +29,7 @@ from sandbox_env.grading.tasks import (
     parse_task,
     test_count,
 )
+from sandbox_env.history import Records
 from sandbox_env.kernels.base import Kernel
 from sandbox_env.kernels.demand import MB, MemoryBudget, StartLatency
 from sandbox_env.kernels.pool import KernelPool
@@ -59,6 +60,8 @@ class EpisodeManager:
         self.kernel_class: type[Kernel] = load_kernel_class(self.settings.backend)
         self.default_policy: Policy = load_policy(self.settings.policy)
         self.episodes: dict[int, Episode] = {}
+        # ended episodes, exportable a while (`record_ttl_s`) within `record_total_bytes`
+        self.records = Records(self.settings.record_ttl_s, self.settings.record_total_bytes)
         self._pools: dict[str, KernelPool] = {}
         self.pool_budget = MemoryBudget(self.settings.pool_memory_mb * MB)  # shared by every policy's pool
         self._policies: dict[str, Policy] = {self.default_policy.name: self.default_policy}
@@ -143,7 +146,8 @@ class EpisodeManager:
         self._admit(owner)
         episode = Episode(functools.partial(self._acquire, owner=owner), backend=self.settings.backend,
                           tasks=self.resolve_task, reward=self.settings.reward, owner=owner,
-                          history_bytes=self.history_budget, release=functools.partial(self._release, owner=owner))
+                          history_bytes=self.history_budget, release=functools.partial(self._release, owner=owner),
+                          on_end=self.records.add)
         self.episodes[id(episode)] = episode
         return episode
 

@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     history_bytes: int = Field(1 << 20, ge=4096, description="step history kept per episode (bytes)")
     history_total_bytes: int = Field(64 << 20, ge=4096, description="step history kept by the server; "
                                      "each episode gets at most this / max_sessions")
+    record_ttl_s: float = Field(900.0, ge=0, description="an ended episode (reset or closed) stays exportable "
+                                "this long (GET /episodes/{id}/notebook, /trace); 0: not at all")
+    record_total_bytes: int = Field(64 << 20, ge=0, description="records of ended episodes kept, in all "
+                                    "(the oldest go first)")
     header_timeout_s: float = Field(10.0, gt=0, description="a request's headers must arrive within this")
     max_header_bytes: int = Field(64 << 10, ge=1024, description="largest request head (line + headers)")
     body_timeout_s: float = Field(60.0, gt=0, description="a request's body must arrive within this of its headers")

@@ -12,6 +12,9 @@ never imported.
   `os._exit(n)` first sends what was written, then tells the server n and waits to be killed, so
   nothing flushed before it is lost.
 
+* The namespace is listed after every request (`inside/snapshot.py`: no code of the episode runs)
+  and sent as a `snapshot` note: inspection reads the server's copy, never asks the kernel.
+
 Notes travel on iopub as messages of type `NOTE`, parented to the current request. The episode's
 code can forge them; they only ever describe its own step.
 """
@@ -30,6 +33,7 @@ import time
 import warnings
 
 from sandbox_env.inside.procs import exit_status
+from sandbox_env.inside.snapshot import encoded
 
 NOTE = "sandbox_env"
 CHUNK = 1 << 16  # characters a stream holds before they are sent
@@ -328,6 +332,24 @@ def unblock_iopub(kernel: object) -> None:
     thread.schedule(nodrop)  # type: ignore[attr-defined]  # the socket belongs to iopub's thread
 
 
+def report_snapshots(meter: Meter) -> None:
+    """After each request: its namespace's variables (`snapshot.encoded`), as a note to the server."""
+    shell = meter.shell
+    namespace, hidden = shell.user_ns, shell.user_ns_hidden  # type: ignore[attr-defined]
+
+    def send_snapshot() -> None:
+        try:
+            data = encoded(namespace, hidden)
+        except BaseException:  # noqa: BLE001 - a recursion limit, say: no snapshot this time
+            return
+        try:
+            meter.note(shell.displayhook.parent_header, event="snapshot", data=data)  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001, S110 - the code broke the session: the server keeps the last one
+            pass
+
+    shell.events.register("post_execute", send_snapshot)  # type: ignore[attr-defined]
+
+
 def install(shell: object, limit: int) -> None:
     meter = Meter(shell, limit)
     if type(meter.streams[0]).__name__ == "OutStream":  # ipykernel's; else the server's count only
@@ -339,6 +361,7 @@ def install(shell: object, limit: int) -> None:
     unblock_iopub(meter.kernel)
     shell.events.register("pre_execute", meter.start)  # type: ignore[attr-defined]
     shell.events.register("post_execute", meter.stop)  # type: ignore[attr-defined]
+    report_snapshots(meter)
     for name in [n for n in sys.modules if n == "sandbox_env" or n.startswith("sandbox_env.")]:
         where = getattr(sys.modules[name], "__file__", None)
         if where is None or where.startswith("<"):  # the bundle's modules: the code may import its own

@@ -44,7 +44,9 @@ if TYPE_CHECKING:
     from typing import Any
 
 PACKAGE = "sandbox_env.inside"
-WORKER_MODULES = tuple(f"{PACKAGE}.{name}" for name in ("wire", "procs", "worker"))
+WORKER_MODULES = tuple(f"{PACKAGE}.{name}" for name in ("wire", "procs", "snapshot", "worker"))
+SNAPSHOT_BYTES = 64 << 10  # the worker's snapshot of its namespace passed on (the server bounds it again)
+EMPTY_SNAPSHOT = '{"variables":[],"total":0,"truncated":false}'  # a restarted worker's namespace
 IGNORED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM", "SIGTSTP",
            "SIGTTIN", "SIGTTOU")
 EXIT_ERROR, EXIT_TIMEOUT, EXIT_OUTPUT = 1, 124, 1
@@ -72,8 +74,40 @@ def probe() -> dict[str, Any]:
             **status}
 
 
+PROGRESS_S = 0.1  # a running step's new output goes to the server at most this often
+PROGRESS_CHARS = 64 << 10  # of each stream per progress frame (its tail: the server keeps a tail too)
+
+
+class Progress:
+    """A running step's output as it arrives, sent to the server in `progress` frames (the final
+    result still carries all of it): so inspection shows a step's output while it runs."""
+
+    def __init__(self, channel: Channel, request_id: object) -> None:
+        import codecs
+
+        self.channel, self.request_id = channel, request_id
+        self.decoders = {name: codecs.getincrementaldecoder("utf-8")("replace") for name in ("stdout", "stderr")}
+        self.pending = {"stdout": "", "stderr": ""}
+        self.sent_at = 0.0
+
+    def add(self, name: str, data: bytes) -> None:
+        text = self.pending[name] + self.decoders[name].decode(data)
+        self.pending[name] = text[-PROGRESS_CHARS:]
+
+    def flush(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not (self.pending["stdout"] or self.pending["stderr"]) or (not force and now - self.sent_at < PROGRESS_S):
+            return
+        frame = {"op": "progress", "id": self.request_id, **self.pending}
+        self.pending = {"stdout": "", "stderr": ""}
+        self.sent_at = now
+        self.channel.send(frame)
+
+
 class Supervisor:
     """Owns the channel and the worker; one request at a time."""
+
+    progress: Progress | None = None  # set while a step runs
 
     def __init__(self, config: dict[str, Any], closing: tuple[int, ...], zygote: Zygote) -> None:
         self.closing, self.zygote = closing, zygote
@@ -267,6 +301,9 @@ class Supervisor:
                 code = reply.get("exit_code")  # SystemExit(n): n, as the code asked
                 exit_code = (code if type(code) is int and 0 < code < 256 else EXIT_ERROR) if failed else 0
                 note = f"the interpreter's report was malformed ({', '.join(dropped)}): dropped" if dropped else ""
+                snapshot = reply.get("snapshot")
+                if type(snapshot) is str and len(snapshot) <= SNAPSHOT_BYTES:
+                    fields["snapshot"] = snapshot
                 return {**self.result("error" if failed else "ok", exit_code, out, err, note=note), **fields}
             status, exit_code, note = "output_limit", EXIT_OUTPUT, f"output passed {self.limit} bytes"
         elif ended is not None:
@@ -284,7 +321,7 @@ class Supervisor:
             status, exit_code, note = "timeout", EXIT_TIMEOUT, f"the step ran past its {timeout:g} s limit"
         self.restart()
         return self.result(status, exit_code, out, err, note=note + "; the interpreter was restarted "
-                           "(variables lost)")
+                           "(variables lost)", snapshot=EMPTY_SNAPSHOT)
 
     def ask(self, request: dict[str, Any]) -> None:
         """Send the worker a request, numbered: `wait` takes only the reply with that number, so a
@@ -322,6 +359,8 @@ class Supervisor:
                     streams[fd].write(data)
                     if out.total + err.total > self.limit:
                         return None, None
+                    if self.progress is not None:
+                        self.progress.add("stdout" if fd == self.out else "stderr", data)
                 else:
                     self.replies += data
                     reply, garbled = self.take_reply()
@@ -329,6 +368,8 @@ class Supervisor:
                         poller.unregister(fd)  # the worker is not trusted: its step will time out
                     elif reply is not None:
                         return reply, None
+            if self.progress is not None:
+                self.progress.flush()
             if check_exit and (ended := self.reap()) is not None:
                 drain(self.out, out, self.limit)
                 drain(self.err, err, self.limit)
@@ -563,7 +604,11 @@ def serve(channel: Channel, supervisor: Supervisor) -> None:
         supervisor.reap_orphans()
         op, result = request.get("op"), {}
         if op == "exec":
-            result = supervisor.execute(str(request["code"]), float(request["timeout"]))
+            supervisor.progress = Progress(channel, request.get("id"))
+            try:
+                result = supervisor.execute(str(request["code"]), float(request["timeout"]))
+            finally:
+                supervisor.progress = None
         elif op == "inspect":
             result = supervisor.inspect()
         elif op == "recycle":

@@ -25,6 +25,7 @@ import traceback
 import types
 
 from sandbox_env.inside.procs import exit_status
+from sandbox_env.inside.snapshot import encoded
 from sandbox_env.inside.wire import read_frame, write_frame
 
 TYPE_CHECKING = False  # typing costs 10 ms at container start; mypy reads this as True
@@ -137,7 +138,15 @@ class Worker:
         after = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = sum(a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime for a, b in zip(after, before))
         return {"status": "error" if exception else "ok", "exception": exception, "exit_code": exit_code,
-                "displays": self.displays, "cpu_time_s": round(cpu, 6), "peak_memory_mb": self.peak_mb()}
+                "displays": self.displays, "cpu_time_s": round(cpu, 6), "peak_memory_mb": self.peak_mb(),
+                "snapshot": self.snapshot()}
+
+    def snapshot(self) -> str | None:
+        """The namespace's variables after the step, listed without running its code (`inside/snapshot.py`)."""
+        try:
+            return encoded(self.ns)
+        except BaseException:  # noqa: BLE001 - a recursion limit, say: none this time
+            return None
 
     def reset_peak(self) -> None:
         """Restart the kernel's peak-RSS counter (VmHWM) so the peak is this step's."""

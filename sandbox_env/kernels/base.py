@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self
 from pydantic import BaseModel, ConfigDict
 
 from sandbox_env.errors import KernelUnavailableError
+from sandbox_env.kernels.inspection import LiveOutput
 from sandbox_env.models import ExecutionResult
 from sandbox_env.policy import Policy
 
@@ -75,6 +76,11 @@ class Kernel(abc.ABC):
         self.policy = policy
         self.config = config if config is not None else self.config_class()
         self.reuses = 0  # episodes served after the first (`recycle`): 0 for a kernel never used
+        # Inspection reads these, never the interpreter: the variables the sandbox's trusted code
+        # listed at the end of the last step (`kernels/inspection.py: parse_snapshot`; None: that
+        # step sent none), and the running step's output as it arrives (backends that stream).
+        self.snapshot: dict[str, Any] | None = None
+        self.live = LiveOutput()
         if type(self.config) is not self.config_class:  # another backend's options would be dropped
             raise TypeError(f"{type(self).__name__} takes a {self.config_class.__name__}, not {type(self.config).__name__}")
 
@@ -130,13 +136,20 @@ class Kernel(abc.ABC):
         it (`kernels/demand.py`), and uses the policy's limit instead of None."""
         return None
 
-    async def inspect(self) -> dict[str, Any]:
-        """Variables and resource use, for the inspection API; backends may override.
+    async def usage(self) -> dict[str, Any]:
+        """Resource use now, measured from outside (cgroup files; never a request to the
+        interpreter, so it answers at once while a step runs): `memory_mb`, `cpu_time_s`, None
+        where the backend cannot tell."""
+        memory = await self.memory_bytes()
+        return {"memory_mb": None if memory is None else round(memory / (1 << 20), 1), "cpu_time_s": None}
 
-        Keys every backend uses: `variables` (a list of `{"name", "type", "repr"}`),
-        `memory_mb`, `cpu_time_s`.
-        """
-        return {}
+    async def inspect(self) -> dict[str, Any]:
+        """What the inspection API shows of the kernel, without disturbing it: never a request to
+        the interpreter, never waiting for a running step. Keys every backend uses: `variables`
+        (the last snapshot's rows, `{"name", "type", "repr", "len"?}`), `memory_mb`, `cpu_time_s`;
+        backends add their own (a pid, a container)."""
+        rows = (self.snapshot or {}).get("variables") or []
+        return {"variables": rows, **await self.usage()}
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -34,8 +34,10 @@ import time
 from typing import Any, ClassVar
 
 from sandbox_env.errors import KernelDiedError, KernelError
+from sandbox_env.inside import snapshot
 from sandbox_env.kernels.base import Kernel, KernelConfig
 from sandbox_env.kernels.fake_step import Step, install_routers
+from sandbox_env.kernels.inspection import parse_snapshot
 from sandbox_env.kernels.programs import run_to_end
 from sandbox_env.models import ExecStatus, ExecutionResult
 from sandbox_env.policy import Policy
@@ -123,7 +125,9 @@ class FakeKernel(Kernel):
             finally:
                 self._running = None
             self.cpu_time_s += step.cpu_s
-            return step.outcome(timed_out=timed_out, wall_s=time.perf_counter() - started)
+            result = step.outcome(timed_out=timed_out, wall_s=time.perf_counter() - started)
+            self.snapshot = parse_snapshot(snapshot.encoded(self.namespace))  # as the real backends list it
+            return result
 
     async def _finished(self, done: asyncio.Future[None], limit: float) -> bool:
         try:
@@ -160,10 +164,8 @@ class FakeKernel(Kernel):
                 env = {**_PROGRAM_ENV, "HOME": workdir, "TMPDIR": workdir}
                 return await _run_program(source, stdin, timeout_s, workdir, env, self.policy)
 
-    async def inspect(self) -> dict[str, Any]:
-        variables = [{"name": name, "type": type(value).__name__, "repr": _short_repr(value)}
-                     for name, value in self.namespace.items() if not name.startswith("_")]
-        return {"variables": variables, "memory_mb": None, "cpu_time_s": self.cpu_time_s}
+    async def usage(self) -> dict[str, Any]:
+        return {"memory_mb": None, "cpu_time_s": self.cpu_time_s}
 
     def _check_usable(self) -> None:
         if self._closed or not self._started:
@@ -189,14 +191,6 @@ def _resolve(loop: asyncio.AbstractEventLoop, done: asyncio.Future[None]) -> Non
 
     with contextlib.suppress(RuntimeError):
         loop.call_soon_threadsafe(settle)
-
-
-def _short_repr(value: Any, limit: int = 1000) -> str:
-    try:
-        text = repr(value)
-    except Exception as exc:  # noqa: BLE001 - a broken __repr__ is the code's business
-        text = f"<repr failed: {type(exc).__name__}>"
-    return text[:limit]
 
 
 async def _run_program(source: str, stdin: bytes, timeout_s: float, workdir: str, env: dict[str, str],

@@ -9,6 +9,7 @@ from typing import Any
 from sandbox_env.inside import bundle
 from sandbox_env.inside.bounded import TRUNCATION_MARK, BoundedOutput
 from sandbox_env.inside.kernel_startup import NOTE
+from sandbox_env.kernels.inspection import SNAPSHOT_BYTES, LiveOutput, parse_snapshot
 from sandbox_env.models import DisplayOutput, ExceptionInfo, ExecStatus, ExecutionResult
 
 __all__ = ["TRUNCATION_MARK", "BoundedOutput", "KernelAnomaly", "OutputCapture", "StepCollector", "check_reply",
@@ -42,7 +43,7 @@ class OutputCapture:
 def kernel_shim(output_limit_bytes: int) -> str:
     """The kernel's start-up code (`inside/kernel_startup.py`) for one policy's output limit; it
     runs in the user namespace (`--IPKernelApp.exec_lines`) and leaves no name behind."""
-    return bundle("procs", "kernel_startup") + (
+    return bundle("procs", "snapshot", "kernel_startup") + (
         "__import__('sys').modules['sandbox_env.inside.kernel_startup']"
         f".install(get_ipython(), {int(output_limit_bytes)})\n")
 
@@ -143,8 +144,10 @@ class StepCollector:
     breaks the protocol, ends the step with `anomaly` set (the kernel is lost).
     """
 
-    def __init__(self, keep_bytes: int, hard_limit: int) -> None:
+    def __init__(self, keep_bytes: int, hard_limit: int, live: LiveOutput | None = None) -> None:
         self.out = OutputCapture(keep_bytes, hard_limit)
+        self.live = live  # watchers of the running step see each output as it arrives
+        self.snapshot_text: str | None = None  # the step's last snapshot note, parsed by `snapshot`
         self.hard_limit, self.foreign_bytes = hard_limit, 0  # messages answering no request of ours
         self.messages = 0  # each costs the server a parse, whatever its size
         self.keep_bytes = self.display_budget = keep_bytes
@@ -204,12 +207,16 @@ class StepCollector:
             self.exception = ExceptionInfo(type=ename[:200], message=message, traceback=text)
             if self.capturing:
                 self.out.write("stderr", (text or f"{self.exception.type}: {self.exception.message}") + "\n")
+                if self.live is not None:
+                    self.live.write("stderr", (text or f"{self.exception.type}: {self.exception.message}") + "\n")
             return False
         if kind == "stream":
             name, text = content.get("name"), content.get("text")
             _need(name in ("stdout", "stderr") and isinstance(text, str), "a malformed stream")
             if self.capturing:
                 self.out.write(name, text)  # type: ignore[arg-type]
+                if self.live is not None:
+                    self.live.write(name, text)  # type: ignore[arg-type]
         elif kind in RICH:
             data, metadata = _rich(content)
             count = content.get("execution_count")
@@ -220,6 +227,8 @@ class StepCollector:
                 return False
             if kind == "execute_result" and "text/plain" in data:
                 self.out.write("stdout", str(data["text/plain"]) + "\n")
+                if self.live is not None:
+                    self.live.write("stdout", str(data["text/plain"]) + "\n")
             if kind != "execute_result" or set(data) - {"text/plain"}:
                 self._display("execute_result" if kind == "execute_result" else "display_data", data, metadata)
         return False
@@ -228,6 +237,10 @@ class StepCollector:
         event, code = content.get("event"), content.get("code")
         if event == "output_limit":
             self.cut = True
+            return False
+        if event == "snapshot":  # the episode's to forge: only the last is kept, parsed once, bounded
+            data = content.get("data")
+            self.snapshot_text = data if type(data) is str and len(data) <= SNAPSHOT_BYTES else None
             return False
         _need(event in ("exit", "os_exit") and type(code) is int and 0 <= code <= 255, "a malformed note")
         self.exit_code = code
@@ -242,6 +255,13 @@ class StepCollector:
             self.dropped_displays += 1
             return
         self.displays.append(DisplayOutput(kind=kind, data=data, metadata=metadata))
+        if self.live is not None:
+            self.live.display(data, size)
+
+    @property
+    def snapshot(self) -> dict[str, Any] | None:
+        """The namespace's variables after the step, as the kernel's start-up code listed them."""
+        return parse_snapshot(self.snapshot_text)
 
     def status_from(self, reply: dict[str, Any] | None) -> ExecStatus:
         """The status of a step that ended normally, from its execute_reply (`check_reply`)."""

@@ -24,7 +24,7 @@ from sandbox_env._version import __version__
 from sandbox_env.errors import ConfigError, SandboxEnvError
 from sandbox_env.manager import EpisodeManager
 from sandbox_env.policy import available_policies
-from sandbox_env.server import mcp, routes, sandboxfusion, web, ws
+from sandbox_env.server import mcp, routes, sandboxfusion, watch, web, ws
 from sandbox_env.server.auth import TokenTable, admin_token, build_table
 from sandbox_env.server.guard import Guard, HostPolicy
 from sandbox_env.server.json_limits import MAX_JSON_NODES, json_cost_ok
@@ -273,6 +273,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(ws.router)
     app.include_router(web.router)
     app.include_router(sandboxfusion.router)  # /run_code, /submit
+    app.include_router(watch.router)
     return app
 
 

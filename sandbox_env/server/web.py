@@ -1,8 +1,9 @@
 """Per-episode inspection: JSON under `/episodes`, and a page at `/web` that renders it.
 
-The page is a Jinja2 template (autoescaped) plus a static script that polls the JSON routes and
-renders with `textContent` only, so output of the sandboxed code can never inject markup; the
-Content-Security-Policy allows no inline script and no other origin.
+The page is a Jinja2 template (autoescaped) plus a static script that follows an episode's event
+stream (`watch.py`) and renders with `textContent` only, images as `data:` URLs of an `<img>`
+(which runs no script), so output of the sandboxed code can never inject markup; the
+Content-Security-Policy allows no inline script and no other origin, images from `data:` only.
 """
 
 from __future__ import annotations
@@ -22,13 +23,12 @@ from sandbox_env.server.guard import tenant_of
 from sandbox_env.server.routes import json_dumps
 
 router = APIRouter()
-INSPECT_TIMEOUT_S = 3.0
 HERE = Path(__file__).parent
 TEMPLATES = Jinja2Templates(directory=HERE / "templates")  # autoescape on for .html
 STATIC_TYPES = {"episodes.js": "text/javascript", "episodes.css": "text/css"}
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
-                               "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+                               "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
                                "frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",  # the page's URL may carry ?token=
@@ -75,18 +75,12 @@ async def list_episodes(request: Request) -> dict[str, Any]:
 @router.get("/episodes/{episode_id}", tags=["Inspection"],
             summary="One episode: state, variables, resource use and step history")
 async def show_episode(episode_id: str, request: Request) -> Response:
-    """The history may hold up to `history_bytes`: it is encoded on a worker thread, so a large
-    one never stalls the event loop (and every other session's steps)."""
+    """Answers at once, a step running or not, and sends the interpreter nothing (`Episode.inspect`).
+    The history may hold up to `history_bytes`: it is encoded on a worker thread, so a large one
+    never stalls the event loop (and every other session's steps)."""
     episode = _find(request, episode_id)
-    details: dict[str, Any] = {"state": episode.state.model_dump(mode="json"), "kernel": {},
-                               "history": list(episode.history)}
-    if not episode.busy:  # a running step holds the interpreter: never wait for it here
-        try:
-            details = await asyncio.wait_for(episode.inspect(), INSPECT_TIMEOUT_S)
-        except (TimeoutError, Exception):  # noqa: BLE001 - inspection is best effort
-            pass
-    kernel = {"variables": [], **(details.get("kernel") or {})}
-    payload = {**details, "kernel": kernel, "summary": _summary(episode)}
+    details = await episode.inspect()
+    payload = {**details, "summary": _summary(episode)}
     body = await asyncio.to_thread(lambda: json_dumps(payload).encode("utf-8"))
     return Response(body, media_type="application/json")
 

@@ -43,7 +43,7 @@ async def test_repl_semantics_and_inspect(kernel) -> None:
     assert rich.displays and rich.displays[0].kind == "execute_result"
     assert rich.displays[0].data["text/html"] == "<b>hi</b>"
     info = await kernel.inspect()
-    assert {v["name"]: v for v in info["variables"]}["x"] == {"name": "x", "type": "list", "repr": "<list of 3>"}
+    assert {v["name"]: v for v in info["variables"]}["x"] == {"name": "x", "type": "list", "repr": "[1, 2, 3]", "len": 3}
     assert info["container_id"] == kernel.container_id and info["processes"] >= 2
 
 

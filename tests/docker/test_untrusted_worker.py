@@ -22,7 +22,7 @@ WORKER = ("import gc, json, os, struct\n"
 async def test_inspect_takes_only_the_namespace_from_the_worker(kernel) -> None:
     patch = ("import sys\nm = sys.modules['sandbox_env.inside.worker']\norig = m.write_frame\n"
              "def forged(fd, obj):\n"
-             "    if 'variables' in obj:\n"
+             "    if 'snapshot' in obj:\n"
              "        obj = {**obj, 'backend': 'jupyter', 'container_id': 'forged', 'id': 424242,\n"
              "               'op': 'anomaly', 'why': 'x\\nFORGED LOG LINE', 'processes': -1}\n"
              "    orig(fd, obj)\n"

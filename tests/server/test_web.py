@@ -6,6 +6,7 @@ import subprocess
 import tempfile
 
 import httpx
+from browser import browser
 
 from sandbox_env import SandboxEnv
 
@@ -46,7 +47,10 @@ async def test_episode_page_renders_in_chromium_without_injecting_output(live_se
         await env.reset(episode_id="inspect-page")
         await env.step("greeting = 'hello'\nprint('<b id=\"injected\">x</b>')")
         await env.step("1 / 0")
-        dom = rendered_dom(chromium, f"{live_server.url}/web/episodes/inspect-page?token={live_server.token}")
+        async with browser(chromium) as page:  # the page follows an event stream: watched live, not dumped
+            await page.goto(f"{live_server.url}/web/episodes/inspect-page?token={live_server.token}")
+            await page.wait_for("document.querySelectorAll('#history .step').length === 2", "both steps")
+            dom = await page.eval("document.documentElement.outerHTML")
         assert "greeting" in dom and "ZeroDivisionError" in dom
         # printed markup is shown as text, never parsed into the page
         assert '<b id="injected">' not in dom and '&lt;b id="injected"&gt;' in dom

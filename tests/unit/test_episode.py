@@ -231,10 +231,11 @@ async def test_infrastructure_failure_is_no_end(kernels: KernelSource) -> None:
 
 async def test_inspect(kernels: KernelSource) -> None:
     ep = episode(kernels)
-    assert (await ep.inspect())["kernel"] == {}
+    assert (await ep.inspect())["kernel"] == {"variables": []}
     await ep.step(CodeAction(code="answer = 42"))
     seen = await ep.inspect()
     assert {"name": "answer", "type": "int", "repr": "42"} in seen["kernel"]["variables"]
+    assert seen["snapshot_step"] == 1 and seen["running"] is None and seen["samples"]
     assert seen["history"][0]["code"] == "answer = 42" and seen["state"]["step_count"] == 1
     await ep.close()
 

@@ -48,7 +48,7 @@ def test_a_bundle_runs_in_a_bare_interpreter() -> None:
 
 def test_kernel_startup_bundle_loads_without_ipykernel() -> None:
     """The kernel's start-up code reaches ipykernel only at run time: its bundle loads bare."""
-    program = bundle("procs", "kernel_startup") + (
+    program = bundle("procs", "snapshot", "kernel_startup") + (
         "import sys\n"
         "startup = sys.modules['sandbox_env.inside.kernel_startup']\n"
         "print(startup.NOTE, 'ipykernel' in sys.modules, 'zmq' in sys.modules)\n")

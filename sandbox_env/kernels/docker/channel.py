@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from sandbox_env.errors import KernelUnavailableError
@@ -20,7 +21,7 @@ from sandbox_env.inside.wire import HEADER, KEY_SIZE, MAX_FRAME, TAG_SIZE, TO_SA
 
 logger = logging.getLogger(__name__)
 
-RUNNER_MODULES = ("bundle", "wire", "bounded", "procs", "slate", "untrusted", "worker", "zygote", "recycle", "runner")
+RUNNER_MODULES = ("bundle", "wire", "bounded", "procs", "slate", "untrusted", "snapshot", "worker", "zygote", "recycle", "runner")
 LARGE_FRAME = 256 << 10  # decoded and validated in a thread: the event loop stays free
 STDERR_LINES = 5  # per container: what the supervisor itself printed (a crash), escaped and cut
 STDERR_BYTES = 300
@@ -75,8 +76,10 @@ class Channel:
         self._send_plain(json.dumps(config).encode())
         self._send_plain(self._key)
 
-    async def request(self, message: dict[str, Any]) -> dict[str, Any]:
-        """Send one authenticated request; its reply must carry its id (and verify, in sequence)."""
+    async def request(self, message: dict[str, Any],
+                      progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Send one authenticated request; its reply must carry its id (and verify, in sequence).
+        `progress` frames that come first (a step's output so far) go to `progress`."""
         if self._writer is None:
             raise ConnectionError("no channel to the sandbox")
         request_id = self._sent + 1  # 0 is the ready frame's
@@ -84,6 +87,10 @@ class Channel:
         self._sent += 1
         await self._writer.drain()
         reply = await self.read_frame()
+        while reply.get("op") == "progress" and reply.get("id") == request_id:
+            if progress is not None:
+                progress(reply)
+            reply = await self.read_frame()
         if reply.get("op") == "anomaly":
             raise Anomaly(f"the supervisor rejected request {request_id}: {str(reply.get('why'))[:200]!r}")
         if reply.get("id") != request_id:

@@ -178,6 +178,52 @@ def memory_charge(container_id: str) -> int | None:
     return None
 
 
+CPU_CHARGE_FILES = (  # (path, field of a flat keyed file or None, unit in seconds)
+    ("/sys/fs/cgroup/cpuacct/docker/{id}/cpuacct.usage", None, 1e-9),
+    ("/sys/fs/cgroup/cpu,cpuacct/docker/{id}/cpuacct.usage", None, 1e-9),
+    ("/sys/fs/cgroup/cpuacct/system.slice/docker-{id}.scope/cpuacct.usage", None, 1e-9),
+    ("/sys/fs/cgroup/docker/{id}/cpu.stat", b"usage_usec", 1e-6),
+    ("/sys/fs/cgroup/system.slice/docker-{id}.scope/cpu.stat", b"usage_usec", 1e-6),
+)
+PIDS_FILES = (
+    "/sys/fs/cgroup/pids/docker/{id}/pids.current",
+    "/sys/fs/cgroup/pids/system.slice/docker-{id}.scope/pids.current",
+    "/sys/fs/cgroup/docker/{id}/pids.current",
+    "/sys/fs/cgroup/system.slice/docker-{id}.scope/pids.current",
+)
+
+
+def cpu_charge(container_id: str) -> float | None:
+    """CPU seconds the container's processes used, from the host's cgroup files (None: not in view)."""
+    for pattern, field, unit in CPU_CHARGE_FILES:
+        try:
+            with open(pattern.format(id=container_id), "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        try:
+            if field is None:
+                return int(data) * unit
+            for line in data.splitlines():
+                key, _, value = line.partition(b" ")
+                if key == field:
+                    return int(value) * unit
+        except ValueError:
+            return None
+    return None
+
+
+def process_count(container_id: str) -> int | None:
+    """Processes (tasks) in the container's pids cgroup, from the host's cgroup files."""
+    for pattern in PIDS_FILES:
+        try:
+            with open(pattern.format(id=container_id), "rb") as f:
+                return int(f.read())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def remove_container(client: docker.DockerClient, container_id: str, wait_s: float = 10.0) -> bool:
     """Kill and remove; when the daemon is already auto-removing it, wait until it is gone.
     False when the daemon failed (5xx: say, shutting down) and a later try may succeed;

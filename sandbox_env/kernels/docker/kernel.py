@@ -18,7 +18,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import docker
@@ -33,10 +33,12 @@ from sandbox_env.kernels.docker.config import DockerConfig
 from sandbox_env.kernels.docker.containers import (
     cleanup_orphans,
     container_options,
+    cpu_charge,
     death_status,
     default_image,
     default_owner,
     memory_charge,
+    process_count,
     remove_container,
     server_instance,
     stopped_from_outside,
@@ -44,6 +46,7 @@ from sandbox_env.kernels.docker.containers import (
 )
 from sandbox_env.kernels.docker.daemon import DAEMON_WAIT_S, backoff, call_in_pool, daemon_unreachable, get_client
 from sandbox_env.kernels.docker.recycling import make_slate, unfit
+from sandbox_env.kernels.inspection import parse_snapshot
 from sandbox_env.models import ExecStatus, ExecutionResult
 from sandbox_env.policy import Policy
 
@@ -253,7 +256,8 @@ class DockerKernel(Kernel):
     async def execute(self, code: str, *, timeout_s: float | None = None) -> ExecutionResult:
         timeout = float(timeout_s or self.policy.timeout_s)
         async with self._lock:
-            result = await self._exchange({"op": "exec", "code": code, "timeout": timeout}, timeout + HOST_GRACE_S)
+            result = await self._exchange({"op": "exec", "code": code, "timeout": timeout}, timeout + HOST_GRACE_S,
+                                          progress=self._progress)
             result.execution_count = self.execution_count
             return result
 
@@ -265,7 +269,14 @@ class DockerKernel(Kernel):
                        "timeout": float(timeout_s)}
             return await self._exchange(request, timeout_s + HOST_GRACE_S + PROGRAM_MARGIN_S)
 
-    async def _exchange(self, request: dict[str, Any], budget_s: float) -> ExecutionResult:
+    def _progress(self, frame: dict[str, Any]) -> None:
+        """A running step's output so far, for inspection (bounded by `LiveOutput`)."""
+        for name in ("stdout", "stderr"):
+            if type(frame.get(name)) is str:
+                self.live.write(name, frame[name])
+
+    async def _exchange(self, request: dict[str, Any], budget_s: float,
+                        progress: Callable[[dict[str, Any]], None] | None = None) -> ExecutionResult:
         """One request and its result. Whatever the code did comes back as a result; what was done
         to the sandbox from outside (a kill, stop or pause the daemon logged), or a frame the
         supervisor cannot have sent, raises a retryable KernelDiedError."""
@@ -275,7 +286,7 @@ class DockerKernel(Kernel):
         try:
             channel = self._live_channel()
             async with asyncio.timeout(budget_s):  # no extra task, unlike wait_for
-                reply = await channel.request(request)
+                reply = await channel.request(request, progress)
             result = await self._result(reply, channel.last_frame_size)
         except Anomaly as exc:
             raise await self._anomaly(exc) from exc
@@ -296,6 +307,7 @@ class DockerKernel(Kernel):
 
     async def _result(self, reply: dict[str, Any], size: int) -> ExecutionResult:
         tampered = reply.pop("tampered", None)
+        self.snapshot = parse_snapshot(reply.pop("snapshot", None))  # the sandbox's to forge: bounded
         fields = {k: v for k, v in reply.items() if k not in ("op", "id")}
         result = (await asyncio.to_thread(ExecutionResult.model_validate, fields) if size > LARGE_FRAME
                   else ExecutionResult.model_validate(fields))  # a big reply is parsed off the event loop
@@ -339,25 +351,20 @@ class DockerKernel(Kernel):
             return True
         return await call_in_pool(stopped_from_outside, self._client or get_client(), self.container_id, since)
 
+    async def usage(self) -> dict[str, Any]:
+        """The container's memory and CPU charge, from the host's cgroup files: no request to the
+        sandbox, so it answers while a step runs."""
+        if self.container_id is None:
+            return {"memory_mb": None, "cpu_time_s": None}
+        memory = memory_charge(self.container_id)
+        return {"memory_mb": None if memory is None else round(memory / (1 << 20), 1),
+                "cpu_time_s": cpu_charge(self.container_id), "processes": process_count(self.container_id)}
+
     async def inspect(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"backend": self.name, "kernel_id": self.kernel_id, "image": self.image,
-                                "container_id": self.container_id, "policy": self.policy.name,
-                                "execution_count": self.execution_count, "probe": self.probe}
-        if self._lock.locked() or not self.is_alive() or self._boot_task is not None:
-            return {**info, "variables": [], "busy": self._lock.locked()}
-        async with self._lock:
-            try:
-                reply = await asyncio.wait_for(self._live_channel().request({"op": "inspect"}), 5.0)
-            except Anomaly as exc:
-                await self._anomaly(exc)
-                return {**info, "variables": []}
-            except (TimeoutError, asyncio.IncompleteReadError, OSError, ValueError):
-                self._schedule_boot()
-                return {**info, "variables": []}
-        variables = reply.get("variables") if isinstance(reply.get("variables"), dict) else {}
-        return {**info, "memory_mb": reply.get("memory_mb"), "cpu_time_s": reply.get("cpu_time_used_s"),
-                "processes": reply.get("processes"),
-                "variables": [{"name": name, **row} for name, row in variables.items() if isinstance(row, dict)]}
+        """The last step's snapshot and resource use now; nothing is asked of the sandbox."""
+        return {**await super().inspect(), "backend": self.name, "kernel_id": self.kernel_id, "image": self.image,
+                "container_id": self.container_id, "policy": self.policy.name,
+                "execution_count": self.execution_count, "probe": self.probe, "busy": self._lock.locked()}
 
     async def memory_bytes(self) -> int | None:
         """The container's memory cgroup charge, from the host's cgroup files (`memory_charge`)."""

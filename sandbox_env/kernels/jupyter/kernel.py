@@ -39,7 +39,7 @@ from sandbox_env.kernels.jupyter.config import JupyterConfig
 from sandbox_env.kernels.jupyter.limits import MB, Confinement, Limits
 from sandbox_env.kernels.jupyter.process import RELAY_TASKS, KernelProcess, connect, kernel_env, log_tail, spawn, unwatch, zmq_context
 from sandbox_env.kernels.jupyter.programs import run_sandboxed
-from sandbox_env.kernels.jupyter.steps import INSPECT_EXPR, drain_iopub, final_exit_status, parse_variables, read_reply, read_step, verdict
+from sandbox_env.kernels.jupyter.steps import final_exit_status, read_reply, read_step, verdict
 from sandbox_env.kernels.output import KernelAnomaly, StepCollector, kernel_shim
 from sandbox_env.models import ExecStatus, ExecutionResult
 from sandbox_env.policy import Policy
@@ -294,7 +294,7 @@ class JupyterKernel(Kernel):
         loop = asyncio.get_running_loop()
         kc, conf = cur.kc, cur.conf
         assert kc is not None
-        step = StepCollector(self.policy.output_bytes, self.policy.output_limit_bytes)
+        step = StepCollector(self.policy.output_bytes, self.policy.output_limit_bytes, live=self.live)
         if self._note:
             step.out.write("stderr", self._note)
             self._note = ""
@@ -323,6 +323,8 @@ class JupyterKernel(Kernel):
             step.out.write("stderr", f"[sandbox-env] step stopped: output exceeded "
                            f"{self.policy.output_limit_bytes} bytes.\n")
         cpu1, peak = conf.cpu_time_s(), conf.peak_memory_bytes()
+        # a lost kernel is replaced: its successor's namespace is empty
+        self.snapshot = {"variables": [], "total": 0, "truncated": False} if lost else step.snapshot
         if lost:
             await asyncio.to_thread(conf.kill_all)  # now, not later: nothing of it keeps running
             if not self._closed and self._cur is cur:
@@ -363,26 +365,20 @@ class JupyterKernel(Kernel):
                 self._program_running = False
                 self._free_lease()
 
+    async def usage(self) -> dict[str, Any]:
+        """The confinement's memory charge and CPU time: file reads, no request to the kernel."""
+        cur = self._cur
+        if cur is None:
+            return {"memory_mb": None, "cpu_time_s": None}
+        memory = cur.conf.memory_bytes()
+        return {"memory_mb": None if memory is None else round(memory / MB, 1), "cpu_time_s": cur.conf.cpu_time_s()}
+
     async def inspect(self) -> dict[str, Any]:
-        """Variables of the namespace and resource use, in one silent request."""
-        async with self._lock:
-            cur = await self._ready()
-            assert cur.kc is not None
-            msg_id = cur.kc.execute("", silent=True, store_history=False, allow_stdin=False,
-                                    user_expressions={"v": INSPECT_EXPR})
-            try:
-                reply = await read_reply(cur.kc, msg_id, end=asyncio.get_running_loop().time() + 5.0)
-            except KernelAnomaly as exc:  # the kernel is lost: the next step gets a fresh one
-                logger.warning("kernel %s broke the protocol (%s); replaced", self.id, exc)
-                reply = None
-                if not self._closed and self._restart is None and self._cur is cur:
-                    self._note = f"[sandbox-env] the kernel broke the message protocol ({exc}); it was restarted.\n"
-                    self._schedule_restart()
-            await drain_iopub(cur.kc)
-            memory = cur.conf.memory_bytes()
-            return {"variables": parse_variables(reply), "cpu_time_s": cur.conf.cpu_time_s(),
-                    "memory_mb": None if memory is None else round(memory / MB, 1),
-                    "pid": cur.proc.pid if cur.proc else None, "limits": cur.conf.mechanism}
+        """The last step's snapshot of the namespace and resource use now: nothing is sent to the
+        kernel and nothing waits for a running step (the snapshot came with the step's messages)."""
+        cur = self._cur
+        return {**await super().inspect(), "pid": cur.proc.pid if cur is not None and cur.proc else None,
+                "limits": None if cur is None else cur.conf.mechanism}
 
     async def memory_bytes(self) -> int | None:
         """The confinement's charge: its cgroup's, else the kernel's RSS (a file read)."""

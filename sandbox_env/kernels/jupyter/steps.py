@@ -1,17 +1,14 @@
 """What a kernel sends back for a request: a step's messages read to their end, its execute_reply,
-how it ended (the verdict told in its output), and the namespace inspection's one expression.
+and how it ended (the verdict told in its output).
 
 Whatever the kernel answers, the server reads a bounded amount and never trusts its parsing."""
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import json
 import logging
 import queue
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -28,28 +25,6 @@ from sandbox_env.models import ExecStatus
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.2  # how often a silent step checks that the kernel process is alive
-# One expression, evaluated through user_expressions: no extra request, no history entry.
-INSPECT_EXPR = (
-    "__import__('base64').b64encode(__import__('json').dumps([(k, type(v).__name__, "
-    "__import__('reprlib').repr(v)) for k, v in list(get_ipython().user_ns.items()) if not k.startswith('_') "
-    "and k not in get_ipython().user_ns_hidden and not isinstance(v, type(__import__('sys')))]).encode())"
-)
-# What the server accepts back: the repr of base64 text, checked by one regex before any parsing
-# (the kernel's code may have replaced json or base64 to answer anything).
-INSPECT_REPLY = re.compile(r"b'([A-Za-z0-9+/]*={0,2})'")
-INSPECT_MAX = 1 << 20
-
-
-def parse_variables(reply: dict[str, Any] | None, rows_max: int = 1000, chars: int = 1000) -> list[dict[str, str]]:
-    """The rows of INSPECT_EXPR; whatever the kernel answered, a bounded list of strings."""
-    try:
-        text = reply["content"]["user_expressions"]["v"]["data"]["text/plain"]  # type: ignore[index]
-        match = INSPECT_REPLY.fullmatch(text) if isinstance(text, str) and len(text) <= INSPECT_MAX else None
-        rows = json.loads(base64.b64decode(match.group(1))) if match else []
-        return [{"name": n[:chars], "type": t[:chars], "repr": r[:chars]} for n, t, r in rows[:rows_max]
-                if isinstance(n, str) and isinstance(t, str) and isinstance(r, str)]
-    except Exception:  # noqa: BLE001 - malformed, deep, huge: no variables
-        return []
 
 
 async def read_step(cur: KernelProcess, step: StepCollector, msg_id: str, deadline: float, grace_s: float,
