@@ -81,10 +81,13 @@ def _bounded(text: str, keep_bytes: int) -> str:
 # The in-kernel meter sends a stream every 64 KiB or 0.2 s: a step's honest messages number in the
 # hundreds to low thousands.
 MAX_MESSAGES = 20_000
+# A display offers one representation per MIME type: a handful (IPython's richest objects have 8).
+MAX_MIME_TYPES = 32
 
 
 def _size(data: dict[str, Any]) -> int:
-    return sum(len(v) if isinstance(v, (str, bytes)) else len(str(v)) for v in data.values())
+    """What a mapping from the kernel costs to keep: its keys as much as its values."""
+    return sum(len(k) + (len(v) if isinstance(v, (str, bytes)) else len(str(v))) for k, v in data.items())
 
 
 def _shallow(value: Any) -> bool:
@@ -130,6 +133,7 @@ def _rich(content: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     data, metadata = content.get("data"), content.get("metadata") or {}
     _need(isinstance(data, dict) and all(isinstance(k, str) for k in data), "a display without a data object")
     _need(isinstance(metadata, dict), "a display with malformed metadata")
+    _need(len(data) <= MAX_MIME_TYPES and len(metadata) <= MAX_MIME_TYPES, "a display with too many keys")
     _need(_shallow(data) and _shallow(metadata), "a display nested too deep")
     return data, metadata
 
@@ -248,7 +252,7 @@ class StepCollector:
         return self.exited
 
     def _display(self, kind: str, data: dict[str, Any], metadata: dict[str, Any]) -> None:
-        size = _size(data)
+        size = _size(data) + _size(metadata)
         self.out.extra += size
         self.display_bytes += size
         if self.display_bytes > self.display_budget:

@@ -67,6 +67,19 @@ async def test_rich_outputs_count(make_kernel: KernelFactory) -> None:
     assert (await kernel.execute("print(len(_))")).stdout == "50000000\n"  # the kernel lived on
 
 
+
+async def test_the_keys_of_a_rich_output_count_like_its_values(make_kernel: KernelFactory) -> None:
+    """A bundle's MIME types are the kernel's to name: megabytes of key weigh what megabytes of
+    value do, against what the observation keeps and against the hard limit."""
+    kernel = await make_kernel(output_bytes=100_000, output_limit_bytes=20_000_000)
+    result = await kernel.execute("from IPython.display import display\nfor i in range(6):\n"
+                                  "    display({'k%d-' % i + 'K' * 1_000_000: '', 'text/plain': 'd%d' % i}, raw=True)")
+    kept = sum(len(key) + len(str(value)) for d in result.displays for key, value in d.data.items())
+    assert kept <= 100_000 and result.status is ExecStatus.OK, (kept, result.status)
+    many = await kernel.execute("from IPython.display import display\n"
+                                "display({f'type/{i}': 'x' for i in range(1000)}, raw=True)")
+    assert many.status is ExecStatus.KILLED, many  # no honest display has a thousand representations
+
 FORGE = (
     "import time\n"
     "kernel = get_ipython().kernel\n"
