@@ -84,6 +84,13 @@ async def wait_for(predicate: Callable[[], Awaitable[bool]], what: str, bound_s:
         await asyncio.sleep(0.05)
 
 
+def parent_pid(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def leftovers(pid: int) -> list[str]:
     """Everything that still names the server `pid`: containers, cgroups, work dirs, daemons."""
     found: list[str] = []
@@ -107,6 +114,7 @@ def leftovers(pid: int) -> list[str]:
                 cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
                 if cmdline[:2] == [b"sleep", DAEMON_MARK.encode()]:
                     found.append(f"process {entry} (sleep {DAEMON_MARK})")
-                if any(arg.startswith(b'{"server": %d,' % pid) for arg in cmdline):
+                if any(arg.startswith(b'{"server": %d,' % pid) for arg in cmdline) and parent_pid(int(entry)) != pid:
+                    # forked from a template of the server's (the templates themselves, its children, serve it)
                     found.append(f"process {entry} (forked from the server's kernel template)")
     return found

@@ -48,7 +48,8 @@ def kernel_processes(root: str) -> set[int]:
 
 
 def jupyter_kernel(server_pid: int) -> tuple[int, str]:
-    """(pid of the ipykernel process, its kernel folder) of the server's only kernel."""
+    """(pid of the ipykernel process, its kernel folder) of the server's only kernel: one bwrap
+    started, or one forked from the kernel template into the sandbox a bwrap holds."""
     kernels = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -59,8 +60,26 @@ def jupyter_kernel(server_pid: int) -> tuple[int, str]:
                     and any(f"sandbox-env-{server_pid}-".encode() in a for a in argv):  # not its bwrap
                 connection = argv[argv.index(b"-f") + 1].decode()  # <root>/k<n>/kernel-<n>.json
                 kernels.append((int(entry), str(Path(connection).parent.parent)))
+            elif argv[-3:-1] == [b"sleep", b"infinity"] and b"--bind" in argv \
+                    and f"sandbox-env-{server_pid}-".encode() in argv[argv.index(b"--bind") + 1]:
+                continue  # bwrap itself: the holder is below it
+            elif argv[:2] == [b"sleep", b"infinity"]:
+                kernels += forked_kernel(int(entry), server_pid)
     assert len(kernels) == 1, kernels
     return kernels[0]
+
+
+def forked_kernel(holder: int, server_pid: int) -> list[tuple[int, str]]:
+    """The kernel in the pid namespace of `holder` (a sandbox's `sleep infinity`), if the server's."""
+    namespace = os.readlink(f"/proc/{holder}/ns/pid")
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError):
+            if entry.isdigit() and int(entry) != holder and os.readlink(f"/proc/{entry}/ns/pid") == namespace \
+                    and Path(f"/proc/{entry}/comm").read_text().startswith("python"):
+                cwd = os.readlink(f"/proc/{entry}/cwd")  # <root>/work, the same path inside
+                if f"sandbox-env-{server_pid}-" in cwd:
+                    return [(int(entry), str(Path(cwd).parent))]
+    return []
 
 
 def docker_container(client: object, server_pid: int) -> str:
