@@ -133,7 +133,8 @@ class EpisodeManager:
         self._admit(owner)
         episode = Episode(functools.partial(self._acquire, owner=owner), backend=self.settings.backend,
                           tasks=self.resolve_task, reward=self.settings.reward, owner=owner,
-                          history_bytes=self.history_budget, release=functools.partial(self._release, owner=owner))
+                          history_bytes=self.history_budget, release=functools.partial(self._release, owner=owner),
+                          id_prefix=self.settings.id_prefix())
         self.episodes[id(episode)] = episode
         return episode
 

@@ -13,8 +13,14 @@ function table(rows, cols) { const t = el("table"), h = el("tr");
 async function renderList(root) {
   const data = await (await fetch("/episodes")).json();
   document.getElementById("title").textContent = `${data.active}/${data.capacity} sessions`;
-  root.replaceChildren(table(data.episodes, ["id","owner","backend","policy","step_count",
-    "last_status","last_exit_code","busy","age_s","idle_s"]));
+  // A farm (replicas behind a gateway): each replica's load and capacity, and who holds what.
+  const farm = (data.replicas || []).length > 1 || (data.replica && data.replica.replica !== "local");
+  const cols = ["id","owner","backend","policy","step_count","last_status","last_exit_code","busy","age_s","idle_s"];
+  const parts = [];
+  if (farm) { const f = table(data.replicas, ["replica","status","active","capacity"]); f.id = "replicas";
+    parts.push(el("h2", `${data.replicas.length} replicas`), f, el("h2", "Episodes")); cols.splice(1, 0, "replica"); }
+  parts.push(table(data.episodes, cols));
+  root.replaceChildren(...parts);
   if (!data.episodes.length) root.appendChild(el("p", "No live episodes.", "muted"));
 }
 async function renderDetail(root) {
