@@ -85,10 +85,12 @@ def build_farm_image(name: str, *, client: Any, force: bool = False, mirror: str
 def build_wheels(dest: Path) -> None:
     """Every wheel the server image installs: this checkout's package with its server and docker
     extras and their dependencies (pinned by constraints.txt), plus pip itself to install them."""
+    from pip import __version__ as pip_version
+
     dest.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check",
             "--wheel-dir", str(dest), "--constraint", str(REPO / "constraints.txt"),
-            f"{REPO}[server,docker]", "pip"]
+            f"{REPO}[server,docker]", f"pip=={pip_version}"]  # the host's own pip, pinned
     log.info("pip wheel %s[server,docker] (constraints.txt)", REPO)
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     if proc.returncode != 0:

@@ -5,5 +5,5 @@ set -eu
 umask 077
 printf '%s' "${SANDBOX_ENV_TOKEN:?the farm token (SANDBOX_ENV_TOKEN) is missing}" > /tmp/farm-token
 unset SANDBOX_ENV_TOKEN
-exec /usr/bin/prometheus --config.file=/etc/prometheus/prometheus.yml --storage.tsdb.path=/prometheus \
+exec /usr/bin/prometheus --config.file=/etc/prometheus/prometheus.yml --storage.tsdb.path=/tmp/prometheus \
      --storage.tsdb.retention.time=2d --web.listen-address=:9090 "$@"

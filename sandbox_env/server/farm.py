@@ -24,7 +24,7 @@ from sandbox_env.settings import Settings
 log = logging.getLogger(__name__)
 
 FORWARDED = "x-sandbox-env-farm"  # value: the sending replica's name
-PASSED = ("authorization", "cookie", "accept")  # what a forwarded request keeps of the caller's
+PASSED = ("authorization", "cookie", "accept", "content-type")  # what a forwarded request keeps of the caller's
 PEER_TIMEOUT_S = 5.0  # an inspection waits up to 3 s for a busy kernel, plus the hop
 DNS_TIMEOUT_S = 2.0
 
@@ -66,14 +66,15 @@ class Farm:
         addresses = sorted({str(info[4][0]) for info in found} - own)
         return [f"[{ip}]:{self.port}" if ":" in ip else f"{ip}:{self.port}" for ip in addresses]
 
-    async def send(self, request: Request, address: str, method: str, path: str) -> httpx.Response | None:
-        """`method path` (with the request's query) on a peer, with the caller's credentials;
-        None when the peer cannot be reached."""
+    async def send(self, request: Request, address: str, method: str, path: str,
+                   body: bytes | None = None) -> httpx.Response | None:
+        """`method path` (with the request's query, and `body`) on a peer, with the caller's
+        credentials; None when the peer cannot be reached."""
         headers = {k: v for k, v in request.headers.items() if k in PASSED}
         headers[FORWARDED] = self.name
         try:
             reply = await self._client.request(method, f"http://{address}{path}", params=request.query_params,
-                                               headers=headers)
+                                               headers=headers, content=body)
         except httpx.HTTPError as exc:
             log.info("farm: %s %s on %s failed: %s", method, path, address, exc)
             return None
@@ -97,13 +98,9 @@ class Farm:
         if owner == self.name:
             return None
         path = request.url.path
-        if owner is not None:
-            if owner not in self.names:
-                await self.gather(request, "/farm/replica")  # learn the names of new replicas
-            address = self.names.get(owner)
-            if address is not None:
-                reply = await self.send(request, address, request.method, path)
-                return _relay(reply) if reply is not None else None
+        if owner is not None and (address := await self.address_of(request, owner)) is not None:
+            reply = await self.send(request, address, request.method, path)
+            return _relay(reply) if reply is not None else None
         # A client's own episode_id: ask every replica, then act on the one that has it.
         probe = f"/episodes/{episode_id}"
         holders = [address for address, reply in await self.gather(request, probe)
@@ -115,6 +112,25 @@ class Farm:
         if not holders:
             return None
         reply = await self.send(request, holders[0], request.method, path)
+        return _relay(reply) if reply is not None else None
+
+
+    async def address_of(self, request: Request, replica: str) -> str | None:
+        """A peer's address by its name; the names of new replicas are learnt by asking them all."""
+        if replica not in self.names:
+            await self.gather(request, "/farm/replica")
+        return self.names.get(replica)
+
+    async def to_owner(self, request: Request, session_id: str, body: bytes) -> Response | None:
+        """An MCP call on another replica's session (`<replica>.<hex>`, made by the server), sent
+        there with its body; None to answer here."""
+        owner = session_id.split(".", 1)[0] if "." in session_id else None
+        if self.forwarded(request) or owner is None or owner == self.name:
+            return None
+        address = await self.address_of(request, owner)
+        if address is None:
+            return None
+        reply = await self.send(request, address, request.method, request.url.path, body)
         return _relay(reply) if reply is not None else None
 
 
