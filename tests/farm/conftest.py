@@ -43,3 +43,10 @@ def farm(request: pytest.FixtureRequest, farm_images: None, tmp_path_factory: py
     else:
         with swarm_farm(tmp) as running:
             yield running
+
+
+@pytest.fixture(autouse=True)
+def _both_replicas_ready(request: pytest.FixtureRequest) -> None:
+    """Each test starts on a farm of two ready replicas (a test before it may have loaded it)."""
+    if "farm" in request.fixturenames:
+        request.getfixturevalue("farm").wait_ready()

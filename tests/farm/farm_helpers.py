@@ -166,6 +166,8 @@ def swarm_farm(tmp: Path) -> Iterator[Farm]:
     finally:
         with contextlib.suppress(Exception):
             farm.replicas()
+        # What Swarm did to the tasks (a replaced replica says why), shown with a failure.
+        print(docker("stack", "ps", "--no-trunc", "--format", "{{.Name}} {{.CurrentState}} {{.Error}}", stack, check=False))
         run(["docker", "stack", "rm", stack], env, check=False)
         try:
             assert_nothing_left(farm)
