@@ -32,7 +32,7 @@ from sandbox_env.models import (
 # (policy name or None for the default) -> a started kernel, never used or recycled (`Kernel.recycle`)
 KernelSource = Callable[[str | None], Awaitable[Kernel]]
 # takes back a kernel whose episode is over (to recycle or close it); never waits
-KernelSink = Callable[[Kernel], None]
+KernelSink = Callable[[Kernel], bool]  # True: it took the kernel (the pool recycles it)
 # (task_id, inline task, policy name) -> the task; raises TaskNotFoundError / TaskError
 TaskResolver = Callable[[str | None, Any, str | None], Task]
 HISTORY_BYTES = 1 << 20  # default budget of one episode's step history (Settings.history_bytes)
@@ -208,16 +208,13 @@ class Episode:
             return
         self._closed = True
         kernel, self._kernel = self._kernel, None
-        if kernel is not None and self._release is not None and kernel.recycles:
-            self._release(kernel)
-        elif kernel is not None:
+        if kernel is not None and not (self._release is not None and self._release(kernel)):
             await kernel.close()
         await asyncio.gather(*self._closing, return_exceptions=True)
 
     def _let_go(self, kernel: Kernel) -> None:
         """Hand a kernel back to its pool, or close it in the background."""
-        if self._release is not None and kernel.recycles:
-            self._release(kernel)
+        if self._release is not None and self._release(kernel):
             return
         self._closing.add(asyncio.create_task(kernel.close()))
         self._closing = {t for t in self._closing if not t.done()}

@@ -30,6 +30,7 @@ from sandbox_env.grading.tasks import (
     test_count,
 )
 from sandbox_env.kernels.base import Kernel
+from sandbox_env.kernels.demand import MB, MemoryBudget, StartLatency
 from sandbox_env.kernels.pool import KernelPool
 from sandbox_env.kernels.registry import load_kernel_class
 from sandbox_env.models import Grading
@@ -42,6 +43,14 @@ log = logging.getLogger(__name__)
 _LIVE_MANAGERS: dict[type[Kernel], int] = {}
 
 
+class OneShot:
+    """A kernel lent for one-shot work (`EpisodeManager.one_shot`); `keep = False`: close it after."""
+
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+        self.keep = True
+
+
 class EpisodeManager:
     """Capacity counts every open episode, WebSocket sessions and stateless HTTP calls alike."""
 
@@ -51,6 +60,7 @@ class EpisodeManager:
         self.default_policy: Policy = load_policy(self.settings.policy)
         self.episodes: dict[int, Episode] = {}
         self._pools: dict[str, KernelPool] = {}
+        self.pool_budget = MemoryBudget(self.settings.pool_memory_mb * MB)  # shared by every policy's pool
         self._policies: dict[str, Policy] = {self.default_policy.name: self.default_policy}
         self._reaper: asyncio.Task[None] | None = None
         self.draining = False
@@ -209,6 +219,20 @@ class EpisodeManager:
                 reward_policy(reward)
             except ConfigError as exc:
                 raise TaskError(exc.message) from exc
+        async with self.one_shot(policy, owner) as lease:
+            result = await grade(lease.kernel, task, submission,
+                                 reward=choose_reward(task, reward, self.settings.reward))
+            lease.keep = result.status == "graded"
+        return result
+
+    @contextlib.asynccontextmanager
+    async def one_shot(self, policy: str | None = None, owner: str = "") -> AsyncIterator[OneShot]:
+        """A warm kernel for one-shot work through `run_program` (a grading, a `/run_code`): the
+        stashed one of (policy, owner) if alive, else one from the pool. It counts toward capacity
+        and `owner`'s session and grading quotas while held. Afterwards it is stashed for the next
+        one-shot (run_program leaves a clean slate: no process, no file) unless the holder set
+        `keep = False`, it died, or the server drains; on an exception it is closed."""
+        self.admit_grading(owner)
         name = self.policy(policy).name
         self.grading += 1
         self.gradings[owner] = self.gradings.get(owner, 0) + 1
@@ -223,8 +247,8 @@ class EpisodeManager:
                     await candidate.close()
             if kernel is None:
                 kernel = await self._acquire(name, owner)
-            result = await grade(kernel, task, submission,
-                                 reward=choose_reward(task, reward, self.settings.reward))
+            lease = OneShot(kernel)
+            yield lease
         except BaseException:
             if kernel is not None:
                 await kernel.close()
@@ -234,16 +258,12 @@ class EpisodeManager:
             self.gradings[owner] -= 1
             if not self.gradings[owner]:
                 del self.gradings[owner]
-        # run_program leaves a clean slate (no process, no file), so the kernel may grade again.
-        if result.status != "graded" or not kernel.is_alive() or self.draining:
+        if not lease.keep or not kernel.is_alive() or self.draining:
             await kernel.close()
         elif len(stash) < self.settings.grader_stash:
             stash.append(kernel)
-        elif kernel.recycles:
-            self._release(kernel, owner)
-        else:
+        elif not self._release(kernel, owner):
             await kernel.close()
-        return result
 
     def find(self, key: str, owner: str | None) -> list[Episode]:
         """Live episodes of `owner` (None: everyone's) that `key` names: the one whose session_id
@@ -266,9 +286,17 @@ class EpisodeManager:
         return self._policies[name]
 
     def pool_stats(self) -> dict[str, dict[str, int]]:
-        return {name: {"ready": p.ready_count, "size": p.size, "cold_starts": p.cold_starts, "returning": p.returning,
+        """Per policy: kernels ready, in use, the pool's target (`size`: its floor), hand-outs;
+        `kernel_bytes`: what one ready kernel is taken to hold (0: not known yet)."""
+        return {name: {"ready": p.ready_count, "in_use": p.in_use, "target": p.target, "size": p.size,
+                       "ceiling": p.ceiling, "cold_starts": p.cold_starts, "returning": p.returning,
+                       "idle_closed": p.idle_closed, "kernel_bytes": p.footprint.bytes or 0,
                        "fresh": p.handed_out["fresh"], "recycled": p.handed_out["recycled"]}
                 for name, p in self._pools.items()}
+
+    def start_latencies(self) -> dict[str, StartLatency]:
+        """Per policy: how long its pool's kernel starts took."""
+        return {name: p.latency for name, p in self._pools.items()}
 
     def recycle_refusals(self) -> dict[str, dict[str, int]]:
         """Per policy: how many kernels were closed instead of recycled after an episode, by reason."""
@@ -280,16 +308,21 @@ class EpisodeManager:
         await pool.start()
         return await pool.acquire(owner)
 
-    def _release(self, kernel: Kernel, owner: str = "") -> None:
+    def _release(self, kernel: Kernel, owner: str = "") -> bool:
         """`owner`'s episode or grading is done with `kernel`: back to its pool, which recycles it
-        in the background for `owner` only (or closes it)."""
+        in the background for `owner` only (or closes it). False: its backend does not recycle,
+        the caller closes it."""
+        if not kernel.recycles:
+            return False
         self._pool(kernel.policy.name).release(kernel, owner)
+        return True
 
     def _pool(self, name: str) -> KernelPool:
         if name not in self._pools:
             policy = self._policies[name]
             config = self.kernel_class.config_class.from_settings(self.settings)
-            self._pools[name] = KernelPool(lambda: self.kernel_class(policy, config), self.settings.pool_size)
+            self._pools[name] = KernelPool(lambda: self.kernel_class(policy, config), self.settings.pool_size,
+                                           budget=self.pool_budget)
         return self._pools[name]
 
     async def _reap_idle(self, timeout_s: float) -> None:

@@ -22,7 +22,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     max_sessions: int = Field(32, ge=1, description="concurrent episodes (WebSocket sessions)")
-    pool_size: int = Field(2, ge=0, description="warm kernels kept ready per policy (recycled ones: up to twice that)")
+    pool_size: int = Field(2, ge=0, description="warm kernels kept ready per policy at least (recycled ones: up "
+                           "to twice that); more while resets come faster than kernels start; 0: no pool")
+    pool_memory_mb: int = Field(2048, ge=0, description="memory the ready kernels of all pools may hold together "
+                                "(each measured, else its policy's memory_mb); pools grow beyond pool_size "
+                                "with demand only within it; 0: never beyond pool_size")
     grader_stash: int = Field(2, ge=0, description="kernels kept for the next one-shot grading, per policy and tenant")
     session_timeout_s: float | None = Field(600.0, gt=0, description="close sessions idle this long "
                                             "(no request; keepalive pings do not count); None: never")

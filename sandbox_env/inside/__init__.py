@@ -12,6 +12,7 @@ runs the sandbox's side of them itself.
 - `runner`, `worker`, `zygote`: the Docker supervisor (PID 1), the REPL worker, the program zygote.
 - `grader`, `grader_child`, `grader_loader`: the trusted grader, its untrusted child, its loader.
 - `kernel_startup`: what a Jupyter kernel runs at start.
+- `run_code`: the program each SandboxFusion-style `/run_code` runs.
 """
 
 from __future__ import annotations

@@ -124,6 +124,12 @@ class Kernel(abc.ABC):
         """Once per server shutdown, after every kernel is closed: remove what is left."""
         return None  # an optional hook: nothing to remove by default
 
+    async def memory_bytes(self) -> int | None:
+        """Memory the kernel and its sandbox hold now, in bytes, measured cheaply (no request to
+        the interpreter); None when the backend cannot tell. The pool sizes its memory budget with
+        it (`kernels/demand.py`), and uses the policy's limit instead of None."""
+        return None
+
     async def inspect(self) -> dict[str, Any]:
         """Variables and resource use, for the inspection API; backends may override.
 

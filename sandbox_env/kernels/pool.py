@@ -1,28 +1,43 @@
 """A warm pool of started kernels, so a reset does not wait for a kernel to boot: never-used ones,
-and ones whose episode is over that proved clean (`Kernel.recycle`)."""
+and ones whose episode is over that proved clean (`Kernel.recycle`). How many it keeps ready
+follows demand (`kernels/demand.py`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from sandbox_env.errors import KernelError
 from sandbox_env.kernels.base import Kernel
+from sandbox_env.kernels.demand import MB, Demand, Footprint, MemoryBudget, StartLatency
 
 log = logging.getLogger(__name__)
 # Starting a kernel blocks the event loop for a few ms (fork/exec): wait this long after handing
 # one out, so the reply that needed it is sent first.
 REFILL_DELAY_S = 0.05
+HOUSEKEEPING_S = 5.0  # how often an idle refill looks for kernels demand no longer needs
+
+
+@dataclass(eq=False)
+class Ready:
+    kernel: Kernel
+    owner: str | None  # the owner it served last; None: never used
+    since: float  # on the pool's clock
 
 
 class KernelPool:
-    """Keeps `size` started kernels ready. A kernel handed out serves one episode; then `release`
-    recycles it in the background and keeps it if it proved clean and there is room (up to twice
-    `size` ready), else closes it (kernels that cannot recycle are simply closed). A recycled kernel goes only to the owner
-    (tenant) whose episode it served: what a clean-slate check cannot see never crosses tenants.
+    """Keeps started kernels ready: at least `size` (the floor), more while resets come faster
+    than kernels start, as far as `budget` allows (`target`). A kernel handed out serves one
+    episode; then `release` recycles it in the background and keeps it if it proved clean and
+    there is room (twice the target, at least twice `size`), else closes it (kernels that cannot
+    recycle are simply closed). A recycled kernel goes only to the owner (tenant) whose episode it
+    served: what a clean-slate check cannot see never crosses tenants.
 
     Refills happen one at a time in the background: kernel start is CPU-heavy and a burst of
     parallel starts would starve the kernels that are executing steps. A kernel being recycled
@@ -30,14 +45,17 @@ class KernelPool:
     for it, and so does `acquire` when nothing is ready for its owner but a recycle is under way.
     Each `acquire` that had to wait or start cold lets the refill aim one kernel higher (at most
     `size` higher): back-to-back episodes get enough kernels in circulation that one is ready
-    while the last ones recycle.
+    while the last ones recycle. Ready kernels beyond the target that nobody took for a whole
+    demand window are closed (`shrink`): the pool falls back to its floor when demand stops.
+    `size` 0 is no pool: every acquire starts a kernel.
     """
 
-    def __init__(self, factory: Callable[[], Kernel], size: int) -> None:
+    def __init__(self, factory: Callable[[], Kernel], size: int, *, budget: MemoryBudget | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._factory = factory
         self.size = size
-        # (kernel, the owner it served last; None: never used)
-        self._ready: deque[tuple[Kernel, str | None]] = deque()
+        self._clock = clock
+        self._ready: deque[Ready] = deque()
         self._refill_task: asyncio.Task[None] | None = None
         self._wakeup = asyncio.Event()
         self._closed = False
@@ -46,8 +64,16 @@ class KernelPool:
         self._recycling: dict[asyncio.Task[None], str] = {}  # those not yet recycled, and their owners
         self._returned = asyncio.Event()  # set whenever a recycle is done, kept or not
         self._short = 0  # kernels the refill adds to `size`: acquires found none ready
+        self._in_use: weakref.WeakSet[Kernel] = weakref.WeakSet()  # handed out, not released
+        self.demand = Demand(clock)
+        self.latency = StartLatency()
+        self.footprint = Footprint()
+        self.budget = budget
+        if budget is not None:
+            budget.join(self)
         self.handed_out: Counter[str] = Counter()  # "fresh" (never used) or "recycled"
         self.refusals: Counter[str] = Counter()  # why kernels were closed instead of recycled
+        self.idle_closed = 0  # ready kernels closed because demand no longer needed them
 
     @property
     def ready_count(self) -> int:
@@ -58,8 +84,36 @@ class KernelPool:
         """Kernels taken back and not yet kept or closed."""
         return len(self._returning)
 
+    @property
+    def in_use(self) -> int:
+        """Kernels handed out and not released (episodes', gradings' and their stashes'), alive;
+        kernels that cannot recycle are closed by their episode, never released."""
+        return sum(1 for kernel in self._in_use if kernel.is_alive())
+
+    @property
+    def idle_bytes(self) -> int:
+        """Memory this pool's ready kernels, and those recycling towards ready, hold (its part of
+        the budget)."""
+        return (len(self._ready) + len(self._recycling)) * (self.footprint.bytes or 0)
+
+    @property
+    def ceiling(self) -> int:
+        """Most kernels demand may keep ready: what the budget leaves this pool, at least `size`."""
+        each = self.footprint.bytes
+        if self.budget is None or not each or not self.size:
+            return self.size
+        return max(self.size, self.budget.left_for(self) // each)
+
+    @property
+    def target(self) -> int:
+        """Kernels the refill keeps ready (or recycling): the floor, plus kernels acquires found
+        missing, or the demand (`Demand.wanted`) within the ceiling when that is more."""
+        if not self.size:
+            return 0
+        return max(self.size + self._short, min(self.demand.wanted(self.latency.average), self.ceiling))
+
     async def start(self, *, wait: bool = False) -> None:
-        """Begin filling the pool; with `wait`, return once it is full."""
+        """Begin filling the pool; with `wait`, return once it holds its floor."""
         if self._refill_task is None and self.size > 0:
             self._refill_task = asyncio.create_task(self._refill_loop(), name="kernel-pool-refill")
             self._wakeup.set()
@@ -71,6 +125,7 @@ class KernelPool:
     async def acquire(self, owner: str = "") -> Kernel:
         """A started kernel for `owner`, never used or recycled after one of `owner`'s episodes: a
         ready one, else the next to come back from such a recycle, else one started now."""
+        self.demand.note()
         while True:
             if self._closed:
                 raise KernelError("kernel pool is closed")
@@ -85,26 +140,30 @@ class KernelPool:
             asyncio.get_running_loop().call_later(REFILL_DELAY_S, self._wakeup.set)
             if kernel.is_alive():
                 self.handed_out["recycled" if kernel.reuses else "fresh"] += 1
+                self._in_use.add(kernel)
                 return kernel
             await kernel.close()  # died while waiting (e.g. killed from outside)
         self._wakeup.set()
         self.cold_starts += 1
         self.handed_out["fresh"] += 1
-        return await self._start_one()
+        kernel = await self._start_one()
+        self._in_use.add(kernel)
+        return kernel
 
     def _take(self, owner: str) -> Kernel | None:
         """`owner`'s newest recycled kernel, else the oldest never used: those can serve anyone."""
-        mine = [entry for entry in self._ready if entry[1] == owner]
-        fresh = [entry for entry in self._ready if entry[1] is None]
+        mine = [entry for entry in self._ready if entry.owner == owner]
+        fresh = [entry for entry in self._ready if entry.owner is None]
         entry = mine[-1] if mine else fresh[0] if fresh else None
         if entry is None:
             return None
         self._ready.remove(entry)
-        return entry[0]
+        return entry.kernel
 
     def release(self, kernel: Kernel, owner: str = "") -> None:
         """Take back a kernel whose episode (of `owner`) is over; never waits: it is recycled in
         the background."""
+        self._in_use.discard(kernel)
         task = asyncio.get_running_loop().create_task(self._take_back(kernel, owner), name="kernel-pool-recycle")
         self._returning.add(task)
         self._recycling[task] = owner
@@ -115,13 +174,15 @@ class KernelPool:
         try:
             why = self._no_room() or await kernel.recycle()
             why = why or self._no_room()
+            if why is None:
+                await self._measure(kernel)
         except Exception:
             log.exception("recycling a kernel failed")
         finally:
             self._recycling.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
             why = "closed" if self._closed else why
             if why is None:
-                self._ready.append((kernel, owner))
+                self._ready.append(Ready(kernel, owner, self._clock()))
             else:
                 self.refusals[why] += 1
                 self._wakeup.set()  # the refill may be short of one now
@@ -130,10 +191,28 @@ class KernelPool:
                 await kernel.close()
 
     def _no_room(self) -> str | None:
-        """Room for a recycled kernel: up to twice the pool's size, since the refill aims at the
-        size counting kernels in use as gone (with one client, one in use comes back to `size`
-        ready ones: closing it would make the refill start a container per episode)."""
-        return "closed" if self._closed else "pool_full" if len(self._ready) >= 2 * self.size else None
+        """Room for a recycled kernel: twice the target, within the ceiling, and at least twice
+        the floor, since the refill aims at the target counting kernels in use as gone (with one
+        client, one in use comes back to `size` ready ones: closing it would make the refill start
+        a container per episode)."""
+        if self._closed:
+            return "closed"
+        room = max(2 * self.size, min(2 * self.target, self.ceiling))
+        return "pool_full" if len(self._ready) >= room else None
+
+    async def shrink(self) -> int:
+        """Close the ready kernels beyond the target that nobody took for a whole demand window,
+        those ready longest first; the refill calls it now and then. Returns how many it closed."""
+        excess = len(self._ready) - self.target
+        if excess <= 0:
+            return 0
+        cutoff = self._clock() - self.demand.window_s
+        stale = sorted((entry for entry in self._ready if entry.since <= cutoff), key=lambda e: e.since)[:excess]
+        for entry in stale:
+            self._ready.remove(entry)
+        self.idle_closed += len(stale)
+        await asyncio.gather(*(entry.kernel.close() for entry in stale), return_exceptions=True)
+        return len(stale)
 
     async def close(self) -> None:
         self._closed = True
@@ -145,23 +224,37 @@ class KernelPool:
             task.cancel()
         await asyncio.gather(*self._returning, return_exceptions=True)
         while self._ready:
-            await self._ready.popleft()[0].close()
+            await self._ready.popleft().kernel.close()
 
     async def _start_one(self) -> Kernel:
         kernel = self._factory()
+        began = self._clock()
         try:
             await kernel.start()
         except BaseException:
             await kernel.close()
             raise
+        self.latency.observe(self._clock() - began)
+        await self._measure(kernel)
         return kernel
+
+    async def _measure(self, kernel: Kernel) -> None:
+        """What a ready kernel holds, for the budget (never fails the kernel)."""
+        try:
+            measured = await kernel.memory_bytes()
+        except Exception:
+            log.debug("measuring a kernel's memory failed", exc_info=True)
+            measured = None
+        self.footprint.note(kernel.policy.memory_mb * MB, measured)
 
     async def _refill_loop(self) -> None:
         failures = 0
         while not self._closed:
-            if len(self._ready) + len(self._recycling) >= self.size + self._short:
+            await self.shrink()
+            if len(self._ready) + len(self._recycling) >= self.target:
                 self._wakeup.clear()
-                await self._wakeup.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), HOUSEKEEPING_S)
                 continue
             try:
                 kernel = await self._start_one()
@@ -174,4 +267,4 @@ class KernelPool:
             if self._closed:
                 await kernel.close()
                 return
-            self._ready.append((kernel, None))
+            self._ready.append(Ready(kernel, None, self._clock()))

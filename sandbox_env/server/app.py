@@ -24,7 +24,7 @@ from sandbox_env._version import __version__
 from sandbox_env.errors import ConfigError, SandboxEnvError
 from sandbox_env.manager import EpisodeManager
 from sandbox_env.policy import available_policies
-from sandbox_env.server import farm_view, mcp, routes, web, ws
+from sandbox_env.server import farm_view, mcp, routes, sandboxfusion, web, ws
 from sandbox_env.server.auth import TokenTable, admin_token, build_table
 from sandbox_env.server.farm import Farm
 from sandbox_env.server.guard import Guard, HostPolicy
@@ -278,6 +278,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(mcp.router)
     app.include_router(ws.router)
     app.include_router(web.router)
+    app.include_router(sandboxfusion.router)  # /run_code, /submit
     app.include_router(farm_view.router)
     return app
 

@@ -19,7 +19,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -89,27 +89,54 @@ class ServerMetrics:
 
 
 class KernelCollector(Collector):
-    """The pools' counts, read at scrape time: kernels handed out fresh or recycled, and kernels
-    closed instead of recycled, by reason (`kernels.base.REFUSALS`)."""
+    """The pools, read at scrape time, one series per policy (the labels are policies, reasons and
+    fixed words, never tenants): kernels ready, in use and aimed at, kernel start times, kernels
+    handed out fresh or recycled, kernels closed instead of recycled, by reason
+    (`kernels.base.REFUSALS`), and ready kernels closed once demand no longer needed them."""
 
     def __init__(self, manager: Callable[[], EpisodeManager | None]) -> None:
         self._manager = manager
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         handed = CounterMetricFamily("sandbox_env_kernels_handed_out", "Kernels handed to episodes and "
                                      "gradings: fresh (never used) or recycled", labels=("policy", "source"))
         refused = CounterMetricFamily("sandbox_env_recycle_refusals", "Kernels closed after their episode "
                                       "instead of recycled, by reason", labels=("policy", "reason"))
+        gauges = {key: GaugeMetricFamily(f"sandbox_env_pool_{name}", text, labels=("policy",)) for key, name, text in (
+            ("ready", "ready_kernels", "Started kernels waiting for an episode"),
+            ("in_use", "in_use_kernels", "Kernels handed out and not yet released or closed"),
+            ("target", "target_kernels", "Kernels the pool keeps ready: its floor (pool_size), more while "
+                                         "resets come faster than kernels start, within the memory budget"),
+            ("kernel_bytes", "kernel_memory_bytes", "Memory one ready kernel is taken to hold: measured, else "
+                                                    "its policy's limit (0: not known yet)"))}
+        idle_closed = CounterMetricFamily("sandbox_env_pool_idle_closed", "Ready kernels closed because "
+                                          "demand no longer needed them", labels=("policy",))
+        starts = HistogramMetricFamily("sandbox_env_kernel_start_seconds", "How long starting a kernel took "
+                                       "(the pool's refills and cold starts)", labels=("policy",))
+        budget = GaugeMetricFamily("sandbox_env_pool_memory_budget_bytes", "Memory the ready kernels of all "
+                                   "pools may hold together (pool_memory_mb)")
         manager = self._manager()
         if manager is not None:
             for policy, stats in manager.pool_stats().items():
                 for source in ("fresh", "recycled"):
                     handed.add_metric((policy, source), stats[source])
+                for key, family in gauges.items():
+                    family.add_metric((policy,), stats[key])
+                idle_closed.add_metric((policy,), stats["idle_closed"])
             for policy, reasons in manager.recycle_refusals().items():
                 for reason, count in sorted(reasons.items()):
                     refused.add_metric((policy, reason), count)
+            for policy, latency in manager.start_latencies().items():
+                bounds = [*map(str, latency.buckets), "+Inf"]
+                cumulative = [sum(latency.counts[:i + 1]) for i in range(len(bounds))]
+                starts.add_metric((policy,), list(zip(bounds, cumulative, strict=True)), latency.sum)
+            budget.add_metric((), manager.pool_budget.total_bytes)
         yield handed
         yield refused
+        yield from gauges.values()
+        yield idle_closed
+        yield starts
+        yield budget
 
 
 async def timed_step(metrics: ServerMetrics, episode: Episode, action: CodeAction, *,

@@ -259,3 +259,14 @@ def test_remove_container_waits_for_an_auto_removal_in_progress(docker_client, a
     docker_client.api.kill(created["Id"])  # the daemon begins removing it (auto_remove)
     containers.remove_container(docker_client, created["Id"])
     assert docker_client.api.containers(all=True, filters={"id": created["Id"]}) == []
+
+
+async def test_memory_bytes_is_the_containers_charge(kernel) -> None:
+    """What the pool weighs a ready container with: the host's cgroup file, no daemon call."""
+    idle = await kernel.memory_bytes()
+    assert idle is not None and 0 < idle < 256 * 2**20, idle  # the policy's limit bounds it
+    held = await kernel.execute("block = bytearray(64 << 20)")
+    assert held.status == ExecStatus.OK, held
+    assert await kernel.memory_bytes() >= idle + 48 * 2**20  # the worker's memory is the container's
+    await kernel.close()
+    assert await kernel.memory_bytes() is None

@@ -296,3 +296,15 @@ async def test_sweeps_workdirs_of_dead_servers(tmp_path: Path, monkeypatch: pyte
         assert not stale.exists() and live.exists()
     finally:
         await kernel.close()
+
+
+async def test_memory_bytes_is_the_confinements_charge(make_kernel: KernelFactory) -> None:
+    """What the pool weighs a ready kernel with: its cgroup's charge (else the kernel's RSS)."""
+    kernel = await make_kernel(memory_mb=256)
+    idle = await kernel.memory_bytes()
+    assert idle is not None and 0 < idle < 256 * MB, idle
+    held = await kernel.execute("block = bytearray(64 << 20)")
+    assert held.status == ExecStatus.OK, held
+    assert (await kernel.memory_bytes() or 0) >= idle + 48 * MB
+    await kernel.close()
+    assert await kernel.memory_bytes() is None

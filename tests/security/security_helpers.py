@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -431,7 +432,8 @@ def protected_paths() -> list[str]:
 
 def connection_files_below(root_pid: int) -> list[str]:
     """Connection files of every kernel started below `root_pid` (the `-f FILE` of its command
-    line, whatever wraps it): the kernels of this test, or of a server the test started."""
+    line, whatever wraps it, or in the folder its sandbox binds): the kernels of this test, or of
+    a server the test started."""
     found = []
     with contextlib.suppress(psutil.Error):
         for proc in psutil.Process(root_pid).children(recursive=True):
@@ -440,6 +442,8 @@ def connection_files_below(root_pid: int) -> list[str]:
                 for i, arg in enumerate(argv[:-1]):
                     if arg == "-f" and argv[i + 1].endswith(".json"):
                         found.append(argv[i + 1])
+                    if arg == "--bind":  # a forked kernel's sandbox (bwrap holding it) binds its folder
+                        found.extend(glob.glob(os.path.join(argv[i + 1], "kernel-*.json")))
     return sorted(set(found))
 
 

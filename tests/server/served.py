@@ -107,4 +107,6 @@ def leftovers(pid: int) -> list[str]:
                 cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
                 if cmdline[:2] == [b"sleep", DAEMON_MARK.encode()]:
                     found.append(f"process {entry} (sleep {DAEMON_MARK})")
+                if any(arg.startswith(b'{"server": %d,' % pid) for arg in cmdline):
+                    found.append(f"process {entry} (forked from the server's kernel template)")
     return found

@@ -72,11 +72,20 @@ async def test_a_reset_takes_a_fresh_kernel_and_closes_the_old_one(kernels: Kern
     await ep.close()  # idempotent
 
 
+def taking(released: list[Any]) -> Any:
+    """A sink like the pool's: it takes kernels whose backend recycles, and only those."""
+    def sink(kernel: Any) -> bool:
+        if kernel.recycles:
+            released.append(kernel)
+        return bool(kernel.recycles)
+    return sink
+
+
 async def test_kernels_done_with_go_back_through_release_without_waiting(kernels: KernelSource,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(FakeKernel, "recycles", True)  # as a backend that can recycle (Docker)
     released: list[Any] = []
-    ep = episode(kernels, release=released.append)
+    ep = episode(kernels, release=taking(released))
     await ep.reset()
     await ep.reset()  # the first kernel goes back, still alive: its pool recycles or closes it
     assert released == kernels.handed[:1] and released[0].is_alive()
@@ -86,7 +95,7 @@ async def test_kernels_done_with_go_back_through_release_without_waiting(kernels
 
 async def test_a_kernel_that_failed_is_closed_not_released(kernels: KernelSource) -> None:
     released: list[Any] = []
-    ep = episode(kernels, release=released.append)
+    ep = episode(kernels, release=taking(released))
     await ep.reset()
     kernels.handed[0].crash()
     with pytest.raises(KernelDiedError):
@@ -97,7 +106,7 @@ async def test_a_kernel_that_failed_is_closed_not_released(kernels: KernelSource
 
 async def test_a_kernel_that_cannot_recycle_is_closed_by_the_episode(kernels: KernelSource) -> None:
     released: list[Any] = []
-    ep = episode(kernels, release=released.append)
+    ep = episode(kernels, release=taking(released))
     await ep.reset()
     await ep.close()  # waits for the kernel, as before recycling existed
     assert released == [] and not kernels.handed[0].is_alive()

@@ -1,5 +1,6 @@
 """The sandbox containers on the daemon: their hardened options and labels, their removal, the
-events the daemon logged for one and how it ended, and the sweep of orphans a crashed server left."""
+events the daemon logged for one and how it ended, what one holds in memory, and the sweep of
+orphans a crashed server left."""
 
 from __future__ import annotations
 
@@ -153,6 +154,28 @@ def death_status(client: docker.DockerClient, container_id: str) -> tuple[ExecSt
     if state.get("OOMKilled"):
         return ExecStatus.OOM, 137
     return ExecStatus.KILLED, int(state.get("ExitCode") or 137)
+
+
+# Where a local daemon puts a container's memory cgroup: cgroup v1 and v2, under the cgroupfs and
+# the systemd drivers. A remote or rootless daemon's are not in view: then nothing is measured.
+MEMORY_CHARGE_FILES = (
+    "/sys/fs/cgroup/memory/docker/{id}/memory.usage_in_bytes",
+    "/sys/fs/cgroup/memory/system.slice/docker-{id}.scope/memory.usage_in_bytes",
+    "/sys/fs/cgroup/docker/{id}/memory.current",
+    "/sys/fs/cgroup/system.slice/docker-{id}.scope/memory.current",
+)
+
+
+def memory_charge(container_id: str) -> int | None:
+    """Bytes the container's memory cgroup is charged (processes, tmpfs, page cache), read from
+    the host's cgroup files: no call to the daemon; None where they are not in view."""
+    for pattern in MEMORY_CHARGE_FILES:
+        try:
+            with open(pattern.format(id=container_id), "rb") as f:
+                return int(f.read())
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def remove_container(client: docker.DockerClient, container_id: str, wait_s: float = 10.0) -> bool:

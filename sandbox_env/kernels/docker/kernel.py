@@ -36,6 +36,7 @@ from sandbox_env.kernels.docker.containers import (
     death_status,
     default_image,
     default_owner,
+    memory_charge,
     remove_container,
     server_instance,
     stopped_from_outside,
@@ -357,6 +358,10 @@ class DockerKernel(Kernel):
         return {**info, "memory_mb": reply.get("memory_mb"), "cpu_time_s": reply.get("cpu_time_used_s"),
                 "processes": reply.get("processes"),
                 "variables": [{"name": name, **row} for name, row in variables.items() if isinstance(row, dict)]}
+
+    async def memory_bytes(self) -> int | None:
+        """The container's memory cgroup charge, from the host's cgroup files (`memory_charge`)."""
+        return None if self.container_id is None else memory_charge(self.container_id)
 
     async def _ensure_running(self) -> None:
         if self._closed:

@@ -182,6 +182,11 @@ class JupyterKernel(Kernel):
                 cur.proc.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 await asyncio.to_thread(cur.proc.wait, 5)  # reap it before removing its cgroups
+        if cur.holder is not None:
+            with contextlib.suppress(OSError):
+                cur.holder.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(cur.holder.wait, 5)
         if cur.relay is not None:
             with contextlib.suppress(OSError):
                 cur.relay.kill()
@@ -378,6 +383,11 @@ class JupyterKernel(Kernel):
             return {"variables": parse_variables(reply), "cpu_time_s": cur.conf.cpu_time_s(),
                     "memory_mb": None if memory is None else round(memory / MB, 1),
                     "pid": cur.proc.pid if cur.proc else None, "limits": cur.conf.mechanism}
+
+    async def memory_bytes(self) -> int | None:
+        """The confinement's charge: its cgroup's, else the kernel's RSS (a file read)."""
+        cur = self._cur
+        return None if cur is None else cur.conf.memory_bytes()
 
 
 _warned_unisolated = False

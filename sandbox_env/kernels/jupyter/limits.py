@@ -145,6 +145,11 @@ class Confinement:
             pass
         if self._unshare is not None:
             self._unshare(CLONE_NEWNET)  # no interface up, not even lo; failure leaves the network
+        for which, soft, hard in self.rlimits():
+            resource.setrlimit(which, (soft, hard))
+
+    def rlimits(self) -> list[tuple[int, int, int]]:
+        """(resource, soft, hard) for each rlimit of the tree, within the caller's hard limits."""
         lim = self.limits
         settings = [(resource.RLIMIT_CORE, 0)]
         if lim.file_size_mb:
@@ -160,13 +165,15 @@ class Confinement:
         if lim.pids and self._dir("pids") is None and (os.geteuid() != 0 or self.uid is not None):
             # Per-uid count (root ignores it): leave room for the user's other processes.
             settings.append((resource.RLIMIT_NPROC, lim.pids + self._user_processes))
+        out = []
         for which, value in settings:
             # RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL one second later.
             soft, hard = value, value + 1 if which == resource.RLIMIT_CPU else value
             _, old_hard = resource.getrlimit(which)
             if old_hard != resource.RLIM_INFINITY:
                 soft, hard = min(soft, old_hard), min(hard, old_hard)
-            resource.setrlimit(which, (soft, hard))
+            out.append((which, soft, hard))
+        return out
 
     def attach(self, pid: int) -> None:
         """Record the tree's root process (the caller's child) for the rlimit-only teardown."""

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import queue
 import stat
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from sandbox_env.kernels.jupyter import relay as zmq_relay
 from sandbox_env.kernels.jupyter import sandbox
 from sandbox_env.kernels.jupyter.limits import MB, Confinement
 from sandbox_env.kernels.jupyter.seccomp import bpf_program as seccomp_bpf_program
+from sandbox_env.kernels.jupyter.template import ForkedProcess, template
 from sandbox_env.kernels.jupyter.workdirs import fresh_dir
 
 START_TIMEOUT_S = 30.0
@@ -44,6 +46,7 @@ MESSAGE, RCVHWM, DRAIN = 4 * MB, 2, 64
 RELAY_FRAMES, RELAY_TASKS = 7 + 8, 4  # tasks: the relay's threads (main, zmq I/O, reaper)
 RELAY_AS = 192 * MB  # the relay's address space without cgroups, on top of 4 messages in flight
 _RELAY_SOURCE = Path(zmq_relay.__file__).read_text()
+HOLD = ["sleep", "infinity"]  # what bwrap runs for a forked kernel: the sandbox lives while it does
 _ZMQ_CONTEXTS: dict[int, zmq.asyncio.Context] = {}
 
 
@@ -53,11 +56,12 @@ class KernelProcess:
 
     km: AsyncKernelManager
     conf: Confinement
-    proc: subprocess.Popen[bytes] | None = None
+    proc: subprocess.Popen[bytes] | ForkedProcess | None = None
     kc: AsyncKernelClient | None = None
     sandboxed: bool = False  # proc is bwrap, which reports death by signal N as exit 128+N
-    relay: subprocess.Popen[bytes] | None = None  # the server's only way to the kernel (zmq_relay)
+    relay: subprocess.Popen[bytes] | ForkedProcess | None = None  # the server's only way to the kernel (zmq_relay)
     generation: int = 0
+    holder: subprocess.Popen[bytes] | None = None  # forked kernels: bwrap, holding the sandbox they join
 
     def relay_status(self) -> int | None:
         """The relay's exit status (None: running)."""
@@ -156,8 +160,8 @@ def socket_paths(km: AsyncKernelManager) -> list[Path]:
             ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")]
 
 
-def start_relay(root: Path, box: sandbox.Layout | None, gen: int, conf: Confinement,
-                log: int) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+async def start_relay(root: Path, box: sandbox.Layout | None, gen: int, conf: Confinement,
+                      log: int) -> tuple[subprocess.Popen[bytes] | ForkedProcess, dict[str, Any]]:
     """The kernel's relay (`kernels/jupyter/relay.py`), in the kernel's confinement: it binds its sockets in a
     folder of the server's (0700, hidden from the kernel under its tmpfs) and waits for the
     kernel's addresses. Returns the process and the client's connection info for its sockets."""
@@ -186,9 +190,13 @@ def start_relay(root: Path, box: sandbox.Layout | None, gen: int, conf: Confinem
             import resource
             resource.setrlimit(resource.RLIMIT_AS, (RELAY_AS + 4 * size,) * 2)
 
-    proc = subprocess.Popen([sys.executable, "-I", "-c", _RELAY_SOURCE, json.dumps(config)],
-                            stdin=subprocess.PIPE, stdout=log, stderr=log, cwd=str(folder),
-                            env={"SANDBOX_ENV_KERNEL": conf.token}, preexec_fn=preexec, start_new_session=True)
+    proc: subprocess.Popen[bytes] | ForkedProcess
+    if forked(conf, box):
+        proc = await fork_relay(conf, config, folder, log)
+    else:
+        proc = subprocess.Popen([sys.executable, "-I", "-c", _RELAY_SOURCE, json.dumps(config)],
+                                stdin=subprocess.PIPE, stdout=log, stderr=log, cwd=str(folder),
+                                env={"SANDBOX_ENV_KERNEL": conf.token}, preexec_fn=preexec, start_new_session=True)
     info = {"ip": f"{folder}/r", **{f"{name}_port": port for name, port in ports.items()},
             "stdin_port": 4, "hb_port": 5, "_front": front}
     return proc, info
@@ -199,6 +207,7 @@ async def spawn(cur: KernelProcess, command: list[str], env: dict[str, str], *, 
     """Start the kernel's relay, then the kernel (in the sandbox `box`, when there is one), both
     confined by `cur.conf` and logging to root/kernel.log; the relay's connection info."""
     km, conf, gen = cur.km, cur.conf, cur.generation
+    args = command[4:]  # what follows `-m ipykernel_launcher`: the forked kernel's arguments
     with contextlib.ExitStack() as stack:
         if box is None:  # absolute interpreter path: never a shim on PATH
             launch: dict[str, Any] = {"env": env, "cwd": str(workdir)}
@@ -214,18 +223,85 @@ async def spawn(cur: KernelProcess, command: list[str], env: dict[str, str], *, 
                                      interrupt_mode="signal" if box is None else "message")
         log = os.open(root / "kernel.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         stack.callback(os.close, log)
-        cur.relay, front = start_relay(root, box, gen, conf, log)  # starts while the kernel does
-        await km.start_kernel(**launch, preexec_fn=conf.preexec, stdin=subprocess.DEVNULL,
-                              stdout=log, stderr=log)
+        cur.relay, front = await start_relay(root, box, gen, conf, log)  # starts while the kernel does
+        if forked(conf, box):
+            assert box is not None
+            cur.holder = subprocess.Popen(sandbox.sandbox_argv(runtime, box, HOLD, env=env, seccomp=fd, run_dir=run),
+                                          **launch, preexec_fn=conf.preexec, stdin=subprocess.DEVNULL,
+                                          stdout=log, stderr=log)
+            args = [arg.replace("{connection_file}", km.connection_file) for arg in args]
+            cur.proc = await fork_kernel(cur.holder, conf, box, env, workdir, args, log)
+        else:
+            await km.start_kernel(**launch, preexec_fn=conf.preexec, stdin=subprocess.DEVNULL,
+                                  stdout=log, stderr=log)
     return front
+
+
+def forked(conf: Confinement, box: sandbox.Layout | None) -> bool:
+    """Kernels come from the template when the server is root and has cgroups (`template.py`)."""
+    return box is not None and os.geteuid() == 0 and box.uid != 0 and conf.version != "none" and FORKING
+
+
+FORKING = True  # tests switch it off to exercise the exec path
+
+
+async def fork_relay(conf: Confinement, config: dict[str, Any], folder: Path, log: int) -> ForkedProcess:
+    read, write = os.pipe()
+    try:
+        request = {"op": "relay", "cgroups": [str(d) for d in conf.dirs.values()], "rlimits": conf.rlimits(),
+                   "cwd": str(folder), "env": {"SANDBOX_ENV_KERNEL": conf.token}, "config": config,
+                   "unshare_net": conf.limits.network is False}
+        proc = await template("relay").fork(request, [read, log])
+    except BaseException:
+        os.close(write)
+        raise
+    finally:
+        os.close(read)
+    proc.stdin = os.fdopen(write, "wb")
+    return proc
+
+
+async def fork_kernel(holder: subprocess.Popen[bytes], conf: Confinement, box: sandbox.Layout, env: dict[str, str],
+                      workdir: Path, args: list[str], log: int) -> ForkedProcess:
+    """Once bwrap has built the sandbox (its command runs): a kernel forked into it."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while (pid := held_pid(holder.pid)) is None:
+        if holder.poll() is not None or time.monotonic() > deadline:
+            raise KernelStartError(f"the kernel's sandbox did not start (status {holder.poll()})")
+        await asyncio.sleep(0.002)
+    pidfd = os.pidfd_open(pid)
+    try:
+        request = {"op": "kernel", "cgroups": [str(d) for d in conf.dirs.values()], "rlimits": conf.rlimits(),
+                   "uid": box.uid, "gid": box.gid, "seccomp": seccomp_bpf_program().hex(), "env": env,
+                   "workdir": str(workdir), "argv": args}
+        return await template("kernel").fork(request, [pidfd, log])
+    finally:
+        os.close(pidfd)
+
+
+def held_pid(bwrap: int) -> int | None:
+    """The pid of bwrap's command (below the sandbox's init) once it runs HOLD: the sandbox is built."""
+    try:
+        init = _children(bwrap)[0]
+        pid = _children(init)[0]
+        with open(f"/proc/{pid}/comm") as f:
+            return pid if f.read().strip() == HOLD[0] else None
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
 
 
 async def connect(cur: KernelProcess, front: dict[str, Any], *, run: Path, box: sandbox.Layout | None) -> None:
     """Once the kernel process runs: attach it to its confinement, seal its sockets (in the sandbox),
     connect the client through the relay and wait for the kernel to answer."""
     km, conf = cur.km, cur.conf
-    cur.proc = km.provisioner.process  # type: ignore[union-attr]
-    conf.attach(cur.proc.pid)  # type: ignore[union-attr]
+    if cur.proc is None:
+        cur.proc = km.provisioner.process  # type: ignore[union-attr]
+    conf.attach(cur.proc.pid if cur.holder is None else cur.holder.pid)  # type: ignore[union-attr]
     if box is not None:
         await sandbox.seal(run, socket_paths(km), box, alive=lambda: cur.exit_status() is None,
                            timeout_s=START_TIMEOUT_S)
@@ -233,7 +309,47 @@ async def connect(cur: KernelProcess, front: dict[str, Any], *, run: Path, box: 
             conf.measured_pid = sandbox.interpreter_pid(cur.proc.pid)  # type: ignore[union-attr]
     cur.kc = await connect_relay(cur, front, box)
     cur.kc.start_channels(shell=True, iopub=True, stdin=False, hb=False, control=False)
-    await cur.kc.wait_for_ready(timeout=START_TIMEOUT_S)
+    await ready(cur, START_TIMEOUT_S)
+
+
+async def ready(cur: KernelProcess, timeout_s: float) -> None:
+    """The kernel answers kernel_info on shell, and its iopub reaches us: the status of that request
+    arrived. (jupyter_client's wait_for_ready then waits 0.2 s for iopub to fall silent.)"""
+    kc = cur.kc
+    assert kc is not None
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        msg_id = kc.kernel_info()
+        until = min(deadline, loop.time() + 1.0)  # then ask again: iopub may have missed the first status
+        answered = idle = False
+        while not (answered and idle) and loop.time() < until:
+            if cur.exit_status() is not None or cur.relay_status() is not None:
+                raise KernelStartError("the kernel died before replying to kernel_info")
+            with contextlib.suppress(queue.Empty):
+                msg = await kc.get_shell_msg(timeout=0.01)
+                answered = answered or msg["parent_header"].get("msg_id") == msg_id
+            while True:
+                try:
+                    msg = await kc.get_iopub_msg(timeout=0.001)
+                except queue.Empty:
+                    break
+                idle = idle or (msg["parent_header"].get("msg_id") == msg_id
+                                and msg["msg_type"] == "status" and msg["content"].get("execution_state") == "idle")
+        if answered and idle:
+            return
+        if loop.time() >= deadline:
+            raise KernelStartError(f"the kernel did not answer within {timeout_s:g} s")
+
+
+async def interrupt(cur: KernelProcess) -> None:
+    """An interrupt request: over the control channel in the sandbox (a signal to bwrap would kill
+    it, and a forked kernel has no launcher to signal), else SIGINT."""
+    km = cur.km
+    if cur.sandboxed and km._control_socket is not None:
+        km.session.send(km._control_socket, km.session.msg("interrupt_request", content={}))
+    else:
+        await km.interrupt_kernel()
 
 
 async def connect_relay(cur: KernelProcess, front: dict[str, Any], box: sandbox.Layout | None) -> AsyncKernelClient:

@@ -21,7 +21,7 @@ from jupyter_client.asynchronous import AsyncKernelClient
 from sandbox_env.errors import KernelError
 from sandbox_env.kernels.jupyter import relay as zmq_relay
 from sandbox_env.kernels.jupyter.limits import Confinement
-from sandbox_env.kernels.jupyter.process import DRAIN, RELAY_FRAMES, KernelProcess, disconnected
+from sandbox_env.kernels.jupyter.process import DRAIN, RELAY_FRAMES, KernelProcess, disconnected, interrupt
 from sandbox_env.kernels.output import KernelAnomaly, StepCollector, check_reply, died
 from sandbox_env.models import ExecStatus
 
@@ -70,7 +70,7 @@ async def read_step(cur: KernelProcess, step: StepCollector, msg_id: str, deadli
                 step.stop_capturing()
             grace_until = now + grace_s
             with contextlib.suppress(Exception):
-                await cur.km.interrupt_kernel()  # SIGINT to the kernel's process group
+                await interrupt(cur)
         elif grace_until is not None and now >= grace_until:
             break  # SIGINT ignored: kill
         end = deadline if grace_until is None else grace_until

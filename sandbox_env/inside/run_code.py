@@ -1,0 +1,114 @@
+"""The program each SandboxFusion-style `/run_code` runs (`server/sandboxfusion/run_code.py`).
+
+SandboxFusion runs `python <tmp>.py` in a fresh directory holding the request's `files`. This does
+the same in the sandbox's working directory: it reads its job from stdin first (12 ASCII digits
+giving the length, then JSON `{"code", "files", "fetch", "memory_mb", "mark"}`), with exact reads,
+so every byte after the job is the program's own stdin. It writes the files, lowers the address
+space limit to `memory_mb` when asked (as SandboxFusion's `memory_limit_MB` does), runs the code
+as `__main__` from `main.py`, and prints an uncaught exception's traceback as Python does (exit
+status 1). Then the files named in `fetch` go to stderr after the line `mark` (chosen by the
+server for this run), base64-encoded in one JSON object. Standard library only; modules load
+only when needed (starting is most of a short run's cost).
+"""
+
+import json
+import os
+import sys
+import types
+
+MAIN = "main.py"
+
+
+def read(n):
+    data = b""
+    while len(data) < n:
+        chunk = os.read(0, n - len(data))
+        if not chunk:
+            raise SystemExit("run_code: the job ended early")
+        data += chunk
+    return data
+
+
+def inside(path):
+    """`path` relative to the working directory, or None when it would leave it."""
+    root = os.getcwd()
+    full = os.path.normpath(os.path.join(root, path))
+    return full if full.startswith(root + os.sep) else None
+
+
+def write_files(files):
+    import base64
+
+    for name, content in files.items():
+        full = inside(name)
+        if full is None or not isinstance(content, str):
+            continue
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        with open(full, "wb") as handle:
+            handle.write(base64.b64decode(content))
+
+
+def fetch_files(names, mark):
+    import base64
+
+    found = {}
+    for name in names:
+        full = inside(name)
+        if full is not None and os.path.isfile(full):
+            with open(full, "rb") as handle:
+                found[name] = base64.b64encode(handle.read()).decode("ascii")
+    sys.stderr.write("\n" + mark + "\n" + json.dumps(found) + "\n")
+    sys.stderr.flush()
+
+
+def limit_memory(megabytes):
+    import resource
+
+    limit = megabytes * 1024 * 1024
+    for kind in (resource.RLIMIT_AS, resource.RLIMIT_DATA):
+        hard = resource.getrlimit(kind)[1]
+        resource.setrlimit(kind, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+
+
+def run(code):
+    path = os.path.join(os.getcwd(), MAIN)
+    with open(path, "w", encoding="utf-8", errors="replace") as handle:
+        handle.write(code)
+    sys.argv = [path]
+    sys.path.insert(0, os.getcwd())  # -I left the script's directory out; `python main.py` has it
+    module = types.ModuleType("__main__")  # the code's own __main__ (pickle finds its classes)
+    module.__file__ = path
+    module.__builtins__ = __builtins__
+    sys.modules["__main__"] = module
+    try:
+        exec(compile(code, path, "exec"), module.__dict__)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # as the interpreter would print it, without this frame
+        import traceback
+
+        tb = exc.__traceback__
+        traceback.print_exception(type(exc), exc, tb.tb_next if tb is not None else None)
+        sys.stderr.flush()
+        raise SystemExit(1) from None
+
+
+def main():
+    job = json.loads(read(int(read(12))))
+    if job.get("files"):
+        write_files(job["files"])
+    if job.get("memory_mb"):
+        limit_memory(int(job["memory_mb"]))
+    fetch = job.get("fetch") or []
+    try:
+        run(job["code"])
+    finally:
+        try:
+            sys.stdout.flush()
+        finally:
+            if fetch:
+                fetch_files(fetch, job["mark"])
+
+
+if __name__ == "__main__":  # run as `python3 -I -c <this text>`; importing it runs nothing
+    main()

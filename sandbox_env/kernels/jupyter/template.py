@@ -1,0 +1,195 @@
+"""The server's side of the kernel template (`zygote.py`): starting it, asking it for a kernel or a
+relay, and the handle of a process it forked, which stands in for `subprocess.Popen`.
+
+One template per kind (kernels, relays) per server process, started on the first kernel and again
+if it dies. Only a root
+server with cgroups uses it (`usable`): its kernels join the namespaces of a sandbox that bwrap
+built and drop to the sandbox's uid themselves, and the cgroups are what finds and kills every
+process of a kernel (a forked process carries the template's environment, not the kernel's token).
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import IO, Any
+
+from sandbox_env.errors import KernelStartError
+from sandbox_env.kernels.jupyter import relay as zmq_relay
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = (Path(__file__).parent / "zygote.py").read_text()  # not imported: it imports ipykernel
+_RELAY_SOURCE = Path(zmq_relay.__file__).read_text()
+START_TIMEOUT_S = 30.0
+# Nothing of the server's environment: it is what a forked kernel's /proc/self/environ shows.
+_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+
+
+class ForkedProcess:
+    """A process the template forked: signalled through its pidfd (never a reused pid), its exit
+    status read from the pipe the template writes it to once it has reaped it."""
+
+    def __init__(self, pid: int, pidfd: int, status: int, stdin: IO[bytes] | None = None) -> None:
+        self.pid, self._pidfd, self._status = pid, pidfd, status
+        self.stdin = stdin
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        return self.wait(0.0, raises=False)
+
+    def wait(self, timeout: float | None = None, *, raises: bool = True) -> int | None:
+        if self.returncode is None and self._status >= 0:
+            ready, _, _ = select.select([self._status], [], [], timeout)
+            if ready:
+                data = os.read(self._status, 4)
+                # no status: the template died, and this process with it (PDEATHSIG)
+                self.returncode = struct.unpack("i", data)[0] if len(data) == 4 else -signal.SIGKILL
+                self.close()
+        if self.returncode is None and raises and timeout is not None:
+            raise subprocess.TimeoutExpired(f"forked process {self.pid}", timeout)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.returncode is None and self._pidfd >= 0:
+            with contextlib.suppress(ProcessLookupError, OSError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+
+    def close(self) -> None:
+        for name in ("_pidfd", "_status"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                setattr(self, name, -1)
+                os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class Template:
+    """The running template process and its control socket; requests are one at a time. `kind`:
+    "kernel" (ipykernel imported) or "relay" (zmq only). Relays come from a template of their own:
+    a forked child shares its template's stack canary, pointer guard and address layout, which a
+    kernel can read in its own memory, and a relay parses what kernels send."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+
+    def _start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            # the server's pid names the template and everything forked from it (its command line)
+            config = {"server": os.getpid(), "kind": self.kind, "control_fd": theirs.fileno(),
+                      "relay_source": _RELAY_SOURCE}
+            self._proc = subprocess.Popen([sys.executable, "-I", "-c", _SOURCE, json.dumps(config)],
+                                          pass_fds=(theirs.fileno(),), env=_ENV, cwd="/", stdin=subprocess.DEVNULL,
+                                          start_new_session=True)
+        ours.settimeout(START_TIMEOUT_S)
+        try:
+            hello = ours.recv(4096)
+        except OSError as exc:
+            hello = repr(exc).encode()
+        if not hello.startswith(b'{"ready"'):
+            ours.close()
+            self._proc.kill()
+            self._proc.wait()
+            raise KernelStartError(f"the kernel template did not start ({hello[:200]!r})")
+        ours.settimeout(None)
+        self._sock = ours
+        logger.info("%s template started (pid %d)", self.kind, self._proc.pid)
+
+    def _ensure(self) -> None:
+        if self._proc is None or self._proc.poll() is not None:
+            self._close()
+            self._start()
+
+    async def fork(self, request: dict[str, Any], fds: list[int]) -> ForkedProcess:
+        """A child of the template, asked for off the event loop. `fds` (the request's descriptors)
+        stay the caller's: the request carries copies of its own, so a caller cancelled meanwhile
+        may close them. A child forked for a cancelled caller is killed."""
+        copies = [os.dup(fd) for fd in fds]
+        try:
+            call = asyncio.ensure_future(asyncio.to_thread(self._fork, request, copies))
+        except BaseException:
+            for fd in copies:
+                os.close(fd)
+            raise
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            call.add_done_callback(_discard)
+            raise
+
+    def _fork(self, request: dict[str, Any], fds: list[int]) -> ForkedProcess:
+        try:
+            return self._ask(request, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _ask(self, request: dict[str, Any], fds: list[int]) -> ForkedProcess:
+        with self._lock:
+            self._ensure()
+            assert self._sock is not None
+            try:
+                self._sock.sendmsg([json.dumps(request).encode()],
+                                   [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                received = array.array("i")
+                data, ancdata, _, _ = self._sock.recvmsg(65536, socket.CMSG_LEN(2 * received.itemsize))
+            except OSError as exc:
+                self._close()
+                raise KernelStartError(f"the kernel template is gone: {exc!r}") from exc
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                received.frombytes(payload[: len(payload) - len(payload) % received.itemsize])
+        answer = json.loads(data or b'{"error": "no answer"}')
+        if "pid" not in answer or len(received) != 2:
+            for fd in received:
+                os.close(fd)
+            raise KernelStartError(f"the kernel template could not fork: {answer.get('error')}")
+        return ForkedProcess(answer["pid"], received[0], received[1])
+
+    def _close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._proc is not None:
+            with contextlib.suppress(OSError):
+                self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+
+def _discard(call: asyncio.Future[ForkedProcess]) -> None:
+    if not call.cancelled() and call.exception() is None:
+        child = call.result()
+        child.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(5)
+        child.close()
+
+
+_TEMPLATES = {kind: Template(kind) for kind in ("kernel", "relay")}
+
+
+def template(kind: str = "kernel") -> Template:
+    return _TEMPLATES[kind]
