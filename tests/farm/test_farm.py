@@ -21,7 +21,7 @@ from farm_helpers import REPO, Farm, docker
 from websockets.asyncio.client import connect
 
 from sandbox_env import SandboxEnv
-from sandbox_env.errors import ConnectionLostError
+from sandbox_env.errors import ConnectionLostError, SandboxEnvError
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -189,6 +189,61 @@ def test_prometheus_scrapes_every_replica_by_dns(farm: Farm) -> None:
             break
         time.sleep(1)
     assert found == expected
+
+
+async def _sessions_on_both_replicas(farm: Farm) -> tuple[list[SandboxEnv], dict[str, SandboxEnv]]:
+    """Sessions opened through the gateway until each replica holds one: (all opened, replica -> one)."""
+    envs: list[SandboxEnv] = []
+    on: dict[str, SandboxEnv] = {}
+    while len(on) < 2 and len(envs) < 12:
+        env = SandboxEnv(farm.url, token=farm.token)
+        envs.append(env)
+        await env.reset()
+        on.setdefault(replica_of((await env.state()).episode_id), env)
+    assert len(on) == 2, list(on)
+    return envs, on
+
+
+async def _open_retrying(farm: Farm) -> SandboxEnv:
+    """A new session as a client should open one: a retryable refusal (a replica draining, not
+    yet out of the gateway's rotation) is tried again, a bounded number of times."""
+    for _ in range(20):
+        env = SandboxEnv(farm.url, token=farm.token)
+        try:
+            await env.reset()
+            return env
+        except SandboxEnvError as exc:
+            await env.close()
+            if not exc.retryable:
+                raise
+            await asyncio.sleep(0.5)
+    raise AssertionError("no session opened in 20 attempts")
+
+
+async def test_a_draining_replica_finishes_its_steps_and_leaves_the_rotation(farm: Farm) -> None:
+    """SIGTERM (what `docker-compose down`, `stack rm` and a rolling update send): the replica's
+    step in flight finishes, its sessions then end retryably, new sessions go to the other one."""
+    envs, on = await _sessions_on_both_replicas(farm)
+    victim, survivor = sorted(on)
+    containers = {cid[:12]: cid for cid in farm.server_containers()}
+    try:
+        in_flight = asyncio.ensure_future(on[victim].step("import time; time.sleep(6); print('finished')"))
+        await asyncio.sleep(1)
+        docker("kill", "--signal", "TERM", victim)
+        assert (await in_flight).observation.stdout == "finished\n"
+        with pytest.raises(ConnectionLostError) as lost:
+            await on[victim].step("print(1)")
+        assert lost.value.retryable
+        assert (await on[survivor].step("print('still here')")).observation.stdout == "still here\n"
+        for _ in range(6):
+            fresh = await _open_retrying(farm)
+            envs.append(fresh)
+            assert replica_of((await fresh.state()).episode_id) != victim
+    finally:
+        for env in envs:
+            await env.close()
+        if farm.kind == "compose":  # a stopped container stays stopped: start it again for the next test
+            docker("start", containers[victim], check=False)
 
 
 async def test_killing_a_replica_fails_only_its_sessions_and_new_ones_go_elsewhere(farm: Farm) -> None:
