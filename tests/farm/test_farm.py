@@ -243,6 +243,7 @@ async def test_a_draining_replica_finishes_its_steps_and_leaves_the_rotation(far
         for env in envs:
             await env.close()
         if farm.kind == "compose":  # a stopped container stays stopped: start it again for the next test
+            docker("wait", containers[victim], check=False, timeout=90)  # once the drain is over
             docker("start", containers[victim], check=False)
 
 
