@@ -45,9 +45,23 @@ class Demand:
         self.clock = clock
         self.window_s = window_s
         self._times: deque[float] = deque(maxlen=MAX_REMEMBERED)
+        self._missed: deque[float] = deque(maxlen=MAX_REMEMBERED)
 
     def note(self) -> None:
         self._times.append(self.clock())
+
+    def miss(self) -> None:
+        """An acquire found nothing ready: demand the pool did not see coming."""
+        self._missed.append(self.clock())
+
+    def missed(self) -> int:
+        """Acquires of the window that found nothing ready. Served acquires alone understate
+        demand when the pool runs dry: back-to-back resets that each wait for a start come one
+        start apart, and look like a demand of one."""
+        cutoff = self.clock() - self.window_s
+        while self._missed and self._missed[0] < cutoff:
+            self._missed.popleft()
+        return len(self._missed)
 
     def wanted(self, latency_s: float | None) -> int:
         """Kernels to keep ready: the most acquires of the window that came within one start

@@ -107,10 +107,13 @@ class KernelPool:
     @property
     def target(self) -> int:
         """Kernels the refill keeps ready (or recycling): the floor, plus kernels acquires found
-        missing, or the demand (`Demand.wanted`) within the ceiling when that is more."""
+        missing, or the demand within the ceiling when that is more: the peak of acquires within
+        one start (`Demand.wanted`), or the floor plus every acquire of the window that found
+        nothing ready (`Demand.missed`)."""
         if not self.size:
             return 0
-        return max(self.size + self._short, min(self.demand.wanted(self.latency.average), self.ceiling))
+        demand = max(self.demand.wanted(self.latency.average), self.size + self.demand.missed())
+        return max(self.size + self._short, min(demand, self.ceiling))
 
     async def start(self, *, wait: bool = False) -> None:
         """Begin filling the pool; with `wait`, return once it holds its floor."""
@@ -144,6 +147,7 @@ class KernelPool:
                 return kernel
             await kernel.close()  # died while waiting (e.g. killed from outside)
         self._wakeup.set()
+        self.demand.miss()  # a cold start: no recycle of the owner's was coming either
         self.cold_starts += 1
         self.handed_out["fresh"] += 1
         kernel = await self._start_one()

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-
 import pytest
 from kernel_helpers import KernelFactory, missing
 from test_jupyter_isolation import probe

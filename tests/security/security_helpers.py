@@ -174,16 +174,29 @@ def host_fingerprints() -> dict[str, list[int]]:
     return table
 
 
-def resolve(table: dict[str, list[int]], fp: str, cgroup: str | None = None) -> int | None:
+def resolve(table: dict[str, list[int]], fp: str, cgroup: str | None = None, inner_pid: int | None = None) -> int | None:
     """The host pid of a process a probe reported: by fingerprint, and among processes that
-    started in the same tick, the one confined where the probe saw it (a path inside a cgroup
+    started in the same tick (a forked kernel and its parent), the one with the probe's own pid in
+    its pid namespace, else the one confined where the probe saw it (a path inside a cgroup
     namespace is the tail of the host's path)."""
     candidates = table.get(fp, [])
+    if len(candidates) > 1 and inner_pid is not None:
+        nested = [pid for pid in candidates if len(ns_pids(pid)) > 1 and ns_pids(pid)[-1] == inner_pid]
+        candidates = nested or candidates
     if len(candidates) > 1 and cgroup:
         exact = [pid for pid in candidates if cgroup_line(pid) == cgroup]
         tail = [pid for pid in candidates if cgroup_line(pid).endswith(cgroup.rstrip("/"))]
         candidates = exact or tail or candidates
     return candidates[0] if candidates else None
+
+
+def ns_pids(pid: int) -> list[int]:
+    """The pid in each pid namespace the process is in, the host's first."""
+    try:
+        line = next(li for li in Path(f"/proc/{pid}/status").read_text().splitlines() if li.startswith("NSpid:"))
+    except (OSError, StopIteration):
+        return []
+    return [int(x) for x in line.split()[1:]]
 
 
 def cgroup_text(pid: int) -> str:
@@ -283,7 +296,8 @@ class Roles:
 
     def adopt(self, report: dict[str, Any]) -> None:
         """Take the attacker's own sandbox from its report: its process's cgroup, its directory."""
-        pid = resolve(host_fingerprints(), report["self"]["fingerprint"], report["self"].get("cgroup"))
+        pid = resolve(host_fingerprints(), report["self"]["fingerprint"], report["self"].get("cgroup"),
+                      report["self"].get("pid"))
         if pid is not None and self.own_cgroup is None:
             self.own_cgroup = cgroup_text(pid)
         match = EPISODE_ROOT.search(report["self"]["cwd"])

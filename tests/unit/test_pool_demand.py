@@ -173,3 +173,18 @@ async def test_starts_are_timed_for_the_histogram(pools: Pools) -> None:
     await until(lambda: pool.ready_count == 2)  # then two refills of 2 s
     assert latency.count == 5 and latency.counts[0] == 1 and latency.counts[latency.buckets.index(2.5)] == 4
     assert latency.sum == 8.0
+
+
+async def test_acquires_that_start_cold_raise_the_target_for_the_window(pools: Pools) -> None:
+    """Back-to-back resets that each wait for a start come one start apart: served acquires alone
+    would look like a demand of one. Each that found nothing ready counts, within the ceiling."""
+    pool = await pools.pool(size=1, budget=MemoryBudget(6 * POLICY_MB * MB))
+    taken = []
+    for _ in range(8):  # one at a time, each a start after the last: never two within one start
+        taken.append(await pool.acquire())
+        await until(lambda: pool.returning == 0)
+    assert pool.demand.wanted(pool.latency.average) <= 3  # far below what the misses ask for
+    assert pool.demand.missed() >= 6 and pool.target == pool.ceiling == 6
+    await until(lambda: pool.ready_count == 6)  # ready for the next such run
+    pools.clock.now += WINDOW_S + 1
+    assert pool.demand.missed() == 0 and pool.target == 1
