@@ -81,17 +81,28 @@ class Farm:
         return servers
 
     def wait_ready(self, replicas: int = REPLICAS) -> None:
-        """Until the gateway lists `replicas` replicas, all ready."""
+        """Until the farm lists `replicas` replicas, all ready, and the gateway has sent a request
+        to each (its view lags the replicas' own by a DNS hold and a check)."""
         deadline = time.monotonic() + READY_DEADLINE_S
         last: Any = None
+        names: set[str] = set()
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
                 lines = self.replicas()
                 last = lines
                 if len(lines) == replicas and all(line["status"] == "ready" for line in lines):
-                    return
+                    names = {line["replica"] for line in lines}
+                    break
             time.sleep(0.5)
-        raise AssertionError(f"the farm did not come up with {replicas} ready replicas: {last}")
+        else:
+            raise AssertionError(f"the farm did not come up with {replicas} ready replicas: {last}")
+        seen: set[str] = set()
+        while time.monotonic() < deadline and not names <= seen:
+            with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+                seen.add(self.get("/farm/replica").json()["replica"])
+            time.sleep(0.1)
+        if not names <= seen:
+            raise AssertionError(f"the gateway sent requests to {seen} only, of {names}")
 
 
 def docker(*argv: str, check: bool = True, env: dict[str, str] | None = None, timeout: float = 300) -> str:
