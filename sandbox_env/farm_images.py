@@ -77,6 +77,8 @@ def build_farm_image(name: str, *, client: Any, force: bool = False, mirror: str
         if name == "server":
             build_wheels(context / "wheels")
         _build(client, context, tag, {"BASE": base}, {SOURCE_LABEL: digest, "sandbox-env.version": __version__})
+    for stage in client.images.list(filters={"dangling": True, "label": f"sandbox-env.stage={name}-install"}):
+        _remove_quietly(client, stage.id)  # the install stage: nothing of it is needed after the build
     if old is not None and old.id != _image(client, tag).id:
         _remove_quietly(client, old.id)  # the tag moved on: the old image is no one's
     return tag
