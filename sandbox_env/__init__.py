@@ -10,7 +10,7 @@ from typing import Any
 
 from sandbox_env._version import __version__
 from sandbox_env.client import SandboxEnv, StepResult, SyncSandboxEnv
-from sandbox_env.errors import CapacityError, ClientError, KernelError, SandboxEnvError
+from sandbox_env.errors import CapacityError, ClientError, ConnectionLostError, KernelError, SandboxEnvError
 from sandbox_env.models import (
     CodeAction,
     CodeObservation,
@@ -23,6 +23,7 @@ from sandbox_env.models import (
 __all__ = [
     "CapacityError",
     "ClientError",
+    "ConnectionLostError",
     "CodeAction",
     "CodeObservation",
     "EmbeddedSandboxEnv",

@@ -1,5 +1,5 @@
 """`sandbox-env` command line: serve, run one snippet, evaluate samples, replay an episode, check a
-policy, build images.
+policy, build images, set up and watch a farm.
 
 Everything heavy (uvicorn, the server, kernels) is imported inside the commands, so
 `sandbox-env --help` stays fast.
@@ -18,9 +18,11 @@ import typer
 app = typer.Typer(name="sandbox-env", no_args_is_help=True, add_completion=False,
                   help="Sandboxed, stateful Python execution episodes speaking OpenEnv's protocol.")
 policy_app = typer.Typer(no_args_is_help=True, help="Inspect resource policies.")
-images_app = typer.Typer(no_args_is_help=True, help="Build the sandbox images of the docker backend.")
+images_app = typer.Typer(no_args_is_help=True, help="Build the sandbox images of the docker backend (and the farm's).")
+farm_app = typer.Typer(no_args_is_help=True, help="The sandbox farm (compose.yaml): its token, its status.")
 app.add_typer(policy_app, name="policy")
 app.add_typer(images_app, name="images")
+app.add_typer(farm_app, name="farm")
 
 # Exit codes: 0 success, 1 the code failed (or a policy is invalid), 2 usage or service error.
 EXIT_FAILED = 1
@@ -239,17 +241,76 @@ def images_build(
                                         show_default="whichever works here",
                                         help="Build without network access, or from the Hub."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if the images exist."),
+    farm: bool = typer.Option(False, "--farm", help="Also the farm's server and gateway images (offline, from a checkout)."),
+    all_images: bool = typer.Option(False, "--all", help="Every image compose.yaml and compose.monitoring.yaml name."),
 ) -> None:
     """Build the sandbox images used by the docker backend; print the tags built."""
     from sandbox_env.errors import SandboxEnvError
-    from sandbox_env.kernels.docker.images import build_images
 
     try:
-        tags = build_images(offline=offline, force=force)
+        if farm or all_images:
+            from sandbox_env.farm_images import build_farm_images
+
+            tags = build_farm_images(monitoring=all_images, force=force)
+        else:
+            from sandbox_env.kernels.docker.images import build_images
+
+            tags = build_images(offline=offline, force=force)
     except SandboxEnvError as exc:
         raise _fail(exc.message) from None
     for tag in tags:
         typer.echo(tag)
+
+
+@farm_app.command("init")
+def farm_init(
+    env_file: Path = typer.Option(Path("farm.env"), "--env-file", help="Where compose.yaml reads the token."),  # noqa: B008
+    force: bool = typer.Option(False, "--force", help="Replace an existing file (a new token)."),
+) -> None:
+    """Write the farm's env file with a new admin token (mode 0600); print how clients get it."""
+    import os
+    import secrets
+
+    if env_file.exists() and not force:
+        raise _fail(f"{env_file} exists (--force replaces it, and its token)", EXIT_FAILED)
+    token = secrets.token_hex(24)
+    descriptor = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as out:
+        out.write(f"# The sandbox farm's admin token (compose.yaml env_file). Keep it secret.\nSANDBOX_ENV_TOKEN={token}\n")
+    typer.echo(f"wrote {env_file}; clients: export SANDBOX_ENV_TOKEN=$(sed -n 's/^SANDBOX_ENV_TOKEN=//p' {env_file})")
+
+
+@farm_app.command("status")
+def farm_status(
+    url: str = typer.Argument(..., help="The farm's URL (its gateway), or any single server's."),
+    token: str | None = typer.Option(None, envvar="SANDBOX_ENV_TOKEN", show_default=False,
+                                     help="The admin token (default: $SANDBOX_ENV_TOKEN)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the replicas as JSON."),
+) -> None:
+    """Each replica's status, load and capacity, as the farm's /web page shows them."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        reply = httpx.get(url.rstrip("/") + "/episodes", headers=headers, timeout=15, trust_env=False)
+    except httpx.HTTPError as exc:
+        raise _fail(f"cannot reach {url}: {exc}") from None
+    if reply.status_code != 200:
+        raise _fail(f"{url}/episodes answered {reply.status_code}: {reply.text[:300]}")
+    data = reply.json()
+    replicas = data.get("replicas") or []
+    if as_json:
+        typer.echo(json.dumps({"active": data.get("active"), "capacity": data.get("capacity"), "replicas": replicas}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(replicas)} replicas, {data.get('active')}/{data.get('capacity')} sessions")
+    for column in ("replica", "status", "active", "capacity"):
+        table.add_column(column)
+    for line in replicas:
+        table.add_row(*(str(line.get(c, "")) if line.get(c) is not None else "-" for c in ("replica", "status", "active", "capacity")))
+    Console().print(table)
 
 
 @app.command("eval")

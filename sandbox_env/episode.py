@@ -76,14 +76,16 @@ class Episode:
 
     def __init__(self, acquire: KernelSource, *, backend: str, tasks: TaskResolver | None = None,
                  reward: str | None = None, owner: str = "", history_bytes: int = HISTORY_BYTES,
-                 release: KernelSink | None = None, on_end: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 release: KernelSink | None = None, on_end: Callable[[dict[str, Any]], None] | None = None,
+                 id_prefix: str = "") -> None:
         self._acquire = acquire
         self._on_end = on_end  # takes the record of each episode that ends (a reset, the close): for export
+        self._id_prefix = id_prefix  # in a farm, "<replica>.": the id names the replica that owns it
         self._release = release
         self.owner = owner  # the tenant (token) that opened it
         # Names the episode from its first moment (its episode_id comes with the first reset), so
         # inspection lists it and DELETE reaches it before any reset; MCP session ids are this.
-        self.session_id = uuid.uuid4().hex
+        self.session_id = id_prefix + uuid.uuid4().hex
         self._resolve_task = tasks
         self._reward = reward  # the server's default reward policy
         self.task: Task | None = None
@@ -159,7 +161,7 @@ class Episode:
             self._done = False
             self.task = new_task
             self._state = EpisodeState(
-                episode_id=episode_id or str(uuid.uuid4()),
+                episode_id=episode_id or self._id_prefix + str(uuid.uuid4()),
                 step_count=0,
                 last_exit_code=0,
                 backend=self.backend,

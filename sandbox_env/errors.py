@@ -183,12 +183,20 @@ class ClientError(SandboxEnvError, ConnectionError):
     code = "client_error"
 
 
+class ConnectionLostError(ClientError):
+    """The connection to the server closed before the reply came (say, a farm replica was killed):
+    the episode is gone with it; reset() starts a new one, on a server (or replica) that is up."""
+
+    code = "connection_lost"
+    retryable = True
+
+
 _BY_CODE: dict[str, type[SandboxEnvError]] = {
     cls.code: cls
     for cls in (
         SandboxEnvError, ConfigError, PolicyNotFoundError, UnknownKernelError, KernelError,
         KernelUnavailableError, KernelStartError, KernelDiedError, EpisodeError,
-        EpisodeNotFoundError, EpisodeClosedError, ClientError, InvalidRequestError, TaskError,
+        EpisodeNotFoundError, EpisodeClosedError, ClientError, ConnectionLostError, InvalidRequestError, TaskError,
         TaskNotFoundError, AuthError, ForbiddenError,
     )
 }

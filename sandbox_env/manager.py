@@ -147,7 +147,7 @@ class EpisodeManager:
         episode = Episode(functools.partial(self._acquire, owner=owner), backend=self.settings.backend,
                           tasks=self.resolve_task, reward=self.settings.reward, owner=owner,
                           history_bytes=self.history_budget, release=functools.partial(self._release, owner=owner),
-                          on_end=self.records.add)
+                          on_end=self.records.add, id_prefix=self.settings.id_prefix())
         self.episodes[id(episode)] = episode
         return episode
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import socket
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
@@ -80,6 +82,27 @@ class Settings(BaseSettings):
                                         "finish; at least the longest step limit of the allowed policies")
     reaper: bool = Field(True, description="a watchdog process that removes the server's containers, "
                          "kernels and work directories within seconds if the server is killed")
+
+    # The farm (compose.yaml, docs/scaling.md): replicas of this server behind one gateway.
+    farm_peers: str | None = Field(None, description="DNS name that resolves to every replica of the farm "
+                                   "(compose: the service's name; Swarm: a dnsrr service's); set, episode ids "
+                                   "name their replica and /episodes, /web, /metrics answer for the whole farm")
+    replica: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,40}$", description="this replica's name, "
+                                "the prefix of its episode ids (default in a farm: the host name, a container's short id)")
+    public_url: str | None = Field(None, description="the URL clients use (a farm's gateway), printed at start")
+
+    def replica_name(self) -> str | None:
+        """This replica's name in a farm; None outside one."""
+        if self.replica:
+            return self.replica
+        if not self.farm_peers:
+            return None
+        return re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:40] or "replica"
+
+    def id_prefix(self) -> str:
+        """What every episode and session id of this server starts with: `<replica>.` in a farm."""
+        name = self.replica_name()
+        return f"{name}." if name else ""
 
     @field_validator("workdir_root")
     @classmethod

@@ -37,6 +37,8 @@ class LiveServer:
     @property
     def token(self) -> str | None:
         """The admin token (None when the server runs with auth=False)."""
+        if self.app is None:  # a remote server (SANDBOX_ENV_TEST_URL): the token of the environment
+            return os.environ.get("SANDBOX_ENV_TOKEN")
         return getattr(self.app.state, "admin_token", None)
 
     @property
@@ -145,8 +147,16 @@ def chromium() -> str:
 def live_server() -> Iterator[LiveServer]:
     """One server per test module (starting kernels is the slow part).
 
-    The backend is `SANDBOX_ENV_BACKEND` (default: jupyter), so the suite can run on docker too.
+    The backend is `SANDBOX_ENV_BACKEND` (default: jupyter), so the suite can run on docker too;
+    with `SANDBOX_ENV_TEST_URL`, the tests that use only its URL and token drive that server instead.
     """
+    remote = os.environ.get("SANDBOX_ENV_TEST_URL")
+    if remote:  # a running server or farm (tests/farm runs the protocol tests through its gateway)
+        from sandbox_env.settings import Settings
+
+        # Its settings as far as the tests can know them: the environment's (SANDBOX_ENV_BACKEND...)
+        yield LiveServer(remote.rstrip("/"), Settings(), None, None, None)  # type: ignore[arg-type]
+        return
     with run_live_server(max_sessions=8, allowed_policies=["default", "strict"]) as server:
         yield server
 

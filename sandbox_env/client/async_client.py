@@ -24,7 +24,7 @@ from sandbox_env.client._base import (
     ws_url,
 )
 from sandbox_env.client._dual import DualMode, dual
-from sandbox_env.errors import CapacityError, ClientError, SandboxEnvError, error_from_dict
+from sandbox_env.errors import CapacityError, ClientError, ConnectionLostError, SandboxEnvError, error_from_dict
 from sandbox_env.models import EpisodeState, GradeRequest, Grading, ResetRequest
 
 if TYPE_CHECKING:
@@ -263,8 +263,9 @@ class SandboxEnv(DualMode):
                               "the connection was closed and the episode is lost",
                               timeout_s=timeout_s) from exc
         except ConnectionClosed as exc:
-            self._ws, self._lost = None, f"the server closed the connection ({exc})"
-            raise ClientError(f"connection to {self.ws_url} closed: {exc}") from exc
+            self._ws, self._lost = None, f"{_CLOSED_BY_SERVER} ({exc})"
+            raise ConnectionLostError(f"connection to {self.ws_url} closed: {exc}; the episode is lost, "
+                                      "reset() starts a new one") from exc
         try:
             frame = json.loads(raw)
         except ValueError as exc:
@@ -279,9 +280,11 @@ class SandboxEnv(DualMode):
         if self._ws is not None and self._ws.state is websockets.State.OPEN:
             return self._ws
         if self._ws is not None:
-            self._ws, self._lost = None, "the connection was closed (keepalive or server shutdown)"
+            self._ws, self._lost = None, _CLOSED
         if self._lost and not reconnect:
-            raise ClientError(f"the episode is lost: {self._lost}; call reset() to start a new one")
+            # The server (or a farm's replica) went away: retryable, with a reset, there or elsewhere.
+            lost = ConnectionLostError if self._lost == _CLOSED or self._lost.startswith(_CLOSED_BY_SERVER) else ClientError
+            raise lost(f"the episode is lost: {self._lost}; call reset() to start a new one")
         self._ws = await self._open()
         self._lost = None
         return self._ws
@@ -328,6 +331,8 @@ class SandboxEnv(DualMode):
 
 
 _BACKGROUND: set[asyncio.Task[Any]] = set()
+_CLOSED = "the connection was closed (keepalive or server shutdown)"
+_CLOSED_BY_SERVER = "the server closed the connection"
 
 
 def _refused(url: str, status: int, body: bytes | None) -> SandboxEnvError:

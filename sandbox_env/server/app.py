@@ -24,8 +24,9 @@ from sandbox_env._version import __version__
 from sandbox_env.errors import ConfigError, SandboxEnvError
 from sandbox_env.manager import EpisodeManager
 from sandbox_env.policy import available_policies
-from sandbox_env.server import mcp, routes, sandboxfusion, watch, web, ws
+from sandbox_env.server import farm_view, mcp, routes, sandboxfusion, watch, web, ws
 from sandbox_env.server.auth import TokenTable, admin_token, build_table
+from sandbox_env.server.farm import Farm
 from sandbox_env.server.guard import Guard, HostPolicy
 from sandbox_env.server.json_limits import MAX_JSON_NODES, json_cost_ok
 from sandbox_env.server.metrics import ServerMetrics
@@ -184,11 +185,13 @@ def banner(settings: Settings, token: str | None, *, reveal: bool = True) -> str
     the operator chose (`SANDBOX_ENV_TOKEN`, `token_file`) is not repeated into logs."""
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     host = f"[{host}]" if ":" in host and not host.startswith("[") else host
-    root = f"http://{host}:{settings.port}"
+    root = (settings.public_url or f"http://{host}:{settings.port}").rstrip("/")  # a farm: its gateway
     if token is None:
         return f"sandbox-env is serving WITHOUT authentication: {root}/web"
     shown = token if reveal else "<your token>"
-    return (f"sandbox-env is serving at {root}\n"
+    replica = settings.replica_name()
+    what = f"sandbox-env replica {replica} is serving the farm at" if replica else "sandbox-env is serving at"
+    return (f"{what} {root}\n"
             f"    open the episode page:  {root}/web?token={shown}\n"
             f"    clients, OpenEnv, TRL:  export SANDBOX_ENV_TOKEN={shown}\n"
             f"                            (or send the header 'Authorization: Bearer <token>')")
@@ -240,6 +243,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await app.state.mcp_sessions.close_all(manager)
             await manager.shutdown()
             app.state.manager = None
+            if app.state.farm is not None:
+                await app.state.farm.close()
             if reaper is not None:  # everything is closed: nothing for it to sweep
                 await asyncio.to_thread(reaper.stand_down)
 
@@ -262,6 +267,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.drain_grace_s = settings.drain_grace_s or 0.0
     app.state.metrics = ServerMetrics(lambda: app.state.manager)
     app.state.mcp_sessions = mcp.McpSessions()
+    app.state.farm = Farm(settings) if settings.farm_peers else None  # replicas behind a gateway
     app.add_exception_handler(SandboxEnvError, routes.sandbox_error_handler)
     app.add_exception_handler(RequestValidationError, routes.request_validation_handler)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_message_bytes)
@@ -274,6 +280,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(web.router)
     app.include_router(sandboxfusion.router)  # /run_code, /submit
     app.include_router(watch.router)
+    app.include_router(farm_view.router)
     return app
 
 

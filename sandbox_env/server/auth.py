@@ -59,8 +59,9 @@ def _digest(value: str, key: bytes) -> bytes:
 class TokenTable:
     """Token -> tenant, and the derived cookie value -> tenant."""
 
-    def __init__(self, tokens: dict[str, str]) -> None:
-        """`tokens` maps tenant name -> token; the name `admin` is the admin."""
+    def __init__(self, tokens: dict[str, str], *, cookie_key: bytes | None = None) -> None:
+        """`tokens` maps tenant name -> token; the name `admin` is the admin. `cookie_key`: the
+        key of the page's cookies, new at each start unless given (a farm's replicas share one)."""
         if not tokens:
             raise ConfigError("authentication is on but no token is configured")
         seen: set[str] = set()
@@ -71,7 +72,7 @@ class TokenTable:
                 raise ConfigError(f"tenant {name!r} shares its token with another tenant")
             seen.add(token)
         self._key = secrets.token_bytes(32)  # per start: hashes (and cookies) mean nothing elsewhere
-        self._cookie_key = secrets.token_bytes(32)
+        self._cookie_key = cookie_key or secrets.token_bytes(32)
         self._entries = [(_digest(token, self._key), _digest(token, self._cookie_key).hex(),
                           Tenant(name, admin=name == ADMIN)) for name, token in tokens.items()]
 
@@ -153,7 +154,10 @@ def _parse_tenants(text: str, where: str) -> dict[str, str]:
 
 
 def build_table(settings: Settings, admin: str) -> TokenTable:
-    return TokenTable({ADMIN: admin, **tenant_tokens(settings)})
+    # A farm's gateway sends a page's requests to any replica: all must take its cookie, so
+    # the cookie key comes from the admin token they share (a keyed hash: the token stays unknown).
+    shared = _digest("sandbox-env farm cookie key", admin.encode()[:64]) if settings.farm_peers else None
+    return TokenTable({ADMIN: admin, **tenant_tokens(settings)}, cookie_key=shared)
 
 
 @dataclass(frozen=True, slots=True)

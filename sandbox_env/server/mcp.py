@@ -19,6 +19,7 @@ from sandbox_env._version import __version__
 from sandbox_env.errors import DrainingError, SandboxEnvError
 from sandbox_env.models import CodeAction, CodeObservation, ExecStatus
 from sandbox_env.server.auth import ANONYMOUS, Tenant
+from sandbox_env.server.farm import farm_of
 from sandbox_env.server.guard import tenant_of
 from sandbox_env.server.json_limits import NotJson, TooCostly, load_bounded
 from sandbox_env.server.metrics import ServerMetrics, timed_step
@@ -277,6 +278,13 @@ async def mcp_http(request: Request) -> Response:
     except TooCostly as exc:
         return JSONResponse(_error(INVALID_REQUEST, f"Invalid Request: {exc}"))
     sessions: McpSessions = state.mcp_sessions
+    farm = farm_of(request)
+    params = payload.get("params") if isinstance(payload, dict) else None
+    session_id = params.get("session_id") if isinstance(params, dict) else None
+    if farm is not None and isinstance(session_id, str) and sessions.get(session_id, tenant_of(request)) is None:
+        owned = await farm.to_owner(request, session_id, body)  # another replica's session: its answer
+        if owned is not None:
+            return owned
     reply = await handle_jsonrpc(payload, manager=state.manager, metrics=state.metrics,
                                  tenant=tenant_of(request), sessions=sessions)
     if reply is None:

@@ -33,6 +33,7 @@ from sandbox_env.models import (
     StepRequest,
     StepResponse,
 )
+from sandbox_env.server.farm_view import metrics as farm_metrics
 from sandbox_env.server.guard import tenant_of
 from sandbox_env.server.json_limits import MAX_JSON_DEPTH
 from sandbox_env.server.metrics import timed_step
@@ -252,5 +253,4 @@ async def environment_info() -> dict[str, Any]:
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
-    content, media_type = request.app.state.metrics.render()
-    return Response(content, media_type=media_type)
+    return await farm_metrics(request)  # in a farm, each sample names its replica

@@ -19,6 +19,8 @@ from fastapi.templating import Jinja2Templates
 
 from sandbox_env.episode import Episode
 from sandbox_env.manager import EpisodeManager
+from sandbox_env.server.farm import FORWARDED, farm_of
+from sandbox_env.server.farm_view import listing, named, replica_name
 from sandbox_env.server.guard import tenant_of
 from sandbox_env.server.routes import json_dumps
 
@@ -59,36 +61,52 @@ def _summary(episode: Episode) -> dict[str, Any]:
     }
 
 
-@router.get("/episodes", tags=["Inspection"], summary="Live episodes (the caller's; the admin's: all)")
-async def list_episodes(request: Request) -> dict[str, Any]:
+@router.get("/episodes", tags=["Inspection"], summary="Live episodes (the caller's; the admin's: all; in a farm, every replica's)")
+async def list_episodes(request: Request) -> Response:
     manager = _manager(request)
     tenant = tenant_of(request)
     if tenant.admin:
-        return {"active": manager.active, "capacity": manager.capacity, "pools": manager.pool_stats(),
-                "episodes": [_summary(ep) for ep in manager.owned(None)]}
-    own = manager.owned(tenant.name)
-    quota = manager.settings.tenant_max_sessions
-    return {"active": manager.used(tenant.name), "capacity": min(quota or manager.capacity, manager.capacity),
-            "episodes": [_summary(ep) for ep in own]}
+        local = {"active": manager.active, "capacity": manager.capacity, "pools": manager.pool_stats(),
+                 "episodes": [_summary(ep) for ep in manager.owned(None)]}
+    else:
+        quota = manager.settings.tenant_max_sessions
+        local = {"active": manager.used(tenant.name), "capacity": min(quota or manager.capacity, manager.capacity),
+                 "episodes": [_summary(ep) for ep in manager.owned(tenant.name)]}
+    return await listing(request, local)
 
 
 @router.get("/episodes/{episode_id}", tags=["Inspection"],
-            summary="One episode: state, variables, resource use and step history")
+            summary="One episode: state, variables, resource use and step history (in a farm, from its replica)")
 async def show_episode(episode_id: str, request: Request) -> Response:
     """Answers at once, a step running or not, and sends the interpreter nothing (`Episode.inspect`).
     The history may hold up to `history_bytes`: it is encoded on a worker thread, so a large one
     never stalls the event loop (and every other session's steps)."""
+    if (elsewhere := await _owner_elsewhere(request, episode_id)) is not None:
+        return elsewhere
     episode = _find(request, episode_id)
     details = await episode.inspect()
     payload = {**details, "summary": _summary(episode)}
     body = await asyncio.to_thread(lambda: json_dumps(payload).encode("utf-8"))
-    return Response(body, media_type="application/json")
+    return Response(body, media_type="application/json", headers={FORWARDED: replica_name(request)})
 
 
-@router.delete("/episodes/{episode_id}", tags=["Inspection"], summary="Close an episode")
-async def close_episode(episode_id: str, request: Request) -> dict[str, Any]:
+@router.delete("/episodes/{episode_id}", tags=["Inspection"], summary="Close an episode (in a farm, on its replica)")
+async def close_episode(episode_id: str, request: Request) -> Response:
+    if (elsewhere := await _owner_elsewhere(request, episode_id)) is not None:
+        return elsewhere
     await _manager(request).close_episode(_find(request, episode_id))
-    return {"closed": episode_id}
+    return named(request, {"closed": episode_id})
+
+
+async def _owner_elsewhere(request: Request, episode_id: str) -> Response | None:
+    """In a farm, the answer of the replica that holds `episode_id` when this one does not."""
+    farm = farm_of(request)
+    if farm is None:
+        return None
+    tenant = tenant_of(request)
+    if _manager(request).find(episode_id, None if tenant.admin else tenant.name):
+        return None
+    return await farm.route(request, episode_id)
 
 
 def _find(request: Request, episode_id: str) -> Episode:

@@ -142,3 +142,28 @@ def test_run_of_a_missing_file_is_a_usage_error(tmp_path: Path) -> None:
     out = sandbox_env("run", str(tmp_path / "missing.py"))
     assert out.returncode == 2
     assert "missing.py" in out.stderr
+
+
+def test_farm_init_writes_a_private_token_once(tmp_path: Path) -> None:
+    env_file = tmp_path / "farm.env"
+    out = subprocess.run([*CLI, "farm", "init", "--env-file", str(env_file)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert env_file.stat().st_mode & 0o777 == 0o600
+    tokens = re.findall(r"^SANDBOX_ENV_TOKEN=([0-9a-f]{48})$", env_file.read_text(), re.M)
+    assert len(tokens) == 1
+    again = subprocess.run([*CLI, "farm", "init", "--env-file", str(env_file)], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "exists" in again.stderr
+    assert re.findall(r"^SANDBOX_ENV_TOKEN=(\w+)$", env_file.read_text(), re.M) == tokens  # kept
+
+
+def test_farm_status_of_a_lone_server_lists_one_replica(live_server_factory) -> None:
+    server = live_server_factory(backend="fake", max_sessions=5)
+    out = subprocess.run([*CLI, "farm", "status", server.url, "--json"], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "SANDBOX_ENV_TOKEN": server.token})
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout)
+    assert status["capacity"] == 5
+    assert [(r["replica"], r["status"], r["capacity"]) for r in status["replicas"]] == [("local", "ready", 5)]
+    refused = subprocess.run([*CLI, "farm", "status", server.url], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "SANDBOX_ENV_TOKEN": "not-the-token-of-this-server"})
+    assert refused.returncode == 2 and "401" in refused.stderr

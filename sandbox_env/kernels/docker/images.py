@@ -67,16 +67,18 @@ def build_images(offline: bool | None = None, *, force: bool = False, mirror: st
     return [*built, tag]
 
 
-def build_offline_base(client: Any, *, mirror: str | None = None) -> str:
-    """debootstrap a minimal Debian with python3 from the host's mirror and import it (needs root)."""
+def build_offline_base(client: Any, *, mirror: str | None = None, packages: tuple[str, ...] = ("python3",),
+                       tag: str = OFFLINE_BASE) -> str:
+    """debootstrap a minimal Debian with `packages` (python3 by default) from the host's mirror and
+    import it as `tag` (needs root). The farm's images use other package sets (farm_images.py)."""
     debootstrap = shutil.which("debootstrap") or shutil.which("debootstrap", path="/usr/sbin:/sbin")
     if debootstrap is None:
         raise KernelUnavailableError("offline image build needs debootstrap: apt-get install debootstrap")
     mirror = mirror or apt_mirror()
     with tempfile.TemporaryDirectory(prefix="sandbox-env-rootfs-") as tmp:
         root = Path(tmp) / "rootfs"
-        logger.info("debootstrap %s from %s (a minute or two)", SUITE, mirror)
-        _run([debootstrap, "--variant=minbase", "--include=python3", SUITE, str(root), mirror])
+        logger.info("debootstrap %s (%s) from %s (a minute or two)", SUITE, ", ".join(packages), mirror)
+        _run([debootstrap, "--variant=minbase", f"--include={','.join(packages)}", SUITE, str(root), mirror])
         for rel in STRIP:
             target = root / rel
             if target.is_dir() and not target.is_symlink():
@@ -87,11 +89,11 @@ def build_offline_base(client: Any, *, mirror: str | None = None) -> str:
                         child.unlink()
         tarball = Path(tmp) / "rootfs.tar"
         _run(["tar", "--numeric-owner", "-C", str(root), "-cf", str(tarball), "."])
-        repository, _, tag = OFFLINE_BASE.partition(":")
+        repository, _, version = tag.partition(":")
         with tarball.open("rb") as data:
-            client.api.import_image(src=data, repository=repository, tag=tag)
-    logger.info("imported %s", OFFLINE_BASE)
-    return OFFLINE_BASE
+            client.api.import_image(src=data, repository=repository, tag=version)
+    logger.info("imported %s", tag)
+    return tag
 
 
 def apt_mirror(suite: str = SUITE, sources: tuple[Path, ...] = APT_SOURCES) -> str:

@@ -20,8 +20,14 @@ function fmt(x, digits) { return x === null || x === undefined ? "–" : Number(
 async function renderList() {
   const data = await (await fetch("/episodes")).json();
   document.getElementById("title").textContent = `${data.active}/${data.capacity} sessions`;
-  ROOT.replaceChildren(table(data.episodes, ["id","owner","backend","policy","step_count",
-    "last_status","last_exit_code","busy","age_s","idle_s"]));
+  // A farm (replicas behind a gateway): each replica's load and capacity, and who holds what.
+  const farm = (data.replicas || []).length > 1 || (data.replica && data.replica.replica !== "local");
+  const cols = ["id","owner","backend","policy","step_count","last_status","last_exit_code","busy","age_s","idle_s"];
+  const parts = [];
+  if (farm) { const f = table(data.replicas, ["replica","status","active","capacity"]); f.id = "replicas";
+    parts.push(el("h2", `${data.replicas.length} replicas`), f, el("h2", "Episodes")); cols.splice(1, 0, "replica"); }
+  parts.push(table(data.episodes, cols));
+  ROOT.replaceChildren(...parts);
   if (!data.episodes.length) ROOT.appendChild(el("p", "No live episodes.", "muted"));
 }
 async function tickList() { try { await renderList(); } catch (e) { ROOT.replaceChildren(el("p", "Server unreachable: " + e)); } }

@@ -1,0 +1,144 @@
+"""The farm: replicas of this server behind one gateway (compose.yaml, docs/scaling.md).
+
+Replicas find each other by DNS: `farm_peers` names every replica (compose: the service's name;
+Swarm: a dnsrr service's). Every episode and session id starts with its replica's name
+(`<replica>.<uuid>`), so whichever replica a request for `/episodes/{id}` reaches, it knows the
+owner and forwards the request there; an id a client chose names no replica, and is asked of
+every replica. `/episodes` gathers every replica's list. A request one replica sends another
+carries `FORWARDED` and the caller's own credentials: the owner checks them itself (tenancy
+included), and never forwards again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import httpx
+from fastapi import Request
+from fastapi.responses import Response
+
+from sandbox_env.settings import Settings
+
+log = logging.getLogger(__name__)
+
+FORWARDED = "x-sandbox-env-farm"  # value: the sending replica's name
+PASSED = ("authorization", "cookie", "accept", "content-type")  # what a forwarded request keeps of the caller's
+PEER_TIMEOUT_S = 5.0  # an inspection waits up to 3 s for a busy kernel, plus the hop
+DNS_TIMEOUT_S = 2.0
+
+
+class Farm:
+    """This replica's view of the farm: its own name, its peers' addresses and names."""
+
+    def __init__(self, settings: Settings) -> None:
+        name = settings.replica_name()
+        assert name is not None and settings.farm_peers
+        self.name = name
+        self.service = settings.farm_peers
+        self.port = settings.port
+        self.names: dict[str, str] = {}  # peer replica name -> address ("ip:port"), learnt from their replies
+        self._client = httpx.AsyncClient(timeout=PEER_TIMEOUT_S, trust_env=False)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    def names_by_address(self) -> dict[str, str]:
+        return {address: name for name, address in self.names.items()}
+
+    @staticmethod
+    def forwarded(request: Request) -> bool:
+        return FORWARDED in request.headers
+
+    async def peers(self) -> list[str]:
+        """Every other replica's address, from DNS now (replicas come and go)."""
+        loop = asyncio.get_running_loop()
+        try:
+            found = await asyncio.wait_for(loop.getaddrinfo(self.service, self.port, type=socket.SOCK_STREAM),
+                                           DNS_TIMEOUT_S)
+            mine = await asyncio.wait_for(loop.getaddrinfo(socket.gethostname(), self.port, type=socket.SOCK_STREAM),
+                                          DNS_TIMEOUT_S)
+        except (OSError, TimeoutError) as exc:
+            log.warning("farm: cannot resolve %s: %s", self.service, exc)
+            return []
+        own = {str(info[4][0]) for info in mine}
+        addresses = sorted({str(info[4][0]) for info in found} - own)
+        return [f"[{ip}]:{self.port}" if ":" in ip else f"{ip}:{self.port}" for ip in addresses]
+
+    async def send(self, request: Request, address: str, method: str, path: str,
+                   body: bytes | None = None) -> httpx.Response | None:
+        """`method path` (with the request's query, and `body`) on a peer, with the caller's
+        credentials; None when the peer cannot be reached."""
+        headers = {k: v for k, v in request.headers.items() if k in PASSED}
+        headers[FORWARDED] = self.name
+        try:
+            reply = await self._client.request(method, f"http://{address}{path}", params=request.query_params,
+                                               headers=headers, content=body)
+        except httpx.HTTPError as exc:
+            log.info("farm: %s %s on %s failed: %s", method, path, address, exc)
+            return None
+        name = reply.headers.get(FORWARDED)
+        if name:
+            self.names[name] = address
+        return reply
+
+    async def gather(self, request: Request, path: str) -> list[tuple[str, httpx.Response | None]]:
+        """GET `path` on every peer at once: (address, reply or None)."""
+        peers = await self.peers()
+        replies = await asyncio.gather(*(self.send(request, address, "GET", path) for address in peers))
+        return list(zip(peers, replies))
+
+    async def route(self, request: Request, episode_id: str) -> Response | None:
+        """The owner's answer to this request about `episode_id`, which this replica does not hold;
+        None to answer here (not found): a forwarded request, an id of this replica, or no peer has it."""
+        if self.forwarded(request):
+            return None
+        owner = episode_id.split(".", 1)[0] if "." in episode_id else None
+        if owner == self.name:
+            return None
+        path = request.url.path
+        if owner is not None and (address := await self.address_of(request, owner)) is not None:
+            reply = await self.send(request, address, request.method, path)
+            return _relay(reply) if reply is not None else None
+        # A client's own episode_id: ask every replica, then act on the one that has it.
+        probe = f"/episodes/{episode_id}"
+        holders = [address for address, reply in await self.gather(request, probe)
+                   if reply is not None and reply.status_code in (200, 409)]
+        if len(holders) > 1:
+            return Response(f'{{"detail": {{"code": "ambiguous_episode_id", "message": "{len(holders)} replicas hold '
+                            'an episode with this episode_id: name one by its session_id (GET /episodes lists them)"}}',
+                            status_code=409, media_type="application/json")
+        if not holders:
+            return None
+        reply = await self.send(request, holders[0], request.method, path)
+        return _relay(reply) if reply is not None else None
+
+
+    async def address_of(self, request: Request, replica: str) -> str | None:
+        """A peer's address by its name; the names of new replicas are learnt by asking them all."""
+        if replica not in self.names:
+            await self.gather(request, "/farm/replica")
+        return self.names.get(replica)
+
+    async def to_owner(self, request: Request, session_id: str, body: bytes) -> Response | None:
+        """An MCP call on another replica's session (`<replica>.<hex>`, made by the server), sent
+        there with its body; None to answer here."""
+        owner = session_id.split(".", 1)[0] if "." in session_id else None
+        if self.forwarded(request) or owner is None or owner == self.name:
+            return None
+        address = await self.address_of(request, owner)
+        if address is None:
+            return None
+        reply = await self.send(request, address, request.method, request.url.path, body)
+        return _relay(reply) if reply is not None else None
+
+
+def _relay(reply: httpx.Response) -> Response:
+    kept = {k: v for k, v in reply.headers.items() if k in ("content-type", "retry-after", FORWARDED)}
+    return Response(reply.content, status_code=reply.status_code, headers=kept)
+
+
+def farm_of(request: Request) -> Farm | None:
+    farm: Farm | None = getattr(request.app.state, "farm", None)
+    return farm
