@@ -75,7 +75,7 @@ async def measure(url: str, headers: dict[str, str], samples: int) -> dict[str, 
     out["export_bytes"] = len(body)
     nb = nbformat.reads(body, as_version=4)
     start = time.perf_counter()
-    done = await replay(nb)
+    done = await replay(nb, backend=nb.metadata["sandbox_env"]["backend"])  # our own recording: its backend
     replay_s = time.perf_counter() - start
     out["replay_100_steps_s"] = round(replay_s, 3)
     out["replay_over_ws"] = round(replay_s / recorded_s, 2)

@@ -177,14 +177,21 @@ def _read_code(file: str) -> str:
 def replay_command(
     notebook: Path = typer.Argument(..., metavar="EPISODE.ipynb",  # noqa: B008 - typer's idiom
                                     help="A notebook exported from an episode (GET /episodes/{id}/notebook)."),
-    backend: str | None = typer.Option(None, help="Execution backend.", show_default="the notebook's"),
-    policy: str | None = typer.Option(None, help="Resource policy.", show_default="the notebook's"),
+    backend: str | None = typer.Option(None, help="Execution backend (never the notebook's).",
+                                       show_default="SANDBOX_ENV_BACKEND, else jupyter"),
+    policy: str | None = typer.Option(None, help="Resource policy.",
+                                      show_default="the notebook's, if the configured allowed_policies allow it"),
     output: Path | None = typer.Option(None, help="Write the re-executed notebook here."),  # noqa: B008
+    allow_unisolated: bool = typer.Option(False, "--allow-unisolated",
+                                          help="Run Jupyter kernels without their sandbox, or use a backend "
+                                               "that is none (fake); trusted notebooks only."),
 ) -> None:
     """Re-execute an exported episode with nbclient in a fresh sandbox; compare every cell's outputs.
 
-    Prints one verdict per cell (same / differs / new error). Exit status: 0 if every cell is the
-    same, 1 if any differs, 2 if the notebook cannot be read or the sandbox fails.
+    The notebook is untrusted: its cells run in the backend given here (else the configured one),
+    never in the one its metadata names. Prints one verdict per cell (same / differs / new error).
+    Exit status: 0 if every cell is the same, 1 if any differs, 2 if the notebook cannot be read,
+    is malformed, or the sandbox fails or is refused.
     """
     try:
         import nbclient  # noqa: F401 - the extra's packages, checked before anything starts
@@ -197,11 +204,13 @@ def replay_command(
     try:
         nb = load_notebook(str(notebook))
     except Exception as exc:  # noqa: BLE001 - nbformat's converters raise anything on a malformed file
-        raise _fail(f"cannot read {notebook} as a notebook: {type(exc).__name__}: {str(exc)[:500]}") from None
+        raise _fail(_one_line(f"cannot read {notebook} as a notebook: {type(exc).__name__}: {exc}")) from None
     try:
-        done = asyncio.run(replay(nb, backend=backend, policy=policy))
+        done = asyncio.run(replay(nb, backend=backend, policy=policy, allow_unisolated=allow_unisolated))
     except SandboxEnvError as exc:
-        raise _fail(exc.message) from None
+        raise _fail(_one_line(exc.message)) from None
+    except Exception as exc:  # noqa: BLE001 - anything else (nbclient's, a malformed cell): exit 2, one line
+        raise _fail(_one_line(f"replay failed: {type(exc).__name__}: {exc}")) from None
     for cell in done.cells:
         where = f"step {cell.step}" if cell.step is not None else f"cell {cell.index}"
         typer.echo(f"{where}: {cell.verdict}" + (f" ({'; '.join(cell.details)})" if cell.details else ""))
@@ -209,8 +218,15 @@ def replay_command(
     typer.echo(f"{len(done.cells)} cells: {counts['same']} same, {counts['differs']} differ, "
                f"{counts['new error']} new errors")
     if output is not None:
-        save_notebook(done.notebook, str(output))
+        try:
+            save_notebook(done.notebook, str(output))
+        except OSError as exc:
+            raise _fail(_one_line(f"cannot write {output}: {exc}")) from None
     raise typer.Exit(0 if done.same else EXIT_FAILED)
+
+
+def _one_line(text: str, limit: int = 500) -> str:
+    return " ".join(text.split())[:limit]
 
 
 @policy_app.command("check")

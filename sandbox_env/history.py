@@ -18,21 +18,29 @@ MAX_ENTRIES = 100
 _OVERHEAD = 64  # keys, numbers and punctuation of one record, roughly
 
 
+def _utf8(text: str) -> int:
+    """The length of `text` in UTF-8 bytes (a lone surrogate as the 3 bytes it would take)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
 def weight(value: Any) -> int:
-    """Approximate size in bytes of a JSON-able value: texts dominate, everything else is small."""
+    """Approximate size in bytes of a JSON-able value (texts in UTF-8): texts dominate, everything
+    else is small."""
     if isinstance(value, str):
-        return len(value) + 2
+        return _utf8(value) + 2
     if isinstance(value, dict):
-        return sum(len(str(k)) + weight(v) for k, v in value.items()) + 2
+        return sum(_utf8(str(k)) + weight(v) for k, v in value.items()) + 2
     if isinstance(value, list | tuple):
         return sum(weight(v) for v in value) + 2
     return 8
 
 
 def _cut(text: str, keep: int) -> str:
-    if len(text) <= keep:
+    """The head of `text` of at most `keep` UTF-8 bytes, saying how much was cut."""
+    if _utf8(text) <= keep:
         return text
-    return f"{text[:keep]}\n... [{len(text) - keep} characters not kept in the step history]"
+    head = text[:keep] if text.isascii() else text[:keep].encode("utf-8", "surrogatepass")[:keep].decode("utf-8", "ignore")
+    return f"{head}\n... [{len(text) - len(head)} characters not kept in the step history]"
 
 
 def _shrink(entry: dict[str, Any], budget: int) -> dict[str, Any]:
@@ -96,11 +104,16 @@ class StepHistory:
 
 class Records:
     """Records of ended episodes (`Episode.record()`: their metadata and step history), kept for
-    export for `ttl_s` after they end, within `budget_bytes` in all (the oldest go first)."""
+    export for `ttl_s` after they end, within `budget_bytes` in all.
+
+    When the budget is full, the oldest record of the owner holding the most bytes goes first (on a
+    tie, the owner adding): an owner's records make room only for owners holding more. So each of N
+    owners keeps at least `budget_bytes / N`, and one tenant's big episodes evict only its own."""
 
     def __init__(self, ttl_s: float, budget_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl_s, self.budget_bytes, self.clock = ttl_s, budget_bytes, clock
-        self._items: deque[tuple[float, int, dict[str, Any]]] = deque()  # (ended, size, record)
+        self._owners: dict[str, deque[tuple[float, int, dict[str, Any]]]] = {}  # owner -> (ended, size, record)
+        self._sizes: dict[str, int] = {}
         self.size = 0
 
     def add(self, record: dict[str, Any]) -> None:
@@ -109,23 +122,40 @@ class Records:
         size = weight(record) + _OVERHEAD
         if size > self.budget_bytes:
             return
-        self._items.append((self.clock(), size, record))
+        owner = str(record.get("owner") or "")
+        self._owners.setdefault(owner, deque()).append((self.clock(), size, record))
+        self._sizes[owner] = self._sizes.get(owner, 0) + size
         self.size += size
+        while self.size > self.budget_bytes:
+            self._drop(max(self._sizes, key=lambda name: (self._sizes[name], name == owner)))
         self._expire()
 
     def find(self, key: str, owner: str | None) -> dict[str, Any] | None:
         """The latest record whose session_id or episode_id is `key`, of `owner` (None: anyone's)."""
         self._expire()
-        for _, _, record in reversed(self._items):
-            if (owner is None or record.get("owner") == owner) and key in (record.get("session_id"), record.get("episode_id")):
-                found: dict[str, Any] = record
-                return found
-        return None
+        found: list[tuple[float, int, dict[str, Any]]] = []
+        for name, items in self._owners.items():
+            if owner is None or name == owner:
+                found.extend(item for item in items if key in (item[2].get("session_id"), item[2].get("episode_id")))
+        if not found:
+            return None
+        latest: dict[str, Any] = max(found, key=lambda item: item[0])[2]
+        return latest
 
     def __len__(self) -> int:
-        return len(self._items)
+        return sum(len(items) for items in self._owners.values())
+
+    def _drop(self, owner: str) -> None:
+        """Forget `owner`'s oldest record."""
+        items = self._owners[owner]
+        size = items.popleft()[1]
+        self._sizes[owner] -= size
+        self.size -= size
+        if not items:
+            del self._owners[owner], self._sizes[owner]
 
     def _expire(self) -> None:
         horizon = self.clock() - self.ttl_s
-        while self._items and (self._items[0][0] < horizon or self.size > self.budget_bytes):
-            self.size -= self._items.popleft()[1]
+        for owner in list(self._owners):
+            while owner in self._owners and self._owners[owner][0][0] < horizon:
+                self._drop(owner)

@@ -7,6 +7,11 @@ client answers nbclient's execute requests with Jupyter messages made from each 
 the same way the export made the recording's outputs (`notebook.cell_outputs`). So every backend
 replays alike, with the limits of the policy, and a recording and its replay compare field by field.
 Needs the `replay` extra (nbclient, nbformat).
+
+The notebook is untrusted input: its backend is never used (the caller's, else the configured
+one: `replay_settings`), a backend that is not a sandbox runs only on the caller's explicit
+`allow_unisolated` (as `serve --allow-unisolated`), and the policy it records is only a suggestion
+that must pass the manager's check (`allowed_policies`) like a client's reset.
 """
 
 from __future__ import annotations
@@ -20,7 +25,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 from sandbox_env.episode import Episode
+from sandbox_env.errors import ConfigError, PolicyNotFoundError
+from sandbox_env.kernels import load_kernel_class
 from sandbox_env.manager import EpisodeManager
 from sandbox_env.models import CodeAction
 from sandbox_env.notebook import cell_outputs, verdict
@@ -106,16 +115,62 @@ class SandboxKernelClient:
         return request
 
 
+def replay_settings(backend: str | None = None, policy: str | None = None, *,
+                    allow_unisolated: bool = False) -> Settings:
+    """The settings of a replay's manager: `backend`, else the configured one (SANDBOX_ENV_BACKEND,
+    default jupyter; never the notebook's); `policy` as its default policy (the caller's choice, so
+    allowed), else the configured one. A backend without the `isolation` capability (the
+    in-process fake) is refused unless `allow_unisolated`, which, as `serve --allow-unisolated`,
+    also runs Jupyter kernels without their sandbox: trusted code only."""
+    chosen: dict[str, Any] = {"pool_size": 0, "max_sessions": 1}
+    if backend is not None:
+        chosen["backend"] = backend
+    if policy is not None:
+        chosen["policy"] = policy
+    try:
+        settings = Settings(**chosen)
+    except ValidationError as exc:
+        raise ConfigError("; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+                                    for err in exc.errors())) from None
+    if allow_unisolated:
+        return settings.model_copy(update={"jupyter_unisolated": True})
+    if "isolation" not in load_kernel_class(settings.backend).capabilities:
+        raise ConfigError(f"refusing to replay: the {settings.backend} backend is not a sandbox (code runs "
+                          "unisolated, with your rights); --allow-unisolated replays it anyway, for trusted code only")
+    return settings
+
+
+def recorded(notebook: Any) -> dict[str, Any]:
+    """The notebook's `metadata.sandbox_env`, its types checked (cells' too); ConfigError if malformed."""
+    meta = notebook.metadata.get("sandbox_env")
+    meta = {} if meta is None else meta
+    if not isinstance(meta, dict):
+        raise ConfigError("the notebook's metadata.sandbox_env is not an object")
+    for key in ("backend", "policy"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise ConfigError(f"the notebook's metadata.sandbox_env.{key} is not a string")
+    for index, cell in enumerate(notebook.cells):
+        mine = cell.get("metadata", {}).get("sandbox_env")
+        if mine is None:
+            continue
+        if not isinstance(mine, dict):
+            raise ConfigError(f"cell {index}: metadata.sandbox_env is not an object")
+        if mine.get("step") is not None and type(mine["step"]) is not int:
+            raise ConfigError(f"cell {index}: metadata.sandbox_env.step is not an integer")
+    return meta
+
+
 class SandboxKernelManager:
-    """nbclient's kernel manager (what it calls of jupyter_client's): starts a sandboxed episode of
-    `backend` under `policy` (in-process, one kernel, none kept warm) and hands out a
+    """nbclient's kernel manager (what it calls of jupyter_client's): starts a sandboxed episode
+    with `settings` (in-process, one kernel, none kept warm; `replay_settings`) under `policy` (a
+    reset's: None is the settings' default; any other must be allowed by them) and hands out a
     `SandboxKernelClient` over it."""
 
     kernel_name = "python3"
     ipykernel = False
 
-    def __init__(self, backend: str = "jupyter", policy: str | None = None) -> None:
-        self.sandbox_backend, self.sandbox_policy = backend, policy
+    def __init__(self, settings: Settings, policy: str | None = None) -> None:
+        self.settings, self.sandbox_policy = settings, policy
         self._manager: EpisodeManager | None = None
         self._episode: Episode | None = None
         self._client: SandboxKernelClient | None = None
@@ -127,7 +182,7 @@ class SandboxKernelManager:
 
     async def start_kernel(self, **kwargs: Any) -> None:
         started = time.perf_counter()
-        self._manager = EpisodeManager(Settings(backend=self.sandbox_backend, pool_size=0, max_sessions=1))
+        self._manager = EpisodeManager(self.settings)
         await self._manager.start()
         self._episode = await self._manager.open_episode()
         await self._episode.reset(policy=self.sandbox_policy)
@@ -196,30 +251,39 @@ def save_notebook(notebook: Any, path: str) -> None:
     nbformat.write(notebook, path)  # type: ignore[no-untyped-call]
 
 
-async def replay(notebook: Any, *, backend: str | None = None, policy: str | None = None) -> Replay:
-    """Re-execute `notebook` (an nbformat v4 NotebookNode) with nbclient in a fresh sandbox; the
-    backend and policy default to those the notebook records."""
+async def replay(notebook: Any, *, backend: str | None = None, policy: str | None = None,
+                 allow_unisolated: bool = False) -> Replay:
+    """Re-execute `notebook` (an nbformat v4 NotebookNode) with nbclient in a fresh sandbox of
+    `backend` (else the configured one: never the notebook's, see `replay_settings`) under
+    `policy`, else the one the notebook records if the configured `allowed_policies` allow it.
+    Raises SandboxEnvError (ConfigError for a malformed notebook or a refused choice)."""
     from nbclient import NotebookClient
 
-    meta = notebook.metadata.get("sandbox_env") or {}
+    meta = recorded(notebook)
+    settings = replay_settings(backend, policy, allow_unisolated=allow_unisolated)
+    suggested = None if policy is not None else meta.get("policy")
     fresh = copy.deepcopy(notebook)
     for cell in fresh.cells:
         if cell.cell_type == "code":
             cell.outputs = []
-    manager = SandboxKernelManager(backend=backend or meta.get("backend") or "jupyter",
-                                   policy=policy or meta.get("policy"))
+    manager = SandboxKernelManager(settings, policy=suggested)
     client = NotebookClient(fresh, km=manager,  # type: ignore[arg-type]  # duck-typed: what nbclient calls
                             allow_errors=True, timeout=None, record_timing=False,
                             kernel_name="python3")
     try:
         await client.async_execute()
+    except PolicyNotFoundError as exc:
+        if suggested is None:
+            raise
+        raise ConfigError(f"the notebook records policy {suggested[:100]!r}, which is not allowed here "
+                          "(allowed_policies); choose one with --policy") from exc
     finally:
         await manager.shutdown_kernel()
     cells = []
-    for index, (recorded, replayed) in enumerate(zip(notebook.cells, fresh.cells)):
-        if recorded.cell_type != "code":
+    for index, (was, replayed) in enumerate(zip(notebook.cells, fresh.cells)):
+        if was.cell_type != "code":
             continue
-        said, details = verdict(recorded.get("outputs", []), replayed.get("outputs", []))
-        step = (recorded.metadata.get("sandbox_env") or {}).get("step")
+        said, details = verdict(was.get("outputs", []), replayed.get("outputs", []))
+        step = (was.metadata.get("sandbox_env") or {}).get("step")
         cells.append(CellVerdict(index, step, said, details))
     return Replay(cells, fresh, manager.start_s)

@@ -70,13 +70,18 @@ class Settings(BaseSettings):
     record_ttl_s: float = Field(900.0, ge=0, description="an ended episode (reset or closed) stays exportable "
                                 "this long (GET /episodes/{id}/notebook, /trace); 0: not at all")
     record_total_bytes: int = Field(64 << 20, ge=0, description="records of ended episodes kept, in all "
-                                    "(the oldest go first)")
+                                    "(UTF-8 bytes); when full, the oldest of the tenant holding the most go "
+                                    "first: each of N tenants keeps at least this / N")
     header_timeout_s: float = Field(10.0, gt=0, description="a request's headers must arrive within this")
     max_header_bytes: int = Field(64 << 10, ge=1024, description="largest request head (line + headers)")
     body_timeout_s: float = Field(60.0, gt=0, description="a request's body must arrive within this of its headers")
     keepalive_timeout_s: float = Field(5.0, gt=0, description="close idle keep-alive HTTP connections")
     max_connections: int = Field(256, ge=4, description="open connections and requests at once; "
                                  "above it, 503")
+    event_streams_per_tenant: int = Field(4, ge=1, description="open event streams (/episodes/{id}/events, "
+                                          "the live page) per token; above it, 429")
+    max_event_streams: int | None = Field(None, ge=1, description="open event streams in all; never more than "
+                                          "half of max_connections (None: that half); above it, 429")
     # Shutdown and crash cleanup.
     drain_grace_s: float | None = Field(None, gt=0, description="on SIGTERM, how long steps in flight may "
                                         "finish; at least the longest step limit of the allowed policies")

@@ -268,6 +268,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = ServerMetrics(lambda: app.state.manager)
     app.state.mcp_sessions = mcp.McpSessions()
     app.state.farm = Farm(settings) if settings.farm_peers else None  # replicas behind a gateway
+    app.state.event_streams = watch.StreamSlots(settings)  # /episodes/{id}/events, per tenant and in all
     app.add_exception_handler(SandboxEnvError, routes.sandbox_error_handler)
     app.add_exception_handler(RequestValidationError, routes.request_validation_handler)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_message_bytes)

@@ -47,7 +47,8 @@ def replica_line(request: Request) -> dict[str, Any]:
 
 def named(request: Request, body: Any, status_code: int = 200) -> JSONResponse:
     """A JSON reply that says which replica made it (how peers learn each other's names)."""
-    return JSONResponse(body, status_code=status_code, headers={FORWARDED: replica_name(request)})
+    return JSONResponse(body, status_code=status_code,  # the sandbox's strings inside: never sniffed as HTML
+                        headers={FORWARDED: replica_name(request), "X-Content-Type-Options": "nosniff"})
 
 
 @router.get("/farm/replica", tags=["Inspection"], summary="This replica: name, status, load and capacity")

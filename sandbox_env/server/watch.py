@@ -4,6 +4,10 @@
 Nothing here asks an interpreter anything: the stream and the exports read what the episode keeps
 (`Episode.inspect`, `Episode.record`). An ended episode (reset or closed) stays exportable for
 `record_ttl_s` (15 minutes by default) within `record_total_bytes` (`history.Records`).
+
+Each open stream holds a connection for up to an hour: a tenant may hold `event_streams_per_tenant`
+of them, and all tenants together at most `max_event_streams` (never more than half of
+`max_connections`), so one tenant's pages never take the connections other tenants' requests need.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from sandbox_env.episode import Episode
 from sandbox_env.manager import EpisodeManager
@@ -23,11 +28,52 @@ from sandbox_env.notebook import to_notebook, to_trace
 from sandbox_env.server.guard import tenant_of
 from sandbox_env.server.routes import json_dumps
 from sandbox_env.server.web import _find, _summary
+from sandbox_env.settings import Settings
 
 router = APIRouter()
 HEARTBEAT_S = 1.0  # the stream sends resource use (and a comment keeping proxies awake) this often
 STREAM_S = 3600.0  # one stream's longest life: the page reconnects
 UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+class StreamSlots:
+    """Open event streams, per tenant and in all, within the settings' limits."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.per_tenant = settings.event_streams_per_tenant
+        half = max(1, settings.max_connections // 2)
+        self.total = min(settings.max_event_streams or half, half)
+        self.open: dict[str, int] = {}
+
+    def take(self, tenant: str) -> None:
+        """Count one more stream of `tenant`, or raise 429."""
+        mine, everyone = self.open.get(tenant, 0), sum(self.open.values())
+        if mine >= self.per_tenant or everyone >= self.total:
+            which = (f"this token already follows {mine} (event_streams_per_tenant)" if mine >= self.per_tenant
+                     else f"the server already holds {everyone} (max_event_streams)")
+            raise HTTPException(429, {"message": f"too many open event streams: {which}; close a live page and "
+                                                 "try again", "code": "too_many_streams"},
+                                headers={"Retry-After": "5"})
+        self.open[tenant] = mine + 1
+
+    def give_back(self, tenant: str) -> None:
+        self.open[tenant] -= 1
+        if not self.open[tenant]:
+            del self.open[tenant]
+
+
+class _Stream(StreamingResponse):
+    """A streaming response that gives its slot back however it ends (done, disconnected, cancelled)."""
+
+    def __init__(self, body: AsyncIterator[bytes], slots: StreamSlots, tenant: str, **kwargs: Any) -> None:
+        super().__init__(body, **kwargs)
+        self.slots, self.tenant = slots, tenant
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.slots.give_back(self.tenant)
 
 
 def _record(request: Request, episode_id: str) -> dict[str, Any]:
@@ -76,8 +122,11 @@ async def episode_events(episode_id: str, request: Request) -> StreamingResponse
     whenever a step begins or ends; `output` with what a running step wrote since the last one;
     `usage` every second. The page renders every field as text or as an image, never as markup."""
     episode = _find(request, episode_id)
-    return StreamingResponse(_events(episode, request), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    slots: StreamSlots = request.app.state.event_streams
+    tenant = tenant_of(request).name
+    slots.take(tenant)  # given back by the response, however it ends
+    return _Stream(_events(episode, request), slots, tenant, media_type="text/event-stream",
+                   headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
 def _event(kind: str, data: Any) -> bytes:

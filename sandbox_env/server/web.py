@@ -1,9 +1,10 @@
 """Per-episode inspection: JSON under `/episodes`, and a page at `/web` that renders it.
 
 The page is a Jinja2 template (autoescaped) plus a static script that follows an episode's event
-stream (`watch.py`) and renders with `textContent` only, images as `data:` URLs of an `<img>`
-(which runs no script), so output of the sandboxed code can never inject markup; the
-Content-Security-Policy allows no inline script and no other origin, images from `data:` only.
+stream (`watch.py`) and renders with `textContent` only, images as `data:` (PNG, JPEG)
+or `blob:` (SVG) URLs of an `<img>` (which runs no script), so output of the sandboxed code can never
+inject markup; the Content-Security-Policy allows no inline script and no other origin, images
+from the server, `data:` and `blob:` (the page's own) only.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ TEMPLATES = Jinja2Templates(directory=HERE / "templates")  # autoescape on for .
 STATIC_TYPES = {"episodes.js": "text/javascript", "episodes.css": "text/css"}
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
-                               "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+                               "connect-src 'self'; img-src 'self' data: blob:; base-uri 'none'; form-action 'none'; "
                                "frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",  # the page's URL may carry ?token=
@@ -87,7 +88,8 @@ async def show_episode(episode_id: str, request: Request) -> Response:
     details = await episode.inspect()
     payload = {**details, "summary": _summary(episode)}
     body = await asyncio.to_thread(lambda: json_dumps(payload).encode("utf-8"))
-    return Response(body, media_type="application/json", headers={FORWARDED: replica_name(request)})
+    return Response(body, media_type="application/json",
+                    headers={FORWARDED: replica_name(request), "X-Content-Type-Options": "nosniff"})
 
 
 @router.delete("/episodes/{episode_id}", tags=["Inspection"], summary="Close an episode (in a farm, on its replica)")

@@ -117,3 +117,50 @@ def test_replay_on_docker(require_docker: None, tmp_path: Path) -> None:
     out = replay(path, "--backend", "docker")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "4 cells: 4 same" in out.stdout
+
+
+def notebook_file(tmp_path: Path, cells: list[tuple[str, list[dict[str, Any]]]], metadata: Any,
+                  cell_metadata: Any = None) -> Path:
+    """A hand-made recording: (source, outputs) per cell, the notebook's `metadata.sandbox_env`."""
+    path = tmp_path / "crafted.ipynb"
+    made = [{"cell_type": "code", "id": f"c{i}", "execution_count": i + 1, "source": source, "outputs": outputs,
+             "metadata": {} if cell_metadata is None else {"sandbox_env": cell_metadata}}
+            for i, (source, outputs) in enumerate(cells)]
+    path.write_text(json.dumps({"nbformat": 4, "nbformat_minor": 5, "cells": made,
+                                "metadata": {} if metadata is None else {"sandbox_env": metadata}}))
+    return path
+
+
+def test_replay_never_takes_the_backend_from_the_notebook(tmp_path: Path) -> None:
+    """A crafted notebook naming the in-process `fake` backend would run its cells on the host."""
+    target = tmp_path / "written-on-the-host"
+    path = notebook_file(tmp_path, [(f"open({str(target)!r}, 'w').write('pwned')\nprint('ran')",
+                                     [{"output_type": "stream", "name": "stdout", "text": "ran\n"}])],
+                         {"backend": "fake", "policy": "default"})
+    env = {k: v for k, v in os.environ.items() if k != "SANDBOX_ENV_BACKEND"}
+    ran = subprocess.run([sys.executable, "-m", "sandbox_env.cli", "replay", str(path)],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert not target.exists(), "the cell ran on the host"
+    assert ran.returncode == 1 and "new error" in ran.stdout, ran.stdout + ran.stderr  # in the sandbox: no such path
+    refused = replay(path, "--backend", "fake")
+    assert refused.returncode == 2 and not target.exists(), refused.stdout + refused.stderr
+    assert "refusing to replay: the fake backend is not a sandbox" in refused.stderr
+    assert "--allow-unisolated" in refused.stderr and "Traceback" not in refused.stderr
+    configured = subprocess.run([sys.executable, "-m", "sandbox_env.cli", "replay", str(path)], capture_output=True,
+                                text=True, timeout=600, env={**env, "SANDBOX_ENV_BACKEND": "fake"})
+    assert configured.returncode == 2 and "not a sandbox" in configured.stderr and not target.exists()
+    trusted = replay(path, "--backend", "fake", "--allow-unisolated")  # the operator's explicit opt-out, as serve's
+    assert trusted.returncode == 0 and target.read_text() == "pwned", trusted.stdout + trusted.stderr
+
+
+def test_replay_takes_an_explicit_policy_and_refuses_malformed_metadata(tmp_path: Path) -> None:
+    cell = [("print(6 * 7)", [{"output_type": "stream", "name": "stdout", "text": "42\n"}])]
+    strict = replay(notebook_file(tmp_path, cell, {"policy": "default"}), "--policy", "strict")
+    assert strict.returncode == 0 and "1 cells: 1 same" in strict.stdout, strict.stdout + strict.stderr
+    suggested = replay(notebook_file(tmp_path, cell, {"policy": "strict"}))  # a suggestion the server's check refuses
+    assert suggested.returncode == 2 and "--policy" in suggested.stderr, suggested.stdout + suggested.stderr
+    for metadata, cell_metadata in [({"backend": 123}, None), ({"policy": ["x"]}, None), ("notadict", None),
+                                    ({}, "notadict"), ({}, {"step": "one"})]:
+        out = replay(notebook_file(tmp_path, cell, metadata, cell_metadata))
+        assert out.returncode == 2, (metadata, cell_metadata, out.stdout + out.stderr)
+        assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr

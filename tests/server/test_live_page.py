@@ -73,9 +73,32 @@ async def test_live_page_never_renders_sandbox_markup(live_server: Any, chromium
         assert await page.eval("document.querySelectorAll('script').length") == 1  # the page's own
         assert await page.eval("document.getElementById('bold'), document.querySelectorAll('#history b, #history img[src=x]').length") == 0
         svg = await page.wait_for("[...document.querySelectorAll('#history img.display')].map(i => i.src)", "the SVG")
-        assert all(src.startswith("data:image/svg+xml;base64,") for src in svg)  # an image: its script never runs
+        assert all(src.startswith("blob:") for src in svg)  # an image of the text: its script never runs
         assert "[text/html not rendered]" in text
         await shot(page, tmp_path, "inspection-markup.png")
         async with httpx.AsyncClient(base_url=live_server.url, headers=live_server.headers) as http:
             csp = (await http.get("/web/episodes/markup")).headers["content-security-policy"]
-        assert "img-src 'self' data:" in csp and "unsafe-inline" not in csp and "script-src 'self'" in csp
+        assert "img-src 'self' data: blob:;" in csp and "unsafe-inline" not in csp and "script-src 'self'" in csp
+
+
+# One big SVG (600 KB: `btoa(String.fromCharCode(...bytes))` overflows Chromium's stack), then a marker.
+BIG_SVG = ("from IPython.display import SVG, display\n"
+           "rects = ''.join(f'<rect x=\"{i % 100}\" y=\"{i // 100}\" width=\"1\" height=\"1\" fill=\"#3366cc\"/>' "
+           "for i in range(12000))\n"
+           "svg = '<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"100\" height=\"120\">' + rects + '</svg>'\n"
+           "assert len(svg) > 600_000\ndisplay(SVG(svg))")
+
+
+async def test_one_big_svg_never_hides_the_steps_after_it(live_server: Any, chromium: str) -> None:
+    async with SandboxEnv(live_server.url) as env, browser(chromium) as page:
+        await env.reset(episode_id="big-svg")
+        shown = await env.step(BIG_SVG)
+        assert shown.observation.status.value == "ok", shown.observation.stderr
+        await env.step("print('MARKER-after-the-svg')")
+        await page.goto(f"{live_server.url}/web/episodes/big-svg?token={live_server.token}")
+        await page.wait_for("document.getElementById('history').textContent.includes('MARKER-after-the-svg')",
+                            "the step after the SVG")
+        assert await page.eval("document.querySelectorAll('#history .step').length") == 2
+        assert await page.eval("document.querySelectorAll('#timeline .tick').length") == 2
+        await page.wait_for("[...document.querySelectorAll('#history img.display')].some(i => i.naturalWidth === 100)",
+                            "the big SVG, decoded as an image")

@@ -10,7 +10,7 @@ import sys
 import nbformat
 import pytest
 
-from sandbox_env.history import Records
+from sandbox_env.history import Records, weight
 from sandbox_env.inside import snapshot
 from sandbox_env.kernels.inspection import LiveOutput, parse_snapshot
 from sandbox_env.notebook import cell_outputs, normalized, to_notebook, verdict
@@ -93,3 +93,25 @@ def test_notebook_export_is_valid_and_compares_by_content() -> None:
     assert verdict(outputs, [{"output_type": "stream", "name": "stdout", "text": "2\n"}]) == ("differs", ["stdout"])
     assert verdict(outputs, [{"output_type": "error", "ename": "E", "evalue": "", "traceback": []}])[0] == "new error"
     assert normalized(nb["cells"][2]["outputs"])["displays"][0].keys() == {"application/json", "image/png", "text/plain"}
+
+
+def _ended(episode_id: str, owner: str, stdout: str) -> dict[str, object]:
+    """An ended episode's record, shaped as `Episode.record()` makes it."""
+    return {"episode_id": episode_id, "session_id": f"s-{episode_id}", "owner": owner, "backend": "jupyter",
+            "policy": "default", "history": [{"step": 1, "code": "print(x)", "result": {"status": "ok", "stdout": stdout}}]}
+
+
+def test_one_tenants_records_never_evict_anothers() -> None:
+    records = Records(ttl_s=900, budget_bytes=4 << 20)
+    records.add(_ended("alice-ep", "alice", "small\n"))
+    for i in range(6):
+        records.add(_ended(f"bob-{i}", "bob", "x" * (1 << 20)))
+    assert records.find("alice-ep", "alice") is not None, "bob's episodes evicted alice's"
+    assert records.find("bob-5", "bob") and records.find("bob-0", "bob") is None and records.size <= 4 << 20
+
+
+def test_records_weigh_text_in_utf8_bytes() -> None:
+    assert weight("é" * 1000) >= 2000 and weight("€" * 1000) >= 3000 and weight({"ключ": "x"}) >= 8 + 3
+    records = Records(ttl_s=900, budget_bytes=4 << 20)
+    records.add(_ended("wide", "alice", "€" * (2 << 20)))  # 2 Mi characters, 6 MiB of UTF-8: over the budget
+    assert records.find("wide", "alice") is None and records.size == 0

@@ -1,6 +1,8 @@
 // The episode pages' script. Everything the sandbox produced is rendered with textContent, or as
-// an <img> of a data: URL for image/png, image/jpeg and image/svg+xml (an image runs no script and
-// loads nothing); HTML and JavaScript from the sandbox are shown as text, never parsed. Served
+// an <img> for image/png and image/jpeg (a data: URL) and image/svg+xml (a blob: URL of the text:
+// any size, nothing spread on the stack); an image runs no script and loads nothing. HTML and
+// JavaScript from the sandbox are shown as text, never parsed. Each output and each step renders
+// on its own (a failure shows "[could not render]"): one output never hides what comes after it. Served
 // from /web/static (no inline script: see the CSP). The list polls; an episode's page follows the
 // server-sent events of /episodes/{id}/events.
 const ROOT = document.getElementById("root");
@@ -38,13 +40,18 @@ function image(mime, data) {
   const img = el("img", null, "display"); img.alt = mime;
   if (mime === "image/svg+xml") {  // as an image: its scripts never run, nothing it names is loaded
     const text = Array.isArray(data) ? data.join("") : String(data);
-    img.src = "data:image/svg+xml;base64," + btoa(String.fromCharCode(...new TextEncoder().encode(text)));
+    const url = URL.createObjectURL(new Blob([text], {type: "image/svg+xml"}));
+    img.onload = img.onerror = () => URL.revokeObjectURL(url);  // decoded (or not): the blob is no longer needed
+    img.src = url;
   } else {
     const text = String(data).replace(/\s/g, "");
     if (!B64.test(text)) return el("pre", "[" + mime + ": not base64]", "muted");
     img.src = "data:" + mime + ";base64," + text;
   }
   return img;
+}
+function guarded(render, what) {  // what render() makes, else a placeholder: never an exception
+  try { return render(); } catch (e) { return el("pre", "[could not render " + what + ": " + e + "]", "muted"); }
 }
 function display(data) {
   for (const mime of ["image/png", "image/jpeg", "image/svg+xml"]) if (data && data[mime]) return image(mime, data[mime]);
@@ -81,10 +88,11 @@ function renderState(data) {
   if (!r) document.getElementById("live").textContent = "";
   else if (r.output) document.getElementById("live").textContent = (r.output.stdout || "") + (r.output.stderr || "");
   if (data.fresh) { view.history = []; document.getElementById("history").replaceChildren(el("h2", "History")); }
-  (data.history || []).forEach(h => { view.history.push({step: h.step, status: h.result.status,
-    wall: h.result.wall_time_s, peak: h.result.peak_memory_mb}); document.getElementById("history").appendChild(step(h)); });
+  (data.history || []).forEach(h => { const r = (h && h.result) || {};
+    view.history.push({step: h && h.step, status: r.status, wall: r.wall_time_s, peak: r.peak_memory_mb});
+    document.getElementById("history").appendChild(guarded(() => step(h), "step " + (h && h.step))); });
   view.samples = data.samples || [];
-  renderTimeline(); renderChart();
+  guarded(renderTimeline, "the timeline"); guarded(renderChart, "the chart");
 }
 function step(h) {
   const r = h.result || {}, box = el("div", null, "step " + r.status);
@@ -94,7 +102,7 @@ function step(h) {
   if (r.stdout) box.appendChild(el("pre", r.stdout));
   if (r.stderr) box.appendChild(el("pre", r.stderr, "muted"));
   if (r.exception && !r.stderr) box.appendChild(el("pre", r.exception.traceback || (r.exception.type + ": " + r.exception.message)));
-  (r.displays || []).forEach(d => box.appendChild(display(d.data)));
+  (r.displays || []).forEach(d => box.appendChild(guarded(() => display(d.data), "an output")));
   return box;
 }
 function renderTimeline() {
@@ -123,8 +131,8 @@ function renderChart() {
 function appendOutput(data) {
   const live = document.getElementById("live");
   if (data.skipped) live.appendChild(el("span", "[… earlier output not kept …]\n", "muted"));
-  data.items.forEach(item => live.appendChild(item.display ? display(item.display) :
-    el("span", item.text, item.stream === "stderr" ? "muted" : null)));
+  data.items.forEach(item => live.appendChild(guarded(() => item.display ? display(item.display) :
+    el("span", item.text, item.stream === "stderr" ? "muted" : null), "an output")));
 }
 function follow() {
   layout();
@@ -135,6 +143,7 @@ function follow() {
     if (u.elapsed_s !== null) run.children[1].textContent = run.children[1].textContent.replace(/running for [0-9.]+ s/, `running for ${u.elapsed_s} s`);
     if (u.sample && (!view.samples.length || view.samples[view.samples.length - 1].t < u.sample.t)) { view.samples.push(u.sample); renderChart(); } });
   events.addEventListener("end", () => { events.close(); document.getElementById("title").textContent = "episode " + EPISODE + " (closed)"; });
-  events.onerror = () => { if (events.readyState === EventSource.CLOSED) ROOT.prepend(el("p", "Episode " + EPISODE + " is not live.")); };
+  events.onerror = () => { if (events.readyState === EventSource.CLOSED) ROOT.prepend(el("p",
+    "Not following episode " + EPISODE + ": it is not live, or this token already follows too many (close a page, reload).")); };
 }
 if (MODE === "list") { tickList(); setInterval(tickList, 2000); } else follow();
