@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 FORWARDED = "x-sandbox-env-farm"  # value: the sending replica's name
 PASSED = ("authorization", "cookie", "accept", "content-type")  # what a forwarded request keeps of the caller's
+KEPT = ("content-type", "retry-after", "content-disposition", "x-content-type-options", "cache-control", FORWARDED)
 PEER_TIMEOUT_S = 5.0  # an inspection waits up to 3 s for a busy kernel, plus the hop
 DNS_TIMEOUT_S = 2.0
 
@@ -135,7 +136,7 @@ class Farm:
 
 
 def _relay(reply: httpx.Response) -> Response:
-    kept = {k: v for k, v in reply.headers.items() if k in ("content-type", "retry-after", FORWARDED)}
+    kept = {k: v for k, v in reply.headers.items() if k in KEPT}
     return Response(reply.content, status_code=reply.status_code, headers=kept)
 
 

@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 from sandbox_env.episode import Episode
 from sandbox_env.manager import EpisodeManager
 from sandbox_env.notebook import to_notebook, to_trace
+from sandbox_env.server.farm import farm_of
 from sandbox_env.server.guard import tenant_of
 from sandbox_env.server.routes import json_dumps
 from sandbox_env.server.web import _find, _summary
@@ -92,6 +93,19 @@ def _record(request: Request, episode_id: str) -> dict[str, Any]:
     return record
 
 
+async def _export_elsewhere(request: Request, episode_id: str) -> Response | None:
+    """In a farm, the export made by the replica holding the episode (live or ended) when this
+    one holds neither. (An event stream is followed on the replica of the episode: not forwarded.)"""
+    farm = farm_of(request)
+    if farm is None:
+        return None
+    try:
+        _record(request, episode_id)
+        return None
+    except HTTPException:
+        return await farm.route(request, episode_id)
+
+
 def _download(body: bytes, media_type: str, record: dict[str, Any], suffix: str) -> Response:
     name = UNSAFE.sub("_", str(record.get("episode_id") or record.get("session_id") or "episode"))[:80]
     return Response(body, media_type=media_type,
@@ -102,6 +116,8 @@ def _download(body: bytes, media_type: str, record: dict[str, Any], suffix: str)
 @router.get("/episodes/{episode_id}/notebook", tags=["Inspection"],
             summary="The episode as a Jupyter notebook (nbformat v4): one cell per step, with its outputs")
 async def export_notebook(episode_id: str, request: Request) -> Response:
+    if (elsewhere := await _export_elsewhere(request, episode_id)) is not None:
+        return elsewhere
     record = _record(request, episode_id)
     body = await asyncio.to_thread(lambda: json_dumps(to_notebook(record)).encode("utf-8"))
     return _download(body, "application/x-ipynb+json", record, ".ipynb")
@@ -110,6 +126,8 @@ async def export_notebook(episode_id: str, request: Request) -> Response:
 @router.get("/episodes/{episode_id}/trace", tags=["Inspection"],
             summary="The episode as JSON lines: the episode, then one line per step (for training pipelines)")
 async def export_trace(episode_id: str, request: Request) -> Response:
+    if (elsewhere := await _export_elsewhere(request, episode_id)) is not None:
+        return elsewhere
     record = _record(request, episode_id)
     body = await asyncio.to_thread(lambda: ("\n".join(to_trace(record)) + "\n").encode("utf-8", "replace"))
     return _download(body, "application/x-ndjson", record, ".jsonl")

@@ -131,6 +131,10 @@ async def test_an_episode_is_inspected_and_closed_through_any_replica(farm: Farm
                     assert variables["owner_replica"] == repr(replica)
                 page = await http.get(f"/web/episodes/{episode_id}")
                 assert page.status_code == 200 and episode_id in page.text
+                for _ in range(4):  # the export too, from whichever replica
+                    notebook = await http.get(f"/episodes/{episode_id}/notebook")
+                    assert notebook.status_code == 200 and "owner_replica" in notebook.text, notebook.text[:300]
+                    assert notebook.headers["content-disposition"].startswith("attachment")
             listing = (await http.get("/episodes")).json()
             assert {line["replica"] for line in listing["replicas"]} == set(owners)
             listed = {e["episode_id"]: e["replica"] for e in listing["episodes"]}
@@ -141,6 +145,8 @@ async def test_an_episode_is_inspected_and_closed_through_any_replica(farm: Farm
             victim = sorted(owners.values())[0]
             assert (await http.delete(f"/episodes/{victim}")).status_code == 200
             assert (await http.get(f"/episodes/{victim}")).status_code == 404
+            for _ in range(4):  # ended, its record stays exportable through any replica
+                assert (await http.get(f"/episodes/{victim}/trace")).status_code == 200
     finally:
         for env in envs:
             await env.close()
