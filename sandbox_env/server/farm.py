@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import AsyncIterator
 
 import httpx
 from fastapi import Request
@@ -115,6 +116,36 @@ class Farm:
         reply = await self.send(request, holders[0], request.method, path)
         return _relay(reply) if reply is not None else None
 
+
+    async def stream(self, request: Request, episode_id: str) -> tuple[AsyncIterator[bytes], int, str] | None:
+        """The owner's event stream of `episode_id` (named by its id: a client's own id is not
+        looked for), relayed as it comes: (body, status, media type); None to answer here."""
+        owner = episode_id.split(".", 1)[0] if "." in episode_id else None
+        if self.forwarded(request) or owner is None or owner == self.name:
+            return None
+        address = await self.address_of(request, owner)
+        if address is None:
+            return None
+        headers = {k: v for k, v in request.headers.items() if k in PASSED}
+        headers[FORWARDED] = self.name
+        outgoing = self._client.build_request("GET", f"http://{address}{request.url.path}", params=request.query_params,
+                                              headers=headers, timeout=httpx.Timeout(PEER_TIMEOUT_S, read=None))
+        try:
+            reply = await self._client.send(outgoing, stream=True)
+        except httpx.HTTPError as exc:
+            log.info("farm: the event stream on %s failed: %s", address, exc)
+            return None
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in reply.aiter_raw():
+                    yield chunk
+            except httpx.HTTPError:
+                return  # the owner went away: the stream ends, the page reconnects
+            finally:
+                await reply.aclose()
+
+        return body(), reply.status_code, reply.headers.get("content-type", "text/event-stream")
 
     async def address_of(self, request: Request, replica: str) -> str | None:
         """A peer's address by its name; the names of new replicas are learnt by asking them all."""

@@ -35,6 +35,7 @@ router = APIRouter()
 HEARTBEAT_S = 1.0  # the stream sends resource use (and a comment keeping proxies awake) this often
 STREAM_S = 3600.0  # one stream's longest life: the page reconnects
 UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+STREAM_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 
 
 class StreamSlots:
@@ -139,12 +140,24 @@ async def episode_events(episode_id: str, request: Request) -> StreamingResponse
     """`state` (the episode now, as `GET /episodes/{id}` without the history's outputs) first and
     whenever a step begins or ends; `output` with what a running step wrote since the last one;
     `usage` every second. The page renders every field as text or as an image, never as markup."""
-    episode = _find(request, episode_id)
     slots: StreamSlots = request.app.state.event_streams
-    tenant = tenant_of(request).name
-    slots.take(tenant)  # given back by the response, however it ends
-    return _Stream(_events(episode, request), slots, tenant, media_type="text/event-stream",
-                   headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    tenant = tenant_of(request)
+    farm = farm_of(request)
+    if farm is not None and not request.app.state.manager.find(episode_id, None if tenant.admin else tenant.name):
+        slots.take(tenant.name)  # this replica holds the connection too
+        try:
+            relayed = await farm.stream(request, episode_id)
+        except BaseException:
+            slots.give_back(tenant.name)
+            raise
+        if relayed is not None:
+            body, status, media_type = relayed
+            return _Stream(body, slots, tenant.name, status_code=status, media_type=media_type, headers=STREAM_HEADERS)
+        slots.give_back(tenant.name)
+    episode = _find(request, episode_id)
+    slots.take(tenant.name)  # given back by the response, however it ends
+    return _Stream(_events(episode, request), slots, tenant.name, media_type="text/event-stream",
+                   headers=STREAM_HEADERS)
 
 
 def _event(kind: str, data: Any) -> bytes:

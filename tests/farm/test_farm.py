@@ -110,6 +110,20 @@ async def test_200_concurrent_episodes_complete_isolated_and_spread(farm: Farm) 
     assert set(per_replica) == replicas and len(replicas) == 2, per_replica  # every replica served some
 
 
+async def first_event(http: httpx.AsyncClient, episode_id: str) -> list[str]:
+    """The first event of the episode's stream. A stream the client closed holds its slot until
+    the server next writes (a second at most): a 429 for the tenant's limit is waited out."""
+    deadline = time.monotonic() + 60
+    while True:
+        async with http.stream("GET", f"/episodes/{episode_id}/events") as events:
+            if events.status_code == 429 and time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+                continue
+            assert events.status_code == 200, await events.aread()
+            lines = events.aiter_lines()
+            return [await anext(lines) for _ in range(2)]
+
+
 async def test_an_episode_is_inspected_and_closed_through_any_replica(farm: Farm) -> None:
     envs: list[SandboxEnv] = []
     owners: dict[str, str] = {}  # replica -> episode_id
@@ -131,6 +145,9 @@ async def test_an_episode_is_inspected_and_closed_through_any_replica(farm: Farm
                     assert variables["owner_replica"] == repr(replica)
                 page = await http.get(f"/web/episodes/{episode_id}")
                 assert page.status_code == 200 and episode_id in page.text
+                for _ in range(4):  # the live page's event stream, relayed from the owner
+                    first = await first_event(http, episode_id)
+                    assert first[0] == "event: state" and repr(replica) in first[1], first
                 for _ in range(4):  # the export too, from whichever replica
                     notebook = await http.get(f"/episodes/{episode_id}/notebook")
                     assert notebook.status_code == 200 and "owner_replica" in notebook.text, notebook.text[:300]
