@@ -287,12 +287,15 @@ def farm_init(
     import os
     import secrets
 
-    if env_file.exists() and not force:
+    if (env_file.exists() or env_file.is_symlink()) and not force:
         raise _fail(f"{env_file} exists (--force replaces it, and its token)", EXIT_FAILED)
     token = secrets.token_hex(24)
-    descriptor = os.open(env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # A new file of mode 0600 put in its place: never an old file's mode, never a symlink's target.
+    fresh = env_file.with_name(f".{env_file.name}.{secrets.token_hex(4)}")
+    descriptor = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(descriptor, "w") as out:
         out.write(f"# The sandbox farm's admin token (compose.yaml env_file). Keep it secret.\nSANDBOX_ENV_TOKEN={token}\n")
+    os.replace(fresh, env_file)
     typer.echo(f"wrote {env_file}; clients: export SANDBOX_ENV_TOKEN=$(sed -n 's/^SANDBOX_ENV_TOKEN=//p' {env_file})")
 
 

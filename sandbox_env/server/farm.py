@@ -15,6 +15,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import AsyncIterator
+from urllib.parse import quote
 
 import httpx
 from fastapi import Request
@@ -99,12 +100,12 @@ class Farm:
         owner = episode_id.split(".", 1)[0] if "." in episode_id else None
         if owner == self.name:
             return None
-        path = request.url.path
+        path = raw_path(request)
         if owner is not None and (address := await self.address_of(request, owner)) is not None:
             reply = await self.send(request, address, request.method, path)
             return _relay(reply) if reply is not None else None
         # A client's own episode_id: ask every replica, then act on the one that has it.
-        probe = f"/episodes/{episode_id}"
+        probe = f"/episodes/{quote(episode_id, safe='')}"
         holders = [address for address, reply in await self.gather(request, probe)
                    if reply is not None and reply.status_code in (200, 409)]
         if len(holders) > 1:
@@ -128,7 +129,7 @@ class Farm:
             return None
         headers = {k: v for k, v in request.headers.items() if k in PASSED}
         headers[FORWARDED] = self.name
-        outgoing = self._client.build_request("GET", f"http://{address}{request.url.path}", params=request.query_params,
+        outgoing = self._client.build_request("GET", f"http://{address}{raw_path(request)}", params=request.query_params,
                                               headers=headers, timeout=httpx.Timeout(PEER_TIMEOUT_S, read=None))
         try:
             reply = await self._client.send(outgoing, stream=True)
@@ -162,8 +163,15 @@ class Farm:
         address = await self.address_of(request, owner)
         if address is None:
             return None
-        reply = await self.send(request, address, request.method, request.url.path, body)
+        reply = await self.send(request, address, request.method, raw_path(request), body)
         return _relay(reply) if reply is not None else None
+
+
+def raw_path(request: Request) -> str:
+    """The path as the client sent it, still percent-encoded: decoded, an id with `%2e%2e` or
+    `%23` would name another path on the peer."""
+    raw = request.scope.get("raw_path")
+    return raw.decode("latin-1").split("?", 1)[0] if raw else quote(request.url.path)
 
 
 def _relay(reply: httpx.Response) -> Response:

@@ -154,6 +154,16 @@ def test_farm_init_writes_a_private_token_once(tmp_path: Path) -> None:
     again = subprocess.run([*CLI, "farm", "init", "--env-file", str(env_file)], capture_output=True, text=True, timeout=60)
     assert again.returncode == 1 and "exists" in again.stderr
     assert re.findall(r"^SANDBOX_ENV_TOKEN=(\w+)$", env_file.read_text(), re.M) == tokens  # kept
+    env_file.chmod(0o644)  # --force over a readable file, or over a symlink, writes a private file
+    forced = subprocess.run([*CLI, "farm", "init", "--env-file", str(env_file), "--force"], capture_output=True,
+                            text=True, timeout=60)
+    assert forced.returncode == 0 and env_file.stat().st_mode & 0o777 == 0o600, forced.stderr
+    target, link = tmp_path / "elsewhere", tmp_path / "linked.env"
+    link.symlink_to(target)
+    linked = subprocess.run([*CLI, "farm", "init", "--env-file", str(link), "--force"], capture_output=True,
+                            text=True, timeout=60)
+    assert linked.returncode == 0 and not target.exists() and not link.is_symlink(), linked.stderr
+    assert link.stat().st_mode & 0o777 == 0o600
 
 
 def test_farm_status_of_a_lone_server_lists_one_replica(live_server_factory) -> None:

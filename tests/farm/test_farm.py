@@ -299,3 +299,34 @@ async def test_killing_a_replica_fails_only_its_sessions_and_new_ones_go_elsewhe
     finally:
         for env in envs:
             await env.close()
+
+
+def test_a_replica_reaches_nothing_outside_the_farm(farm: Farm) -> None:
+    """The replicas hold the node's docker socket: their only network is the farm's, internal.
+    From one, the gateway answers on the farm network, and nothing answers on the edge network
+    (the gateway's, where its port is published, which this farm created)."""
+    replica = farm.server_containers()[0]
+    networks = json.loads(docker("network", "ls", "--format", "{{json .Name}}", "--filter", f"name={farm.name}_edge")
+                          .splitlines()[0])
+    edge = json.loads(docker("network", "inspect", networks, "--format", "{{json .IPAM.Config}}"))
+    edge_gateway = next(entry["Gateway"] for entry in edge if entry.get("Gateway"))
+    probe = ("import socket, sys\n"
+             "def reach(host, port):\n"
+             "    try:\n"
+             "        socket.create_connection((host, port), timeout=3).close(); return 'open'\n"
+             "    except OSError as exc:\n"
+             "        return type(exc).__name__\n"
+             f"print(reach('gateway', 8000), reach({edge_gateway!r}, {int(farm.url.rsplit(':', 1)[1])}))")
+    seen = docker("exec", replica, "/usr/bin/python3", "-c", probe).split()
+    assert seen[0] == "open", seen  # the farm network works
+    assert seen[1] != "open", f"a replica reached the edge network's gateway: {seen}"
+
+
+def test_a_client_cannot_pass_for_a_replica(farm: Farm) -> None:
+    """Replicas mark the requests they send each other; the gateway drops the mark from clients
+    (with it, a replica would answer for itself alone)."""
+    expected = {line["replica"] for line in farm.replicas()}
+    for _ in range(4):
+        listed = httpx.get(farm.url + "/episodes", headers={**farm.headers, "x-sandbox-env-farm": "someone"},
+                           timeout=30, trust_env=False).json()
+        assert {line["replica"] for line in listed["replicas"]} == expected

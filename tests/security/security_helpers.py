@@ -282,8 +282,8 @@ class Roles:
                 return role
         return "other-sandbox" if ("sandbox-env" in text or "docker" in text) else "host"
 
-    def of(self, fp: str, table: dict[str, list[int]], cgroup: str | None = None) -> str:
-        return self.of_pid(resolve(table, fp, cgroup))
+    def of(self, fp: str, table: dict[str, list[int]], cgroup: str | None = None, inner_pid: int | None = None) -> str:
+        return self.of_pid(resolve(table, fp, cgroup, inner_pid))
 
     def of_path(self, path: str) -> str:
         """A path's role: by the episode directory it lies in, the container runtime's, or host."""

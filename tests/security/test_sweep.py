@@ -119,7 +119,7 @@ async def test_the_sweep_ran(swept: Sweep) -> None:
     """The sweep saw its own process under the fingerprint the host gives it, and walked files:
     otherwise an empty report would prove nothing."""
     me = swept.report["self"]
-    assert swept.roles.of(me["fingerprint"], host_fingerprints(), me.get("cgroup")) == "own", me
+    assert swept.roles.of(me["fingerprint"], host_fingerprints(), me.get("cgroup"), me.get("pid")) == "own", me
     assert swept.report["files"]["entries"] > 0, swept.report["files"]
     assert "harness" not in swept.findings, swept.findings["harness"]
 

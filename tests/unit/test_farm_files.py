@@ -45,6 +45,9 @@ def test_the_files_read_the_same_under_compose_and_swarm() -> None:
     assert server["deploy"]["endpoint_mode"] == "dnsrr"
     assert server["environment"]["SANDBOX_ENV_FARM_PEERS"] == "server"
     assert server["env_file"] and "ports" not in server  # auth on: a token from the env file; only the gateway is published
+    farm = load("compose.yaml")
+    assert farm["networks"]["farm"]["internal"] is True and server["networks"] == ["farm"]  # no route out
+    assert farm["services"]["gateway"]["networks"] == ["farm", "edge"]
 
 
 def test_the_gateway_balances_least_connections_and_checks_readyz() -> None:
@@ -52,5 +55,7 @@ def test_the_gateway_balances_least_connections_and_checks_readyz() -> None:
     lines = [line.strip() for line in config if line.strip() and not line.strip().startswith("#")]
     assert "balance leastconn" in lines
     assert "http-check send meth GET uri /readyz ver HTTP/1.1 hdr Host localhost" in lines
-    assert "http-check expect status 200" in lines
+    # full replicas stay in the rotation (they refuse new sessions themselves); draining ones leave
+    assert 'http-check expect rstring "status": ?"(ready|full)"' in lines
+    assert "http-request del-header x-sandbox-env-farm" in lines  # a client never passes for a replica
     assert any(line.startswith("timeout tunnel") for line in lines)
