@@ -32,6 +32,12 @@ PEER_TIMEOUT_S = 5.0  # an inspection waits up to 3 s for a busy kernel, plus th
 DNS_TIMEOUT_S = 2.0
 
 
+class AmbiguousEpisode(Exception):
+    def __init__(self, count: int) -> None:
+        super().__init__(f"{count} replicas hold this episode_id")
+        self.count = count
+
+
 class Farm:
     """This replica's view of the farm: its own name, its peers' addresses and names."""
 
@@ -105,26 +111,38 @@ class Farm:
             reply = await self.send(request, address, request.method, path)
             return _relay(reply) if reply is not None else None
         # A client's own episode_id: ask every replica, then act on the one that has it.
+        try:
+            holder = await self.holder(request, episode_id)
+        except AmbiguousEpisode as exc:
+            return Response(f'{{"detail": {{"code": "ambiguous_episode_id", "message": "{exc.count} replicas hold '
+                            'an episode with this episode_id: name one by its session_id (GET /episodes lists them)"}}',
+                            status_code=409, media_type="application/json")
+        if holder is None:
+            return None
+        reply = await self.send(request, holder, request.method, path)
+        return _relay(reply) if reply is not None else None
+
+    async def holder(self, request: Request, episode_id: str) -> str | None:
+        """The address of the one peer holding a client's own `episode_id` (live or ended), None if
+        none does; AmbiguousEpisode if several do."""
         probe = f"/episodes/{quote(episode_id, safe='')}"
         holders = [address for address, reply in await self.gather(request, probe)
                    if reply is not None and reply.status_code in (200, 409)]
         if len(holders) > 1:
-            return Response(f'{{"detail": {{"code": "ambiguous_episode_id", "message": "{len(holders)} replicas hold '
-                            'an episode with this episode_id: name one by its session_id (GET /episodes lists them)"}}',
-                            status_code=409, media_type="application/json")
-        if not holders:
-            return None
-        reply = await self.send(request, holders[0], request.method, path)
-        return _relay(reply) if reply is not None else None
+            raise AmbiguousEpisode(len(holders))
+        return holders[0] if holders else None
 
 
     async def stream(self, request: Request, episode_id: str) -> tuple[AsyncIterator[bytes], int, str] | None:
-        """The owner's event stream of `episode_id` (named by its id: a client's own id is not
-        looked for), relayed as it comes: (body, status, media type); None to answer here."""
+        """The event stream of `episode_id` from the replica its id names (a client's own id: the
+        one replica holding it), relayed as it comes: (body, status, media type); None to answer here."""
         owner = episode_id.split(".", 1)[0] if "." in episode_id else None
-        if self.forwarded(request) or owner is None or owner == self.name:
+        if self.forwarded(request) or owner == self.name:
             return None
-        address = await self.address_of(request, owner)
+        try:
+            address = await self.address_of(request, owner) if owner is not None else await self.holder(request, episode_id)
+        except AmbiguousEpisode:
+            return None  # answered here: its own, or not found (a session_id names one)
         if address is None:
             return None
         headers = {k: v for k, v in request.headers.items() if k in PASSED}

@@ -243,6 +243,37 @@ async def _open_retrying(farm: Farm) -> SandboxEnv:
     raise AssertionError("no session opened in 20 attempts")
 
 
+def test_a_replica_reaches_nothing_outside_the_farm(farm: Farm) -> None:
+    """The replicas hold the node's docker socket: their only network is the farm's, internal.
+    From one, the gateway answers on the farm network, and nothing answers on the edge network
+    (the gateway's, where its port is published, which this farm created). (Before the tests that
+    stop a replica.)"""
+    replica = farm.server_containers()[0]
+    networks = json.loads(docker("network", "ls", "--format", "{{json .Name}}", "--filter", f"name={farm.name}_edge")
+                          .splitlines()[0])
+    edge = json.loads(docker("network", "inspect", networks, "--format", "{{json .IPAM.Config}}"))
+    edge_gateway = next(entry["Gateway"] for entry in edge if entry.get("Gateway"))
+    probe = ("import socket, sys\n"
+             "def reach(host, port):\n"
+             "    try:\n"
+             "        socket.create_connection((host, port), timeout=3).close(); return 'open'\n"
+             "    except OSError as exc:\n"
+             "        return type(exc).__name__\n"
+             f"print(reach('server', 8000), reach({edge_gateway!r}, {int(farm.url.rsplit(':', 1)[1])}))")
+    seen = docker("exec", replica, "/usr/bin/python3", "-c", probe).split()
+    assert seen[0] == "open", seen  # the farm network works: the replicas reach each other
+    assert seen[1] != "open", f"a replica reached the edge network's gateway: {seen}"
+
+
+def test_a_client_cannot_pass_for_a_replica(farm: Farm) -> None:
+    """Replicas mark the requests they send each other; the gateway drops the mark from clients
+    (with it, a replica would answer for itself alone)."""
+    expected = {line["replica"] for line in farm.replicas()}
+    for _ in range(4):
+        listed = httpx.get(farm.url + "/episodes", headers={**farm.headers, "x-sandbox-env-farm": "someone"},
+                           timeout=30, trust_env=False).json()
+        assert {line["replica"] for line in listed["replicas"]} == expected
+
 async def test_a_draining_replica_finishes_its_steps_and_leaves_the_rotation(farm: Farm) -> None:
     """SIGTERM (what `docker-compose down`, `stack rm` and a rolling update send): the replica's
     step in flight finishes, its sessions then end retryably, new sessions go to the other one."""
@@ -300,33 +331,3 @@ async def test_killing_a_replica_fails_only_its_sessions_and_new_ones_go_elsewhe
         for env in envs:
             await env.close()
 
-
-def test_a_replica_reaches_nothing_outside_the_farm(farm: Farm) -> None:
-    """The replicas hold the node's docker socket: their only network is the farm's, internal.
-    From one, the gateway answers on the farm network, and nothing answers on the edge network
-    (the gateway's, where its port is published, which this farm created)."""
-    replica = farm.server_containers()[0]
-    networks = json.loads(docker("network", "ls", "--format", "{{json .Name}}", "--filter", f"name={farm.name}_edge")
-                          .splitlines()[0])
-    edge = json.loads(docker("network", "inspect", networks, "--format", "{{json .IPAM.Config}}"))
-    edge_gateway = next(entry["Gateway"] for entry in edge if entry.get("Gateway"))
-    probe = ("import socket, sys\n"
-             "def reach(host, port):\n"
-             "    try:\n"
-             "        socket.create_connection((host, port), timeout=3).close(); return 'open'\n"
-             "    except OSError as exc:\n"
-             "        return type(exc).__name__\n"
-             f"print(reach('gateway', 8000), reach({edge_gateway!r}, {int(farm.url.rsplit(':', 1)[1])}))")
-    seen = docker("exec", replica, "/usr/bin/python3", "-c", probe).split()
-    assert seen[0] == "open", seen  # the farm network works
-    assert seen[1] != "open", f"a replica reached the edge network's gateway: {seen}"
-
-
-def test_a_client_cannot_pass_for_a_replica(farm: Farm) -> None:
-    """Replicas mark the requests they send each other; the gateway drops the mark from clients
-    (with it, a replica would answer for itself alone)."""
-    expected = {line["replica"] for line in farm.replicas()}
-    for _ in range(4):
-        listed = httpx.get(farm.url + "/episodes", headers={**farm.headers, "x-sandbox-env-farm": "someone"},
-                           timeout=30, trust_env=False).json()
-        assert {line["replica"] for line in listed["replicas"]} == expected
