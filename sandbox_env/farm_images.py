@@ -22,7 +22,7 @@ from typing import Any
 
 from sandbox_env._version import __version__
 from sandbox_env.errors import ConfigError, KernelUnavailableError
-from sandbox_env.kernels.docker.images import OFFLINE_BASE, SUITE, build_images, build_offline_base
+from sandbox_env.kernels.docker.images import OFFLINE_BASE, SUITE, build_images, build_offline_base, docker_build
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def build_farm_image(name: str, *, client: Any, force: bool = False, mirror: str
         shutil.copytree(directory, context)
         if name == "server":
             build_wheels(context / "wheels")
-        _build(client, context, tag, {"BASE": base}, {SOURCE_LABEL: digest, "sandbox-env.version": __version__})
+        docker_build(client, context, tag, {"BASE": base}, pull=False, labels={SOURCE_LABEL: digest}, network_mode="none")
     for stage in client.images.list(filters={"dangling": True, "label": f"sandbox-env.stage={name}-install"}):
         _remove_quietly(client, stage.id)  # the install stage: nothing of it is needed after the build
     if old is not None and old.id != _image(client, tag).id:
@@ -111,17 +111,6 @@ def source_digest(name: str) -> str:
     for path in paths:
         digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
-
-
-def _build(client: Any, context: Path, tag: str, buildargs: dict[str, str], labels: dict[str, str]) -> None:
-    log.info("docker build %s", tag)
-    try:
-        client.images.build(path=str(context), tag=tag, buildargs=buildargs, labels=labels, pull=False,
-                            rm=True, forcerm=True, network_mode="none")
-    except Exception as exc:
-        lines = getattr(exc, "build_log", None) or []
-        tail = "".join(str(item.get("stream", item.get("error", ""))) for item in list(lines)[-20:])
-        raise KernelUnavailableError(f"building {tag} failed: {exc}\n{tail}") from exc
 
 
 def _image(client: Any, name: str) -> Any:

@@ -166,16 +166,21 @@ MEMORY_CHARGE_FILES = (
 )
 
 
-def memory_charge(container_id: str) -> int | None:
-    """Bytes the container's memory cgroup is charged (processes, tmpfs, page cache), read from
-    the host's cgroup files: no call to the daemon; None where they are not in view."""
-    for pattern in MEMORY_CHARGE_FILES:
+def _first_count(patterns: tuple[str, ...], container_id: str) -> int | None:
+    """The number in the first of the container's cgroup files in view (None: none is)."""
+    for pattern in patterns:
         try:
             with open(pattern.format(id=container_id), "rb") as f:
                 return int(f.read())
         except (OSError, ValueError):
             continue
     return None
+
+
+def memory_charge(container_id: str) -> int | None:
+    """Bytes the container's memory cgroup is charged (processes, tmpfs, page cache), read from
+    the host's cgroup files: no call to the daemon; None where they are not in view."""
+    return _first_count(MEMORY_CHARGE_FILES, container_id)
 
 
 CPU_CHARGE_FILES = (  # (path, field of a flat keyed file or None, unit in seconds)
@@ -215,13 +220,7 @@ def cpu_charge(container_id: str) -> float | None:
 
 def process_count(container_id: str) -> int | None:
     """Processes (tasks) in the container's pids cgroup, from the host's cgroup files."""
-    for pattern in PIDS_FILES:
-        try:
-            with open(pattern.format(id=container_id), "rb") as f:
-                return int(f.read())
-        except (OSError, ValueError):
-            continue
-    return None
+    return _first_count(PIDS_FILES, container_id)
 
 
 def remove_container(client: docker.DockerClient, container_id: str, wait_s: float = 10.0) -> bool:

@@ -62,7 +62,7 @@ def build_images(offline: bool | None = None, *, force: bool = False, mirror: st
         if force or not _has_image(client, base):
             build_offline_base(client, mirror=mirror)
             built.append(base)
-    _docker_build(client, _dockerfile_dir("python"), tag, {"BASE": base},
+    docker_build(client, _dockerfile_dir("python"), tag, {"BASE": base},
                   pull=not offline and not _has_image(client, base))
     return [*built, tag]
 
@@ -162,11 +162,14 @@ def _dockerfile_dir(name: str) -> Path:
     raise ConfigError(f"no Dockerfile for image {name!r} in {', '.join(map(str, IMAGE_DIRS))}")
 
 
-def _docker_build(client: Any, path: Path, tag: str, buildargs: dict[str, str], *, pull: bool) -> None:
+def docker_build(client: Any, path: Path, tag: str, buildargs: dict[str, str], *, pull: bool,
+                 labels: dict[str, str] | None = None, network_mode: str | None = None) -> None:
+    """`docker build` of `path` as `tag`, labelled with the version (and `labels`); its log's end
+    in the error when it fails."""
     logger.info("docker build %s (%s)", tag, ", ".join(f"{k}={v}" for k, v in buildargs.items()))
     try:
-        client.images.build(path=str(path), tag=tag, buildargs=buildargs, pull=pull, rm=True,
-                            forcerm=True, labels={"sandbox-env.version": __version__})
+        client.images.build(path=str(path), tag=tag, buildargs=buildargs, pull=pull, rm=True, forcerm=True,
+                            labels={"sandbox-env.version": __version__, **(labels or {})}, network_mode=network_mode)
     except Exception as exc:
         log = getattr(exc, "build_log", None) or []
         tail = "".join(str(item.get("stream", item.get("error", ""))) for item in list(log)[-20:])
