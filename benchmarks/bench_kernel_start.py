@@ -1,5 +1,5 @@
 """Issue-13 figures for the Jupyter backend: a kernel forked from the kernel template against one
-bwrap starts from scratch (`process.FORKING = False`), in the same process, interleaved.
+bwrap starts from scratch (`template.FORKING = False`), in the same process, interleaved.
 
     python benchmarks/bench_kernel_start.py [--rounds 10] [--kernels 6]
 
@@ -21,7 +21,7 @@ from typing import Any
 
 from _util import write_results
 
-from sandbox_env.kernels.jupyter import process
+from sandbox_env.kernels.jupyter import template
 from sandbox_env.kernels.jupyter.kernel import JupyterKernel
 from sandbox_env.policy import load_policy
 
@@ -45,7 +45,7 @@ def tree_pss_kib(pid: int) -> int:
 
 async def one_start(path: str, steps: list[float] | None = None) -> tuple[float, float]:
     """(start wall time, CPU of the kernel by then); with `steps`, then 10 `print(1)` steps timed."""
-    process.FORKING = path == "forked"
+    template.FORKING = path == "forked"
     kernel = JupyterKernel(load_policy("default"))
     t0 = time.perf_counter()
     await kernel.start()
@@ -60,7 +60,7 @@ async def one_start(path: str, steps: list[float] | None = None) -> tuple[float,
 
 
 async def pss_per_kernel(path: str, count: int) -> float:
-    process.FORKING = path == "forked"
+    template.FORKING = path == "forked"
     first = JupyterKernel(load_policy("default"))  # the template (if any) runs before the baseline
     await first.start()
     await asyncio.sleep(0.5)

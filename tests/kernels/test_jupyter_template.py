@@ -18,7 +18,7 @@ import pytest
 from kernel_helpers import KernelFactory, missing
 from test_jupyter_isolation import probe
 
-from sandbox_env.kernels.jupyter import process
+from sandbox_env.kernels.jupyter import template as template_module
 from sandbox_env.kernels.jupyter.template import template
 from sandbox_env.models import ExecStatus
 
@@ -41,7 +41,7 @@ def backend() -> str:
 
 @pytest.fixture(params=["forked", "exec"])
 def start_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setattr(process, "FORKING", request.param == "forked")
+    monkeypatch.setattr(template_module, "FORKING", request.param == "forked")
     return str(request.param)
 
 

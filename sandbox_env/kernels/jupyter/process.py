@@ -29,7 +29,7 @@ from sandbox_env.kernels.jupyter import relay as zmq_relay
 from sandbox_env.kernels.jupyter import sandbox
 from sandbox_env.kernels.jupyter.limits import MB, Confinement
 from sandbox_env.kernels.jupyter.seccomp import bpf_program as seccomp_bpf_program
-from sandbox_env.kernels.jupyter.template import ForkedProcess, template
+from sandbox_env.kernels.jupyter.template import HOLD, ForkedProcess, fork_kernel, fork_relay, forked
 from sandbox_env.kernels.jupyter.workdirs import fresh_dir
 
 START_TIMEOUT_S = 30.0
@@ -46,7 +46,6 @@ MESSAGE, RCVHWM, DRAIN = 4 * MB, 2, 64
 RELAY_FRAMES, RELAY_TASKS = 7 + 8, 4  # tasks: the relay's threads (main, zmq I/O, reaper)
 RELAY_AS = 192 * MB  # the relay's address space without cgroups, on top of 4 messages in flight
 _RELAY_SOURCE = Path(zmq_relay.__file__).read_text()
-HOLD = ["sleep", "infinity"]  # what bwrap runs for a forked kernel: the sandbox lives while it does
 _ZMQ_CONTEXTS: dict[int, zmq.asyncio.Context] = {}
 
 
@@ -235,64 +234,6 @@ async def spawn(cur: KernelProcess, command: list[str], env: dict[str, str], *, 
             await km.start_kernel(**launch, preexec_fn=conf.preexec, stdin=subprocess.DEVNULL,
                                   stdout=log, stderr=log)
     return front
-
-
-def forked(conf: Confinement, box: sandbox.Layout | None) -> bool:
-    """Kernels come from the template when the server is root and has cgroups (`template.py`)."""
-    return box is not None and os.geteuid() == 0 and box.uid != 0 and conf.version != "none" and FORKING
-
-
-FORKING = True  # tests switch it off to exercise the exec path
-
-
-async def fork_relay(conf: Confinement, config: dict[str, Any], folder: Path, log: int) -> ForkedProcess:
-    read, write = os.pipe()
-    try:
-        request = {"op": "relay", "cgroups": [str(d) for d in conf.dirs.values()], "rlimits": conf.rlimits(),
-                   "cwd": str(folder), "env": {"SANDBOX_ENV_KERNEL": conf.token}, "config": config,
-                   "unshare_net": conf.limits.network is False}
-        proc = await template("relay").fork(request, [read, log])
-    except BaseException:
-        os.close(write)
-        raise
-    finally:
-        os.close(read)
-    proc.stdin = os.fdopen(write, "wb")
-    return proc
-
-
-async def fork_kernel(holder: subprocess.Popen[bytes], conf: Confinement, box: sandbox.Layout, env: dict[str, str],
-                      workdir: Path, args: list[str], log: int) -> ForkedProcess:
-    """Once bwrap has built the sandbox (its command runs): a kernel forked into it."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while (pid := held_pid(holder.pid)) is None:
-        if holder.poll() is not None or time.monotonic() > deadline:
-            raise KernelStartError(f"the kernel's sandbox did not start (status {holder.poll()})")
-        await asyncio.sleep(0.002)
-    pidfd = os.pidfd_open(pid)
-    try:
-        request = {"op": "kernel", "cgroups": [str(d) for d in conf.dirs.values()], "rlimits": conf.rlimits(),
-                   "uid": box.uid, "gid": box.gid, "seccomp": seccomp_bpf_program().hex(), "env": env,
-                   "workdir": str(workdir), "argv": args}
-        return await template("kernel").fork(request, [pidfd, log])
-    finally:
-        os.close(pidfd)
-
-
-def held_pid(bwrap: int) -> int | None:
-    """The pid of bwrap's command (below the sandbox's init) once it runs HOLD: the sandbox is built."""
-    try:
-        init = _children(bwrap)[0]
-        pid = _children(init)[0]
-        with open(f"/proc/{pid}/comm") as f:
-            return pid if f.read().strip() == HOLD[0] else None
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(p) for p in f.read().split()]
 
 
 async def connect(cur: KernelProcess, front: dict[str, Any], *, run: Path, box: sandbox.Layout | None) -> None:

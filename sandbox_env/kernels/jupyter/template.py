@@ -1,11 +1,12 @@
-"""The server's side of the kernel template (`zygote.py`): starting it, asking it for a kernel or a
-relay, and the handle of a process it forked, which stands in for `subprocess.Popen`.
+"""The server's side of the kernel template (`zygote.py`): starting it; the requests for a kernel
+(into the sandbox a bwrap holder keeps) and for a relay; the handle of a process it forked, which
+stands in for `subprocess.Popen`.
 
 One template per kind (kernels, relays) per server process, started on the first kernel and again
-if it dies. Only a root
-server with cgroups uses it (`usable`): its kernels join the namespaces of a sandbox that bwrap
-built and drop to the sandbox's uid themselves, and the cgroups are what finds and kills every
-process of a kernel (a forked process carries the template's environment, not the kernel's token).
+if it dies. Only a root server with cgroups uses it (`forked`): its kernels join the namespaces of
+a sandbox that bwrap built and drop to the sandbox's uid themselves, and the cgroups are what finds
+and kills every process of a kernel (a forked process carries the template's environment, not the
+kernel's token).
 """
 
 from __future__ import annotations
@@ -23,11 +24,15 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import IO, Any
 
 from sandbox_env.errors import KernelStartError
 from sandbox_env.kernels.jupyter import relay as zmq_relay
+from sandbox_env.kernels.jupyter import sandbox
+from sandbox_env.kernels.jupyter.limits import Confinement
+from sandbox_env.kernels.jupyter.seccomp import bpf_program as seccomp_bpf_program
 
 logger = logging.getLogger(__name__)
 
@@ -193,3 +198,66 @@ _TEMPLATES = {kind: Template(kind) for kind in ("kernel", "relay")}
 
 def template(kind: str = "kernel") -> Template:
     return _TEMPLATES[kind]
+
+
+# -- the requests: a kernel into a sandbox bwrap built, a relay into a kernel's confinement ------------
+
+HOLD = ["sleep", "infinity"]  # what bwrap runs for a forked kernel: the sandbox lives while it does
+
+
+def forked(conf: Confinement, box: sandbox.Layout | None) -> bool:
+    """Kernels come from the template when the server is root and has cgroups (`template.py`)."""
+    return box is not None and os.geteuid() == 0 and box.uid != 0 and conf.version != "none" and FORKING
+
+
+FORKING = True  # tests switch it off to exercise the exec path
+
+
+async def fork_relay(conf: Confinement, config: dict[str, Any], folder: Path, log: int) -> ForkedProcess:
+    read, write = os.pipe()
+    try:
+        request = {"op": "relay", "cgroups": [str(d) for d in conf.dirs.values()], "rlimits": conf.rlimits(),
+                   "cwd": str(folder), "env": {"SANDBOX_ENV_KERNEL": conf.token}, "config": config,
+                   "unshare_net": conf.limits.network is False}
+        proc = await template("relay").fork(request, [read, log])
+    except BaseException:
+        os.close(write)
+        raise
+    finally:
+        os.close(read)
+    proc.stdin = os.fdopen(write, "wb")
+    return proc
+
+
+async def fork_kernel(holder: subprocess.Popen[bytes], conf: Confinement, box: sandbox.Layout, env: dict[str, str],
+                      workdir: Path, args: list[str], log: int) -> ForkedProcess:
+    """Once bwrap has built the sandbox (its command runs): a kernel forked into it."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while (pid := held_pid(holder.pid)) is None:
+        if holder.poll() is not None or time.monotonic() > deadline:
+            raise KernelStartError(f"the kernel's sandbox did not start (status {holder.poll()})")
+        await asyncio.sleep(0.002)
+    pidfd = os.pidfd_open(pid)
+    try:
+        request = {"op": "kernel", "cgroups": [str(d) for d in conf.dirs.values()], "rlimits": conf.rlimits(),
+                   "uid": box.uid, "gid": box.gid, "seccomp": seccomp_bpf_program().hex(), "env": env,
+                   "workdir": str(workdir), "argv": args}
+        return await template("kernel").fork(request, [pidfd, log])
+    finally:
+        os.close(pidfd)
+
+
+def held_pid(bwrap: int) -> int | None:
+    """The pid of bwrap's command (below the sandbox's init) once it runs HOLD: the sandbox is built."""
+    try:
+        init = _children(bwrap)[0]
+        pid = _children(init)[0]
+        with open(f"/proc/{pid}/comm") as f:
+            return pid if f.read().strip() == HOLD[0] else None
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
