@@ -174,7 +174,7 @@ async def test_the_web_page_shows_each_replicas_load_and_capacity(farm: Farm, ch
         await env.reset()
         await env.step("shown = 1")
         episode_id = (await env.state()).episode_id
-        with tempfile.TemporaryDirectory() as profile:
+        with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:  # a helper may outlive chromium
             out = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                                   "--disable-background-networking", f"--user-data-dir={profile}",
                                   "--virtual-time-budget=5000", "--dump-dom", f"{farm.url}/web?token={farm.token}"],

@@ -8,7 +8,9 @@ import base64
 import contextlib
 import itertools
 import json
+import os
 import re
+import signal
 import subprocess
 import tempfile
 import threading
@@ -61,9 +63,11 @@ class Page:
 
 @contextlib.asynccontextmanager
 async def browser(chromium: str) -> AsyncIterator[Page]:
-    with tempfile.TemporaryDirectory() as profile:
+    # Chromium's helpers (renderer, GPU, crash handler) may still write the profile for a moment
+    # after the browser is killed: they go with its process group, and what they left is no error.
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen([chromium, *FLAGS, "--remote-debugging-port=0", f"--user-data-dir={profile}", "about:blank"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
             port = None
             assert proc.stderr is not None
@@ -81,5 +85,6 @@ async def browser(chromium: str) -> AsyncIterator[Page]:
                 await page.call("Page.enable")
                 yield page
         finally:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
