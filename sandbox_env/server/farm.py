@@ -75,15 +75,19 @@ class Farm:
         addresses = sorted({str(info[4][0]) for info in found} - own)
         return [f"[{ip}]:{self.port}" if ":" in ip else f"{ip}:{self.port}" for ip in addresses]
 
+    def _headers(self, request: Request) -> dict[str, str]:
+        """The caller's credentials and this replica's name (which stops the peer forwarding again)."""
+        headers = {k: v for k, v in request.headers.items() if k in PASSED}
+        headers[FORWARDED] = self.name
+        return headers
+
     async def send(self, request: Request, address: str, method: str, path: str,
                    body: bytes | None = None) -> httpx.Response | None:
         """`method path` (with the request's query, and `body`) on a peer, with the caller's
         credentials; None when the peer cannot be reached."""
-        headers = {k: v for k, v in request.headers.items() if k in PASSED}
-        headers[FORWARDED] = self.name
         try:
             reply = await self._client.request(method, f"http://{address}{path}", params=request.query_params,
-                                               headers=headers, content=body)
+                                               headers=self._headers(request), content=body)
         except httpx.HTTPError as exc:
             log.info("farm: %s %s on %s failed: %s", method, path, address, exc)
             return None
@@ -145,10 +149,8 @@ class Farm:
             return None  # answered here: its own, or not found (a session_id names one)
         if address is None:
             return None
-        headers = {k: v for k, v in request.headers.items() if k in PASSED}
-        headers[FORWARDED] = self.name
         outgoing = self._client.build_request("GET", f"http://{address}{raw_path(request)}", params=request.query_params,
-                                              headers=headers, timeout=httpx.Timeout(PEER_TIMEOUT_S, read=None))
+                                              headers=self._headers(request), timeout=httpx.Timeout(PEER_TIMEOUT_S, read=None))
         try:
             reply = await self._client.send(outgoing, stream=True)
         except httpx.HTTPError as exc:

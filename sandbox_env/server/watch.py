@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
@@ -94,20 +94,19 @@ def _record(request: Request, episode_id: str) -> dict[str, Any]:
     return record
 
 
-async def _export_elsewhere(request: Request, episode_id: str) -> Response | None:
-    """In a farm, the export made by the replica holding the episode (live or ended) when this
-    one holds neither. (An event stream is followed on the replica of the episode: not forwarded.)"""
-    farm = farm_of(request)
-    if farm is None:
-        return None
+async def _export(request: Request, episode_id: str, render: Callable[[dict[str, Any]], bytes], media_type: str,
+                  suffix: str) -> Response:
+    """The episode's record rendered for download; in a farm, the export made by the replica holding
+    the episode (live or ended) when this one holds neither. (An event stream is followed on the
+    replica of the episode: not forwarded.)"""
     try:
-        _record(request, episode_id)
-        return None
+        record = _record(request, episode_id)
     except HTTPException:
-        return await farm.route(request, episode_id)
-
-
-def _download(body: bytes, media_type: str, record: dict[str, Any], suffix: str) -> Response:
+        farm = farm_of(request)
+        if farm is None or (forwarded := await farm.route(request, episode_id)) is None:
+            raise
+        return forwarded
+    body = await asyncio.to_thread(render, record)
     name = UNSAFE.sub("_", str(record.get("episode_id") or record.get("session_id") or "episode"))[:80]
     return Response(body, media_type=media_type,
                     headers={"Content-Disposition": f'attachment; filename="{name}{suffix}"',
@@ -117,21 +116,16 @@ def _download(body: bytes, media_type: str, record: dict[str, Any], suffix: str)
 @router.get("/episodes/{episode_id}/notebook", tags=["Inspection"],
             summary="The episode as a Jupyter notebook (nbformat v4): one cell per step, with its outputs")
 async def export_notebook(episode_id: str, request: Request) -> Response:
-    if (elsewhere := await _export_elsewhere(request, episode_id)) is not None:
-        return elsewhere
-    record = _record(request, episode_id)
-    body = await asyncio.to_thread(lambda: json_dumps(to_notebook(record)).encode("utf-8"))
-    return _download(body, "application/x-ipynb+json", record, ".ipynb")
+    return await _export(request, episode_id, lambda record: json_dumps(to_notebook(record)).encode("utf-8"),
+                         "application/x-ipynb+json", ".ipynb")
 
 
 @router.get("/episodes/{episode_id}/trace", tags=["Inspection"],
             summary="The episode as JSON lines: the episode, then one line per step (for training pipelines)")
 async def export_trace(episode_id: str, request: Request) -> Response:
-    if (elsewhere := await _export_elsewhere(request, episode_id)) is not None:
-        return elsewhere
-    record = _record(request, episode_id)
-    body = await asyncio.to_thread(lambda: ("\n".join(to_trace(record)) + "\n").encode("utf-8", "replace"))
-    return _download(body, "application/x-ndjson", record, ".jsonl")
+    return await _export(request, episode_id,
+                         lambda record: ("\n".join(to_trace(record)) + "\n").encode("utf-8", "replace"),
+                         "application/x-ndjson", ".jsonl")
 
 
 @router.get("/episodes/{episode_id}/events", tags=["Inspection"],
