@@ -245,4 +245,4 @@ def _infra(task: Task, message: str, retryable: bool, started: float) -> Grading
 
 def describe(error: SandboxEnvError) -> dict[str, Any]:
     """A unit's error as its `error` line carries it."""
-    return {"code": error.code, "message": error.message, "status": error.http_status}
+    return {**error.to_dict(), "status": error.http_status}
