@@ -52,6 +52,7 @@ class FairGate:
         self._waiting: dict[str, dict[int, collections.deque[asyncio.Future[None]]]] = {}
         self._turns: list[str] = []  # tenants in the order they get their next turn
         self._pump_handle: asyncio.Handle | None = None
+        self.granted = 0  # turns handed out since start
 
     async def wait(self, tenant: str, batch: int) -> None:
         """Return when `tenant`'s item of `batch` may start its grading (at once if it may now and
@@ -111,6 +112,7 @@ class FairGate:
             if not queue:
                 continue
             queue.popleft().set_result(None)
+            self.granted += 1
             if queue:
                 batches[key] = queue  # to the end: this tenant's other batches go first
             self._tidy(tenant)
