@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from sandbox_env import SandboxEnv
 from sandbox_env.client.trl import code_reward
