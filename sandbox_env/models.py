@@ -11,7 +11,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 EXECUTION_KEY = "execution"
 GRADING_KEY = "grading"
@@ -252,3 +252,64 @@ class GradeRequest(BaseModel):
     submission: str
     policy: str | None = Field(default=None, max_length=255)
     reward: str | None = Field(default=None, max_length=255, description="reward policy for this call")
+
+
+class BatchItem(BaseModel):
+    """One submission of a `POST /grade/batch`: its task (inline, or a task_id of the server)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    submission: str
+    task: dict[str, Any] | None = None
+    task_id: str | None = Field(default=None, max_length=255)
+    reward: str | None = Field(default=None, max_length=255, description="reward policy (default: the batch's)")
+    id: str | int | None = Field(default=None, description="the caller's label, echoed in its result line")
+
+    @model_validator(mode="after")
+    def _one_task(self) -> BatchItem:
+        if (self.task is None) == (self.task_id is None):
+            raise ValueError("give exactly one of task and task_id")
+        if isinstance(self.id, str) and len(self.id) > 255:
+            raise ValueError("id: at most 255 characters")
+        return self
+
+
+class BatchRequest(BaseModel):
+    """`POST /grade/batch` body: many submissions, one NDJSON line back per item as it finishes."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"items": [
+        {"task_id": "HumanEval/0", "submission": "def has_close_elements(numbers, threshold): ..."}]}]})
+
+    items: list[BatchItem] = Field(min_length=1)
+    policy: str | None = Field(default=None, max_length=255)
+    reward: str | None = Field(default=None, max_length=255, description="reward policy of items without their own")
+    parallel: int | None = Field(default=None, ge=1, description="most of this batch's gradings at once "
+                                 "(never above the server's batch_parallel)")
+
+
+class BatchLine(BaseModel):
+    """One line of a batch's NDJSON stream: `result` (an item's Grading), `error` (an item that
+    could not be graded: its task is unknown or invalid) or the final `summary`."""
+
+    type: Literal["result", "error", "summary"]
+    index: int | None = None
+    id: str | int | None = None
+    grading: Grading | None = None
+    error: dict[str, Any] | None = None  # {"code", "message"} of the service error
+    summary: BatchSummary | None = None
+
+
+class BatchSummary(BaseModel):
+    """The last line of a batch: what the server did. `gradings` counts the gradings run:
+    identical items (task, submission, reward) share one."""
+
+    items: int
+    gradings: int = 0
+    deduplicated: int = 0
+    graded: int = 0
+    infra_errors: int = 0
+    errors: int = 0
+    wall_time_s: float = 0.0
+
+
+BatchLine.model_rebuild()

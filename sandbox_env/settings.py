@@ -63,6 +63,9 @@ class Settings(BaseSettings):
                                      "/grade task); False: only the server's task_ids")
     max_grading_s: float = Field(300.0, gt=15, description="longest a client's inline task may grade, "
                                  "all tests together (each test also at most the policy's step limit)")
+    batch_max_items: int = Field(1024, ge=1, description="items one POST /grade/batch may carry (more: 413)")
+    batch_parallel: int | None = Field(None, ge=1, description="most gradings of one batch at once; None: "
+                                       "max_sessions (batches share the slots fairly per tenant either way)")
     # Bounded memory and connections.
     history_bytes: int = Field(1 << 20, ge=4096, description="step history kept per episode (bytes)")
     history_total_bytes: int = Field(64 << 20, ge=4096, description="step history kept by the server; "

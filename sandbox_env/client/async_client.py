@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+from collections.abc import AsyncIterator, Iterable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -25,7 +26,7 @@ from sandbox_env.client._base import (
 )
 from sandbox_env.client._dual import DualMode, dual
 from sandbox_env.errors import CapacityError, ClientError, ConnectionLostError, SandboxEnvError, error_from_dict
-from sandbox_env.models import EpisodeState, GradeRequest, Grading, ResetRequest
+from sandbox_env.models import BatchLine, EpisodeState, GradeRequest, Grading, ResetRequest
 
 if TYPE_CHECKING:
     from sandbox_env.client.sync_client import SyncSandboxEnv
@@ -182,6 +183,28 @@ class SandboxEnv(DualMode):
         async with httpx.AsyncClient(timeout=timeout_s or max(self.message_timeout_s, 600.0),
                                      trust_env=not _is_loopback(url), headers=self._headers) as http:
             return await post_grade(http, url, request)
+
+    async def grade_batch(self, items: Iterable[Any], *, policy: str | None = None, reward: str | None = None,
+                          parallel: int | None = None, timeout_s: float | None = None) -> AsyncIterator[BatchLine]:
+        """Grade many submissions in one `POST /grade/batch`; yields a `BatchLine` per item as the
+        server finishes it (`type` "result" with its `grading`, or "error": a task or reward the
+        server refuses), then the `summary`. Items: dicts (or `BatchItem`s) with `submission` and
+        `task_id` or `task`, optionally `reward` and `id`. `timeout_s`: the longest wait for the
+        next line. Breaking out of the loop cancels the rest on the server."""
+        import httpx  # only the HTTP helpers need it
+
+        from sandbox_env.client.batch import batch_request, stream_batch
+
+        request = batch_request(items, policy=policy, reward=reward, parallel=parallel)
+        url = f"{http_url(self.base_url)}/grade/batch"
+        timeout = httpx.Timeout(timeout_s or max(self.message_timeout_s, 600.0), connect=self.connect_timeout_s)
+        async with httpx.AsyncClient(timeout=timeout, trust_env=not _is_loopback(url), headers=self._headers) as http:
+            lines = stream_batch(http, url, request)
+            try:
+                async for line in lines:
+                    yield line
+            finally:
+                await lines.aclose()
 
     @dual
     async def health(self) -> dict[str, Any]:

@@ -25,10 +25,10 @@ async def post_grade(http: httpx.AsyncClient, url: str, request: GradeRequest) -
             return Grading.model_validate(response.json())
         except (ValueError, ValidationError) as exc:
             raise ClientError(f"POST {url}: a reply that is not a Grading: {exc}", url=url, status=200) from exc
-    raise _reply_error(url, response)
+    raise reply_error(url, response)
 
 
-def _reply_error(url: str, response: httpx.Response) -> SandboxEnvError:
+def reply_error(url: str, response: httpx.Response) -> SandboxEnvError:
     detail: Any
     try:
         detail = response.json().get("detail")

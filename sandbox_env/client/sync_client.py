@@ -11,7 +11,7 @@ import asyncio
 import concurrent.futures
 import inspect
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -68,6 +68,11 @@ class _LoopThread:
         self.loop.close()
 
 
+async def _start(method: Callable[..., AsyncIterator[Any]], *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+    """An async generator made on the loop thread (its httpx client binds to that loop)."""
+    return method(*args, **kwargs)
+
+
 class SyncSandboxEnv:
     """Synchronous twin of an async env: same method names, blocking calls.
 
@@ -108,6 +113,20 @@ class SyncSandboxEnv:
     def state(self) -> EpisodeState:
         """Return the episode's state: id, step count, last exit code, backend and policy."""
         return self._runner.call(self._env.state)
+
+    def grade_batch(self, items: Iterable[Any], **options: Any) -> Iterator[Any]:
+        """Grade many submissions in one request; yields each line as it arrives (see the async
+        env's `grade_batch`). Leaving the loop early cancels the rest on the server."""
+        lines = self._runner.call(_start, self._env.grade_batch, items, **options)
+        try:
+            while True:
+                try:
+                    yield self._runner.call(lines.__anext__)
+                except StopAsyncIteration:
+                    return
+        finally:
+            if not self._runner.loop.is_closed():
+                self._runner.call(lines.aclose)
 
     def close(self) -> None:
         """Close the env, then stop the loop thread; calling it twice is harmless."""

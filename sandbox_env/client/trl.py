@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 from sandbox_env.client.async_client import SandboxEnv
 from sandbox_env.client.sync_client import SyncSandboxEnv
+from sandbox_env.errors import error_from_dict
 from sandbox_env.models import CodeAction, CodeObservation, Grading
 
 DEFAULT_URL_VARIABLE = "SANDBOX_ENV_URL"
@@ -108,29 +109,40 @@ def code_reward(completions: list[Any], task_id: list[str] | None = None,
                 task: list[dict[str, Any]] | None = None, *, base_url: str | None = None,
                 policy: str | None = None, token: str | None = None,
                 **kwargs: Any) -> list[float | None]:
-    """A TRL reward function: grade each completion against its row's task, in parallel.
+    """A TRL reward function: grade every completion against its row's task in one request.
 
     Rows need a `task_id` column (a task the server knows) or a `task` column (inline tasks,
     see docs/tasks.md). Conversational completions
     (`[{"role": "assistant", "content": ...}]`) are reduced to their last message, and a fenced
-    code block is taken out of the prose. Call it from synchronous code (TRL does). An
-    infrastructure failure gives `None` ("not applicable"), never a 0. The server's token is
-    `token`, else `SANDBOX_ENV_TOKEN`; bind it with `functools.partial` to pass one.
+    code block is taken out of the prose. The whole batch goes to `POST /grade/batch` (in
+    chunks of `BATCH_ITEMS`), where identical completions of one task are graded once. Call it
+    from synchronous code (TRL does). An infrastructure failure gives `None` ("not applicable"),
+    never a 0; a task the server refuses raises. The server's token is `token`, else
+    `SANDBOX_ENV_TOKEN`; bind it with `functools.partial` to pass one.
     """
     if task_id is None and task is None:
         raise ValueError("code_reward needs a `task_id` or `task` dataset column")
-    env = SandboxEnv(_server_url(base_url), token=token)
     targets: list[dict[str, Any]] = ([{"task_id": t} for t in task_id] if task_id is not None
                                      else [{"task": t} for t in task or []])
+    items = [{"submission": _completion_text(c), **target} for c, target in zip(completions, targets, strict=True)]
+    return asyncio.run(batch_rewards(SandboxEnv(_server_url(base_url), token=token), items, policy=policy))
 
-    async def grade_all() -> list[float | None]:
-        gradings = await asyncio.gather(*(
-            env.grade(_completion_text(c), policy=policy, **target)
-            for c, target in zip(completions, targets, strict=True)
-        ))
-        return [g.reward if g.status == "graded" else None for g in gradings]
 
-    return asyncio.run(grade_all())
+BATCH_ITEMS = 1024  # the server's default `batch_max_items`
+
+
+async def batch_rewards(env: SandboxEnv, items: list[dict[str, Any]], *, policy: str | None = None) -> list[float | None]:
+    """The reward of each item (`submission` and `task_id` or `task`), in order, graded through
+    `env.grade_batch`; None where the sandbox failed."""
+    rewards: list[float | None] = [None] * len(items)
+    for first in range(0, len(items), BATCH_ITEMS):
+        async for line in env.grade_batch(items[first:first + BATCH_ITEMS], policy=policy):
+            if line.type == "error" and line.error is not None:
+                raise error_from_dict(line.error)
+            if line.type == "result" and line.grading is not None and line.index is not None:
+                grading = line.grading
+                rewards[first + line.index] = grading.reward if grading.status == "graded" else None
+    return rewards
 
 
 def _completion_text(completion: Any) -> str:

@@ -19,9 +19,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sandbox_env.errors import ConfigError, PolicyNotFoundError, SandboxEnvError
+from sandbox_env.errors import ConfigError, PolicyNotFoundError, SandboxEnvError, error_from_dict
 from sandbox_env.evaluation.files import Sample, result_row
-from sandbox_env.models import GradeRequest, Grading
+from sandbox_env.models import BatchItem, BatchRequest, Grading
 
 if TYPE_CHECKING:
     from sandbox_env.grading.tasks import Task
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 MAX_ENDPOINT_FAILURES = 5  # failed bursts in a row before a server is dropped for the run
 MAX_BUSY_BOUNCES = 1000  # 503 replies one sample may get before that counts as a failed attempt
 HTTP_TIMEOUT_S = 900.0  # a grading may run many tests; the server enforces each test's limit
+BATCH_WINDOW_S = 0.02  # how long a remote grading waits for others to share its batch request
 
 
 class EndpointDown(Exception):
@@ -265,7 +266,8 @@ async def _image(backend: str, policy: Any) -> dict[str, Any] | None:
 
 @contextlib.asynccontextmanager
 async def remote_endpoints(servers: list[str], token: str | None = None) -> AsyncIterator[list[Endpoint]]:
-    """One endpoint per server URL, all sharing one keep-alive HTTP client.
+    """One endpoint per server URL, all sharing one keep-alive HTTP client; each grades through
+    `POST /grade/batch` (`BatchSender`).
 
     `token` (default: `SANDBOX_ENV_TOKEN`) goes to every server as `Authorization: Bearer`.
     """
@@ -276,20 +278,75 @@ async def remote_endpoints(servers: list[str], token: str | None = None) -> Asyn
     timeout = httpx.Timeout(HTTP_TIMEOUT_S, connect=10.0)
     async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=None),
                                  headers=headers) as client:
-        yield [Endpoint(url.rstrip("/"), _remote_grade(client, url.rstrip("/"))) for url in servers]
-
-
-def _remote_grade(client: Any, base: str) -> Callable[[Task, str, str | None], Any]:
-    from sandbox_env.client.grading import post_grade
-
-    async def grade(task: Task, submission: str, policy: str | None) -> Grading:
-        request = GradeRequest(task=task.model_dump(mode="json"), submission=submission, policy=policy)
+        senders = [BatchSender(client, url.rstrip("/")) for url in servers]
         try:
-            return await post_grade(client, f"{base}/grade", request)
-        except SandboxEnvError as exc:
-            raise _endpoint_error(base, exc, policy) from exc
+            yield [Endpoint(sender.base, sender.grade) for sender in senders]
+        finally:
+            for sender in senders:
+                await sender.close()
 
-    return grade
+
+class BatchSender:
+    """The gradings the workers ask of one server at about the same time, sent as one
+    `POST /grade/batch`; each worker gets its own item's Grading as its line arrives. A failure
+    of the whole request (transport, 5xx, 4xx) fails each of its items as `/grade`'s would."""
+
+    def __init__(self, client: Any, base: str) -> None:
+        self.client = client
+        self.base = base
+        self.pending: list[tuple[Task, str, str | None, asyncio.Future[Grading]]] = []
+        self.flush: asyncio.TimerHandle | None = None
+        self.sending: set[asyncio.Task[None]] = set()
+
+    async def grade(self, task: Task, submission: str, policy: str | None) -> Grading:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Grading] = loop.create_future()
+        self.pending.append((task, submission, policy, future))
+        if self.flush is None:  # the other workers' requests of this moment go along
+            self.flush = loop.call_later(BATCH_WINDOW_S, self._send_pending)
+        return await future
+
+    def _send_pending(self) -> None:
+        self.flush = None
+        by_policy: dict[str | None, list[tuple[Task, str, str | None, asyncio.Future[Grading]]]] = {}
+        for entry in self.pending:
+            if not entry[3].done():
+                by_policy.setdefault(entry[2], []).append(entry)
+        self.pending = []
+        for policy, entries in by_policy.items():
+            task = asyncio.get_running_loop().create_task(self._send(policy, entries))
+            self.sending.add(task)
+            task.add_done_callback(self.sending.discard)
+
+    async def _send(self, policy: str | None, entries: list[tuple[Task, str, str | None, asyncio.Future[Grading]]]) -> None:
+        from sandbox_env.client.batch import stream_batch
+
+        futures = [future for *_, future in entries]
+        request = BatchRequest(items=[BatchItem(task=t.model_dump(mode="json"), submission=s) for t, s, _, _ in entries],
+                               policy=policy)
+        try:
+            async for line in stream_batch(self.client, f"{self.base}/grade/batch", request):
+                if line.index is None or futures[line.index].done():
+                    continue
+                if line.grading is not None:
+                    futures[line.index].set_result(line.grading)
+                elif line.error is not None:
+                    futures[line.index].set_exception(_endpoint_error(self.base, error_from_dict(line.error), policy))
+        except SandboxEnvError as exc:
+            for future in futures:
+                if not future.done():
+                    future.set_exception(_endpoint_error(self.base, exc, policy))
+        finally:
+            for future in futures:
+                if not future.done():
+                    future.set_exception(EndpointDown("the batch ended without this item's result"))
+
+    async def close(self) -> None:
+        if self.flush is not None:
+            self.flush.cancel()
+        for task in list(self.sending):
+            task.cancel()
+        await asyncio.gather(*self.sending, return_exceptions=True)
 
 
 def _endpoint_error(base: str, exc: SandboxEnvError, policy: str | None) -> Exception:

@@ -24,7 +24,7 @@ from sandbox_env._version import __version__
 from sandbox_env.errors import ConfigError, SandboxEnvError
 from sandbox_env.manager import EpisodeManager
 from sandbox_env.policy import available_policies
-from sandbox_env.server import farm_view, mcp, routes, sandboxfusion, watch, web, ws
+from sandbox_env.server import batch, farm_view, mcp, routes, sandboxfusion, watch, web, ws
 from sandbox_env.server.auth import TokenTable, admin_token, build_table
 from sandbox_env.server.farm import Farm
 from sandbox_env.server.guard import Guard, HostPolicy
@@ -276,6 +276,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        origins=settings.allowed_origins, tokens=_token_table(app, settings))
     app.add_middleware(CloseOnRefusal)  # outermost: sees the Guard's refusals too
     app.include_router(routes.router)
+    app.include_router(batch.router)  # /grade/batch
     app.include_router(mcp.router)
     app.include_router(ws.router)
     app.include_router(web.router)
