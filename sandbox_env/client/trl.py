@@ -94,6 +94,7 @@ class _SessionToolEnv:
         self._loop = _LoopThread(name=f"{type(self).__name__}-loop")
         self._finalizer = weakref.finalize(self, _stop, self._loop)
         self.last_grading: Grading | None = None
+        self.last_observation: CodeObservation | None = None  # for logging: times, status
 
     def reset(self, **kwargs: Any) -> str | None:
         """Start a fresh episode; returns the task prompt when the row names a task."""
@@ -126,11 +127,13 @@ class _SessionToolEnv:
 
     def _step(self, action: CodeAction) -> CodeObservation:
         result: StepResult = self._loop.call(self._client.step, action)
+        self.last_observation = result.observation
         return result.observation
 
     async def _step_async(self, action: CodeAction) -> CodeObservation:
         future = self._submit(self._client.step, action)
-        return (await asyncio.wrap_future(future)).observation
+        self.last_observation = (await asyncio.wrap_future(future)).observation
+        return self.last_observation
 
     def _submit(self, method: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> concurrent.futures.Future[T]:
         async def invoke() -> T:  # called on the loop thread, where dual methods return coroutines
