@@ -72,8 +72,10 @@ class Converter:
             if task is not None:
                 yield task
 
-    def _skip(self, reason: str) -> None:
+    def _skip(self, reason: str) -> dict[str, Any] | None:
+        """Count a row that gives no task; None, the row's result."""
         self.skipped[reason] += 1
+        return None
 
     def _apps(self, row: dict[str, Any]) -> dict[str, Any] | None:
         io = _json_field(row.get("input_output")) or {}
