@@ -26,10 +26,11 @@ import builtins
 import fcntl
 import os
 import select
+import struct
 import sys
 import time
 
-from sandbox_env.inside.procs import CHUNK, exchange, set_dumpable
+from sandbox_env.inside.procs import CHUNK, exchange, exit_status, set_dumpable
 from sandbox_env.inside.wire import HEADER, VERDICT, tag
 
 TYPE_CHECKING = False
@@ -123,6 +124,182 @@ def fork_host(code: object) -> tuple:
     return pid, w1, r2
 
 
+# -- stdio cases: one process each, forked from a zygote that holds none of the job ------------
+class Zygote:
+    """Forks a fresh process per stdio case: forked in boot(), before the job is read, it gets
+    the submission (nothing else of the job), compiles it once, and forks a case in a millisecond
+    where an interpreter start costs tens. It stays non-dumpable like the grader, so the cases it
+    forks cannot read or drive it; a case that kills it only moves its later cases to spawned
+    interpreters (`pid` None)."""
+
+    def __init__(self) -> None:
+        import _socket
+
+        self.ctl, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+        src_r, self.src_w = pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                self.ctl.close()
+                os.close(self.src_w)
+                zygote(theirs, src_r)
+            finally:
+                os._exit(0)
+        theirs.close()
+        os.close(src_r)
+        self.ctl.settimeout(REAP_S)
+        self.pid: int | None = pid
+
+    def load(self, source: str) -> None:
+        """Send the submission (once); the zygote compiles it while the grader goes on."""
+        if self.src_w < 0:
+            return
+        data = source.encode("utf-8", "surrogatepass")
+        try:
+            while data:
+                data = data[os.write(self.src_w, data[:CHUNK]):]
+        except OSError:
+            self.kill()
+        finally:
+            os.close(self.src_w)
+            self.src_w = -1
+
+    def fork(self, fds: list, home: str) -> int | None:
+        """A case process with `fds` as its 0, 1, 2 and `home` as its cwd; its pid, or None when
+        the zygote is gone (the caller spawns instead)."""
+        import _socket
+
+        if self.pid is None:
+            return None
+        try:
+            self.ctl.sendmsg([home.encode()], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
+                                                 struct.pack("3i", *fds))])
+            reply = self.ctl.recv(64)
+            return int(reply)
+        except (OSError, ValueError):
+            self.kill()
+            return None
+
+    def ended(self, deadline: float | None) -> tuple | None:
+        """(wait status, CPU seconds) of the last case, as the zygote reaped it; None while it
+        runs (past `deadline`, or at once when `deadline` is None)."""
+        left = 0.0 if deadline is None else max(0.0, deadline - time.monotonic())
+        if self.pid is None:
+            return (signal.SIGKILL, None)
+        if not select.select([self.ctl], [], [], left)[0]:
+            return None
+        try:
+            status, cpu = self.ctl.recv(64).split()
+            return int(status), float(cpu)
+        except (OSError, ValueError):  # gone, or killed by a case: that case was not a clean run
+            self.kill()
+            return (signal.SIGKILL, None)
+
+    def kill(self) -> None:
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+            except OSError:
+                pass
+            self.pid = None
+        self.ctl.close()
+
+
+def zygote(ctl: Any, src: int) -> None:
+    """The zygote's loop: read the submission, then fork a case per request and report how it
+    ended. It runs only this code; requests come from the grader alone (the cases never hold
+    its socket)."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):  # 0 is the job's pipe, 1 the verdict's: neither is the zygote's
+        os.dup2(null, fd)
+    os.close(null)
+    keep = sorted((ctl.fileno(), src))
+    os.closerange(3, keep[0])
+    os.closerange(keep[0] + 1, keep[1])
+    os.closerange(keep[1] + 1, os.sysconf("SC_OPEN_MAX"))
+    chunks = []
+    while chunk := os.read(src, CHUNK):
+        chunks.append(chunk)
+    os.close(src)
+    source = b"".join(chunks).decode("utf-8", "surrogatepass")
+    try:
+        code = compile(source, "<submission>", "exec")
+    except BaseException:
+        code = None  # each case compiles it again, and fails as `python` would
+    import traceback  # noqa: F401 - loaded once here: every case that raises prints with it
+    space = __import__("_socket").CMSG_SPACE(struct.calcsize("3i"))
+    while True:
+        try:
+            message, ancillary, _, _ = ctl.recvmsg(4096, space)
+        except OSError:
+            return
+        fds = [fd for _, _, data in ancillary for fd in struct.unpack(f"{len(data) // 4}i", data[:len(data) // 4 * 4])]
+        if not message or len(fds) != 3:
+            return
+        pid = os.fork()
+        if pid == 0:
+            run_case(code, source, fds, message.decode())
+        for fd in fds:
+            os.close(fd)
+        ctl.send(b"%d" % pid)
+        _, status, usage = os.wait4(pid, 0)
+        ctl.send(b"%d %.6f" % (status, usage.ru_utime + usage.ru_stime))
+
+
+def run_case(code: Any, source: str, fds: list, home: str) -> None:
+    """One case, as `python3 -I -c RUNNER` runs it: its own session, the case's pipes as 0-2,
+    nothing else open, its scratch folder as cwd, HOME and TMPDIR, dumpable again (the grader's
+    protection is not its own), the submission as `__main__`; then exit as the interpreter would."""
+    status = 1
+    try:
+        os.setsid()
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+        os.chdir(home)
+        os.environ.clear()
+        os.environ.update(child_env(home))
+        set_dumpable(True)
+        status = run_main(code, source)
+    finally:
+        os._exit(status)
+
+
+def run_main(code: Any, source: str) -> int:
+    import types
+
+    streams = []  # as the interpreter made this process's own: the same encodings and buffering
+    for fd, (mode, like) in enumerate((("r", sys.__stdin__), ("w", sys.__stdout__), ("w", sys.__stderr__))):
+        streams.append(open(fd, mode, buffering=1 if fd == 2 else -1, closefd=False,  # noqa: SIM115
+                            encoding=getattr(like, "encoding", "utf-8"), errors=getattr(like, "errors", "strict")))
+    sys.stdin, sys.stdout, sys.stderr = sys.__stdin__, sys.__stdout__, sys.__stderr__ = streams
+    sys.argv = ["submission"]
+    main = types.ModuleType("__main__")
+    sys.modules["__main__"] = main
+    main.__builtins__ = builtins  # type: ignore[attr-defined]
+    try:
+        exec(code if code is not None else compile(source, "<submission>", "exec"), main.__dict__)
+        status = 0
+    except SystemExit as exc:
+        status = exit_status(exc.code)
+    except BaseException as exc:
+        import traceback
+
+        tb = exc.__traceback__
+        traceback.print_exception(type(exc), exc, tb.tb_next if tb is not None else None)
+        status = 1
+    try:
+        if "threading" in sys.modules:
+            sys.modules["threading"]._shutdown()
+        __import__("atexit")._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:
+        status = status or 120  # as the interpreter exits when its final flush fails
+    return status
+
+
 def boot() -> None:
     """Called by the loader once this module is loaded, before any byte of the job is read."""
     if not HARDENED:  # dumpable: same-uid processes could read the job out of this one
@@ -132,7 +309,7 @@ def boot() -> None:
     os.chdir("/")
     # The child only runs our HOST code until main() sends it the submission; forked now, it
     # holds none of the job. Children needed later are spawned afresh.
-    early = fork_host(CHILD_CODE) if HOST else None
+    early = fork_host(CHILD_CODE) if HOST else Zygote()
     main(section(), early)
 
 
@@ -492,18 +669,72 @@ RUNNER = ("import os,sys\nos.chdir(sys.argv[2]);f=os.fdopen(int(sys.argv[1]),'rb
           "exec(compile(s,'<submission>','exec'),{'__name__':'__main__','__builtins__':__builtins__})\n")
 
 
-def run_stdio(source: str, stdin: bytes, timeout: float, limit: int) -> tuple[str, str, bytes, float | None]:
-    """(status, message, stdout, cpu): one fresh process for one case."""
+class Spawned:
+    """A case run by a new interpreter, this process's child."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def ended(self, deadline: float | None) -> tuple | None:
+        """(wait status, CPU seconds) once it exited; None while it runs past `deadline`."""
+        while True:
+            done, status, usage = os.wait4(self.pid, os.WNOHANG)
+            if done:
+                return status, round(usage.ru_utime + usage.ru_stime, 6)
+            if deadline is None or time.monotonic() >= deadline:
+                return None
+            time.sleep(0.002)
+
+    def reap(self) -> tuple:
+        _, status, usage = os.wait4(self.pid, 0)
+        return status, round(usage.ru_utime + usage.ru_stime, 6)
+
+
+class Forked(Spawned):
+    """A case forked by the zygote, which reaps it and reports how it ended."""
+
+    def __init__(self, pid: int, zygote: Zygote) -> None:
+        super().__init__(pid)
+        self.zygote = zygote
+
+    def ended(self, deadline: float | None) -> tuple | None:
+        return self.zygote.ended(deadline)
+
+    def reap(self) -> tuple:
+        return self.zygote.ended(time.monotonic() + REAP_S) or (signal.SIGKILL, None)
+
+
+REAP_S = 5.0  # how long a killed case may take to be reported
+
+
+def start_case(source: str, fds: list, pending: dict, zygote: Zygote | None) -> Spawned:
+    """The case's process: forked by the zygote when there is one, else a new interpreter that
+    reads the source from a pipe (added to `pending`)."""
+    home = scratch()
+    if zygote is not None:
+        zygote.load(source)
+        pid = zygote.fork(fds, home)
+        if pid is not None:
+            return Forked(pid, zygote)
     src_r, src_w = pipe()
+    pid = spawn(["-c", RUNNER, "3", home], {0: fds[0], 1: fds[1], 2: fds[2], 3: src_r}, home)
+    os.close(src_r)
+    pending[src_w] = source.encode()
+    return Spawned(pid)
+
+
+def run_stdio(source: str, stdin: bytes, timeout: float, limit: int,
+              zygote: Zygote | None = None) -> tuple[str, str, bytes, float | None]:
+    """(status, message, stdout, cpu): one fresh process for one case."""
     in_r, in_w = pipe()
     out_r, out_w = pipe()
     err_r, err_w = pipe()
     oom0 = oom_kills()
-    home = scratch()
-    pid = spawn(["-c", RUNNER, "3", home], {0: in_r, 1: out_w, 2: err_w, 3: src_r}, home)
-    for fd in (src_r, in_r, out_w, err_w):
+    pending: dict = {}
+    proc = start_case(source, [in_r, out_w, err_w], pending, zygote)
+    for fd in (in_r, out_w, err_w):
         os.close(fd)
-    pending = {src_w: source.encode(), in_w: stdin}
+    pending[in_w] = stdin
     out, err = bytearray(), bytearray()
     streams = {out_r: out, err_r: err}
     for fd in [*pending, *streams]:
@@ -524,24 +755,16 @@ def run_stdio(source: str, stdin: bytes, timeout: float, limit: int) -> tuple[st
                 streams[fd] += chunk
     for fd in pending:
         os.close(fd)
-    ended = None
-    while status is None and ended is None:
-        done, wstatus, usage = os.wait4(pid, os.WNOHANG)
-        if done:
-            ended = (wstatus, usage)
-        elif time.monotonic() >= deadline:
-            status = "timeout"
-        else:
-            time.sleep(0.002)
+    ended = proc.ended(deadline) if status is None else None
+    if status is None and ended is None:
+        status = "timeout"
     try:
-        os.killpg(pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
     except OSError:
         pass
     if ended is None:
-        _, wstatus, usage = os.wait4(pid, 0)
-        ended = (wstatus, usage)
-    code = os.waitstatus_to_exitcode(ended[0])
-    cpu = round(ended[1].ru_utime + ended[1].ru_stime, 6)
+        ended = proc.reap()
+    code, cpu = os.waitstatus_to_exitcode(ended[0]), ended[1]
     os.close(out_r)
     os.close(err_r)
     if status is None and code != 0:
@@ -601,7 +824,7 @@ def first_difference(got: list, want: list) -> str:
     return f"expected {len(want)} lines, got {len(got)}"
 
 
-def grade_stdio(job: dict, timeout: float, child: None = None) -> list:
+def grade_stdio(job: dict, timeout: float, zygote: Zygote | None = None) -> list:
     spec, limit = job["spec"], int(job.get("output_limit") or 1 << 24)
     ns: dict = {"__name__": "__checker__", "__builtins__": builtins}
     if spec["checker"] == "custom":
@@ -609,7 +832,7 @@ def grade_stdio(job: dict, timeout: float, child: None = None) -> list:
     results = []
     for i, case in enumerate(spec["cases"]):
         start = time.monotonic()
-        status, message, out, cpu = run_stdio(job["submission"], case["input"].encode(), timeout, limit)
+        status, message, out, cpu = run_stdio(job["submission"], case["input"].encode(), timeout, limit, zygote)
         if status == "ok":
             try:
                 ok, why = check_output(spec, case, out.decode("utf-8", "replace"), ns)
@@ -749,16 +972,20 @@ def asserts_enabled() -> bool:
     return False
 
 
-def main(job_data: bytes, early: tuple | None) -> None:
+def main(job_data: bytes, early: tuple | Zygote | None) -> None:
     verdict_fd = os.dup(1)  # the verdict channel: only this process ever writes to it
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     job = loads(job_data.decode())
     key = bytes.fromhex(job.pop("key"))  # signs the verdict; never leaves this process
     kind = job["spec"]["kind"]
-    child = Child(job["submission"]) if kind != "stdio" else None
-    if child is not None:
-        child.spawn(early)
+    zygote = early if isinstance(early, Zygote) else None
+    child: Child | Zygote | None = zygote
+    if kind != "stdio":
+        if zygote is not None:
+            zygote.kill()
+        child = Child(job["submission"])
+        child.spawn(early if isinstance(early, tuple) else None)
     verdict = {"error": "the grader runs without asserts"}
     if asserts_enabled():  # graded outside the except block: test errors must not chain to it
         grade = grade_stdio if kind == "stdio" else grade_pytest if kind == "pytest" else grade_calls
