@@ -98,7 +98,13 @@ def test_run_code_case(http: httpx.Client, case: dict[str, Any]) -> None:
     RunCodeResponse.model_validate(reply)  # SandboxFusion's fields, nothing missing
     assert set(reply) >= {"status", "message", "compile_result", "run_result", "executor_pod_name", "files"}
     assert reply["status"] == expect["status"], reply
-    assert reply["compile_result"] is None  # Python has no compile stage, in SandboxFusion either
+    compiled = reply["compile_result"]
+    if "compile_status" in expect:  # a compiled language: its compile stage comes first
+        assert compiled["status"] == expect["compile_status"], reply
+        assert compiled["return_code"] == expect.get("compile_return_code", compiled["return_code"]), reply
+        assert expect.get("compile_stderr_contains", "") in (compiled["stderr"] or ""), reply
+    elif case["request"]["language"] not in ("c", "cpp"):
+        assert compiled is None  # no compile stage (Python, Node.js, Bash), in SandboxFusion either
     run = reply["run_result"]
     extras = reply["sandbox_env"]
     if "run_result" in expect:
@@ -125,7 +131,8 @@ def test_run_code_case(http: httpx.Client, case: dict[str, Any]) -> None:
     else:
         assert reply["message"] == ""  # SandboxFusion says nothing for Success and Failed
     assert reply["files"] == expect.get("files", {})
-    for key in ("outcome", "clamped", "run_timeout_s", "memory_limit_mb", "stdout_truncated", "policy"):
+    for key in ("outcome", "clamped", "run_timeout_s", "memory_limit_mb", "stdout_truncated", "policy",
+                "compile_timeout_s"):
         if key in expect:
             assert extras[key] == expect[key], (key, extras)
     assert extras["retryable"] is False
