@@ -196,6 +196,23 @@ def test_submit_common_oj_inline_row_accepted(http: httpx.Client) -> None:
     assert result.tests[2].test_info == STDIO_ROW["test"][2]
 
 
+C_DOUBLE = "```c\n#include <stdio.h>\nint main(void){long x;scanf(\"%ld\",&x);printf(\"%ld\\n\",2*x);}\n```\n"
+
+
+def test_submit_common_oj_in_c_compiles_per_case(http: httpx.Client) -> None:
+    row = {"id": 8, "test": [{"input": {"stdin": "2\n"}, "output": {"stdout": "4\n"}},
+                             {"input": {"stdin": "21\n"}, "output": {"stdout": "42\n"}}]}
+    config = {"dataset_type": "CommonOJDataset", "language": "c", "provided_data": row}
+    result = EvalResult.model_validate(submit(http, completion=C_DOUBLE, config=config).json())
+    assert result.accepted and [t.passed for t in result.tests] == [True, True], result
+    compiled = result.tests[0].exec_info.compile_result
+    assert compiled is not None and compiled.return_code == 0
+    broken = EvalResult.model_validate(submit(http, completion="```c\nint main( {}\n```", config=config).json())
+    assert not broken.accepted and len(broken.tests) == 1
+    info = broken.tests[0].exec_info
+    assert info.run_result is None and info.compile_result is not None and info.compile_result.return_code != 0
+
+
 def test_submit_common_oj_stops_at_first_failure(http: httpx.Client) -> None:
     config = {"dataset_type": "CommonOJDataset", "language": "python", "provided_data": STDIO_ROW}
     wrong = "```python\nprint(input())\n```"
@@ -230,8 +247,8 @@ def test_submit_own_task(http: httpx.Client) -> None:
     ({"dataset": "code_contests", "config": {"language": "python"}}, 400, "send the row in config.provided_data"),
     ({"dataset": "x", "config": {"dataset_type": "CommonOJDataset", "provided_data": STDIO_ROW}}, 400,
      "config.language field must exist"),
-    ({"dataset": "x", "config": {"dataset_type": "CommonOJDataset", "language": "cpp", "provided_data": STDIO_ROW}},
-     400, "language 'cpp' is not available"),
+    ({"dataset": "x", "config": {"dataset_type": "CommonOJDataset", "language": "go", "provided_data": STDIO_ROW}},
+     400, "language 'go' is not available"),
     ({"dataset": "x", "config": {"dataset_type": "CommonOJDataset", "language": "python",
                                  "provided_data": {"test": [{"input": {"a.txt": "1"}, "output": {"stdout": "1"}}]}}},
      400, "input.stdin and output.stdout"),
