@@ -22,8 +22,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from sandbox_env.errors import KernelError, KernelUnavailableError
 from sandbox_env import languages
+from sandbox_env.errors import KernelError, KernelUnavailableError
 from sandbox_env.grading.rewards import reward_policy
 from sandbox_env.grading.tasks import PytestTests, StdioTests, Task, test_count, test_names
 from sandbox_env.inside import bundle, source

@@ -15,10 +15,10 @@ import docker
 import docker.errors
 from docker.types import LogConfig, Ulimit
 
+from sandbox_env import languages
 from sandbox_env._version import __version__
 from sandbox_env.inside.procs import stat_field
 from sandbox_env.kernels.docker.daemon import EXECUTOR, get_client, registered_runtimes, runtime_report
-from sandbox_env import languages
 from sandbox_env.models import ExecStatus
 from sandbox_env.policy import Policy
 

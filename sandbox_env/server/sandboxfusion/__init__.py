@@ -110,11 +110,11 @@ async def _submit_task(manager: EpisodeManager, body: SubmitRequest, owner: str)
 
 async def _submit_stdio(manager: EpisodeManager, body: SubmitRequest, owner: str) -> EvalResult:
     cases = submits.stdio_cases(body.config)
-    language = body.config.language or "python"
-    code, kind = submits.extract_code(body.completion, language)
-    if language not in SUPPORTED_LANGUAGES:
-        raise submits.SubmitError(runs.unsupported_language(language).message)
-    language = languages.canonical(language)
+    asked = body.config.language or "python"
+    code, kind = submits.extract_code(body.completion, asked)
+    if asked not in SUPPORTED_LANGUAGES:
+        raise submits.SubmitError(runs.unsupported_language(asked).message)
+    language = languages.canonical(asked)
     policy = manager.policy(body.policy)
     compiles = languages.get(language).compiled
     limits = runs.limits_for(policy, body.config.run_timeout or submits.STDIO_RUN_TIMEOUT_S, -1,
