@@ -6,11 +6,18 @@ in its own image (`sandbox-env images build --all`); Jupyter runs the host's too
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
+from grading_helpers import run_live_server
 
 from sandbox_env import languages
 from sandbox_env.errors import LanguageUnavailableError
@@ -18,8 +25,11 @@ from sandbox_env.grading.tasks import parse_task
 from sandbox_env.manager import EpisodeManager
 from sandbox_env.settings import Settings
 
-pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
+pytestmark = [pytest.mark.slow]
+in_module_loop = pytest.mark.asyncio(loop_scope="module")  # the manager fixture's loop
 
+_EXE = shutil.which("sandbox-env")
+CLI = [_EXE] if _EXE else [sys.executable, "-m", "sandbox_env.cli"]
 CASES = [{"input": "1 2\n", "output": "3\n"}, {"input": "40 2\n", "output": "42\n"}]
 # language -> (adds, off by one, fails at run time, loops forever, does not compile or None)
 PROGRAMS = {
@@ -60,6 +70,7 @@ async def manager(request: pytest.FixtureRequest) -> AsyncIterator[EpisodeManage
         await mgr.shutdown()
 
 
+@in_module_loop
 @pytest.mark.parametrize("language", sorted(PROGRAMS))
 async def test_each_outcome_of_a_language(manager: EpisodeManager, language: str) -> None:
     good, wrong, crashes, loops, broken = PROGRAMS[language]
@@ -83,6 +94,7 @@ async def test_each_outcome_of_a_language(manager: EpisodeManager, language: str
     assert "1 2" not in bad.tests[0].message  # the compiler never saw a test
 
 
+@in_module_loop
 async def test_python_is_still_the_default_and_runs_as_before(manager: EpisodeManager) -> None:
     plain = parse_task({"id": "p", "prompt": "sum", "tests": {"kind": "stdio", "cases": CASES}})
     assert plain.tests.language == "python"
@@ -90,6 +102,7 @@ async def test_python_is_still_the_default_and_runs_as_before(manager: EpisodeMa
     assert "default" in manager.pool_stats()
 
 
+@in_module_loop
 async def test_a_compile_that_runs_too_long_is_a_compile_error(manager: EpisodeManager) -> None:
     slow = parse_task({"id": "slow", "prompt": "x", "tests": {
         "kind": "stdio", "language": "cpp", "compile_timeout_s": 1, "cases": CASES}})
@@ -100,12 +113,14 @@ async def test_a_compile_that_runs_too_long_is_a_compile_error(manager: EpisodeM
     assert graded.tests[0].message == "compilation ran past its 1 s limit"
 
 
+@in_module_loop
 async def test_each_language_has_a_pool_of_its_own(manager: EpisodeManager) -> None:
     await manager.grade(task("c"), PROGRAMS["c"][0])
     assert {"default+c"} <= set(manager.pool_stats())
     assert manager.language_policy(manager.default_policy, "c").memory_mb == manager.default_policy.memory_mb
 
 
+@in_module_loop
 async def test_a_missing_toolchain_names_how_to_add_it(manager: EpisodeManager) -> None:
     absent = languages.Language("zig", "main.zig", ("{dir}/main",), compile=("zig-not-installed",),
                                 packages=("zig-not-packaged",), binaries=("zig-not-installed",))
@@ -114,3 +129,23 @@ async def test_a_missing_toolchain_names_how_to_add_it(manager: EpisodeManager) 
     hint = "sandbox-env images build --language zig" if manager.settings.backend == "docker" else \
         "apt-get install zig-not-packaged"
     assert hint in caught.value.message and caught.value.http_status == 422
+
+
+def test_sandbox_env_eval_scores_a_c_task_against_a_server(tmp_path: Path) -> None:
+    """`sandbox-env eval --server`, unchanged, on a C stdio task: the completion is the program."""
+    c_task = {"id": "add-c", "prompt": "Print the sum of two integers.",
+              "tests": {"kind": "stdio", "language": "c", "cases": CASES}}
+    (tmp_path / "tasks.jsonl").write_text(json.dumps(c_task) + "\n")
+    good, wrong, _, _, broken = PROGRAMS["c"]
+    rows = [good, good, wrong, broken]
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps({"task_id": "add-c", "completion": c}) + "\n"
+                                                    for c in rows))
+    with run_live_server(max_sessions=4) as live:
+        out = subprocess.run([*CLI, "eval", str(tmp_path / "samples.jsonl"), "--problems", str(tmp_path / "tasks.jsonl"),
+                              "--k", "1", "--server", live.url], capture_output=True, text=True, timeout=300,
+                             check=False, env={**os.environ, "SANDBOX_ENV_TOKEN": live.headers["Authorization"][7:]})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["pass@1"] == pytest.approx(0.5)
+    results = [json.loads(line) for line in (tmp_path / "samples.jsonl_results.jsonl").read_text().splitlines()]
+    assert [r["passed"] for r in results] == [True, True, False, False], results
+    assert "compile" in json.dumps(results[3])
