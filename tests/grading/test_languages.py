@@ -20,7 +20,7 @@ import pytest_asyncio
 from grading_helpers import run_live_server
 
 from sandbox_env import languages
-from sandbox_env.errors import LanguageUnavailableError
+from sandbox_env.errors import LanguageUnavailableError, TaskError
 from sandbox_env.grading.tasks import parse_task
 from sandbox_env.manager import EpisodeManager
 from sandbox_env.settings import Settings
@@ -149,3 +149,16 @@ def test_sandbox_env_eval_scores_a_c_task_against_a_server(tmp_path: Path) -> No
     results = [json.loads(line) for line in (tmp_path / "samples.jsonl_results.jsonl").read_text().splitlines()]
     assert [r["passed"] for r in results] == [True, True, False, False], results
     assert "compile" in json.dumps(results[3])
+
+
+async def test_an_episode_refuses_a_task_in_another_language() -> None:
+    mgr = EpisodeManager(Settings(backend="fake", pool_size=0))
+    await mgr.start()
+    try:
+        episode = await mgr.open_episode()
+        with pytest.raises(TaskError, match="episodes run Python"):
+            await episode.reset(task={"id": "c", "prompt": "x", "tests": {"kind": "stdio", "language": "c",
+                                                                           "cases": CASES}})
+        await mgr.close_episode(episode)
+    finally:
+        await mgr.shutdown()
