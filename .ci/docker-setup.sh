@@ -38,11 +38,13 @@ docker version --format 'docker-setup: engine {{.Server.Version}}'
 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" - <<'PY'
 import logging, sys
 logging.basicConfig(level=logging.INFO, format="docker-setup: %(message)s")
-from sandbox_env.kernels.docker.images import build_images, python_image_tag
+from sandbox_env.kernels.docker.images import build_images, build_language_images, python_image_tag
 from sandbox_env.kernels.docker.daemon import runtime_report
 from sandbox_env.farm_images import build_farm_images
 built = build_images(offline=None)
 print("docker-setup: built", built or "nothing (cached)", "->", python_image_tag())
+languages = build_language_images(["all"])  # C, C++, Node.js, Rust: the Python image + a toolchain layer
+print("docker-setup: language images built", languages or "nothing (cached)")
 farm = build_farm_images(monitoring=True)  # a tag whose sources changed is rebuilt
 print("docker-setup: farm images built", farm or "nothing (up to date)")
 runtime_report()

@@ -251,6 +251,11 @@ def policy_list() -> None:
         typer.echo(name)
 
 
+# module level: a list-typed option's default (ruff B008)
+_LANGUAGE_OPTION = typer.Option(None, "--language", help="Also a language's image (c, cpp, nodejs, rust; `all`: "
+                                "every one), the Python image plus its Debian toolchain.")
+
+
 @images_app.command("build")
 def images_build(
     offline: bool | None = typer.Option(None, "--offline/--online",
@@ -259,12 +264,17 @@ def images_build(
     force: bool = typer.Option(False, "--force", help="Rebuild even if the images exist."),
     farm: bool = typer.Option(False, "--farm", help="Also the farm's server and gateway images (offline, from a checkout)."),
     all_images: bool = typer.Option(False, "--all", help="Every image compose.yaml and compose.monitoring.yaml name."),
+    language: list[str] | None = _LANGUAGE_OPTION,
 ) -> None:
     """Build the sandbox images used by the docker backend; print the tags built."""
     from sandbox_env.errors import SandboxEnvError
 
     try:
-        if farm or all_images:
+        if language:
+            from sandbox_env.kernels.docker.images import build_language_images
+
+            tags = build_language_images(language, offline=offline, force=force)
+        elif farm or all_images:
             from sandbox_env.farm_images import build_farm_images
 
             tags = build_farm_images(monitoring=all_images, force=force)

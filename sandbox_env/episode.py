@@ -17,8 +17,9 @@ from sandbox_env.errors import (
     InvalidRequestError,
     KernelDiedError,
     KernelError,
+    TaskError,
 )
-from sandbox_env.grading.driver import choose_reward, grade
+from sandbox_env.grading.driver import choose_reward, grade, task_language
 from sandbox_env.grading.tasks import Task
 from sandbox_env.history import StepHistory
 from sandbox_env.kernels.base import Kernel
@@ -140,6 +141,9 @@ class Episode:
                 if self._resolve_task is None:
                     raise EpisodeError("this episode has no task source")
                 new_task = self._resolve_task(task_id, task, policy)
+                if task_language(new_task) != "python":  # an episode's kernel holds Python's toolchain only
+                    raise TaskError(f"task {new_task.id!r} is in {task_language(new_task)}: episodes run Python; "
+                                    "grade it with POST /grade (or /run_code, /submit)")
             reserved = RESERVED_STATE_KEYS & set(options)
             if reserved:
                 raise InvalidRequestError(f"reset options may not set {', '.join(sorted(reserved))}",

@@ -59,6 +59,14 @@ class TaskError(ConfigError):
     http_status = 422
 
 
+class LanguageUnavailableError(SandboxEnvError):
+    """A language this server does not know, or whose toolchain its sandboxes lack (the message
+    says how to add it: the image's build command, or the host's apt package)."""
+
+    code = "language_unavailable"
+    http_status = 422
+
+
 class TaskNotFoundError(SandboxEnvError):
     """No task with that id on this server."""
 

@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from sandbox_env import languages
 from sandbox_env.episode import Episode
 from sandbox_env.errors import (
     CapacityError,
@@ -20,9 +21,10 @@ from sandbox_env.errors import (
     TaskError,
     TaskNotFoundError,
 )
-from sandbox_env.grading.driver import PYTEST_BUDGET_TESTS, STARTUP_S, choose_reward, grade
+from sandbox_env.grading.driver import PYTEST_BUDGET_TESTS, STARTUP_S, choose_reward, grade, task_language
 from sandbox_env.grading.rewards import reward_policy
 from sandbox_env.grading.tasks import (
+    StdioTests,
     Task,
     humaneval_tasks,
     load_tasks,
@@ -210,6 +212,9 @@ class EpisodeManager:
         count = test_count(task) or PYTEST_BUDGET_TESTS
         per_test = min(task.timeout_s or policy.timeout_s, policy.timeout_s,
                        max(0.001, (self.settings.max_grading_s - STARTUP_S) / count))
+        if isinstance(task.tests, StdioTests) and task.tests.compile_timeout_s > policy.timeout_s:
+            # a compile step is no longer than a step of the policy (SandboxFusion's default is 10 s too)
+            task = task.model_copy(update={"tests": task.tests.model_copy(update={"compile_timeout_s": policy.timeout_s})})
         return task if per_test == task.timeout_s else task.model_copy(update={"timeout_s": per_test})
 
     async def grade(self, task: Task, submission: str, *, policy: str | None = None,
@@ -222,21 +227,27 @@ class EpisodeManager:
                 reward_policy(reward)
             except ConfigError as exc:
                 raise TaskError(exc.message) from exc
-        async with self.one_shot(policy, owner) as lease:
+        async with self.one_shot(policy, owner, language=task_language(task)) as lease:
             result = await grade(lease.kernel, task, submission,
                                  reward=choose_reward(task, reward, self.settings.reward))
             lease.keep = result.status == "graded"
         return result
 
     @contextlib.asynccontextmanager
-    async def one_shot(self, policy: str | None = None, owner: str = "") -> AsyncIterator[OneShot]:
+    async def one_shot(self, policy: str | None = None, owner: str = "", *,
+                       language: str = languages.DEFAULT) -> AsyncIterator[OneShot]:
         """A warm kernel for one-shot work through `run_program` (a grading, a `/run_code`): the
         stashed one of (policy, owner) if alive, else one from the pool. It counts toward capacity
         and `owner`'s session and grading quotas while held. Afterwards it is stashed for the next
         one-shot (run_program leaves a clean slate: no process, no file) unless the holder set
-        `keep = False`, it died, or the server drains; on an exception it is closed."""
+        `keep = False`, it died, or the server drains; on an exception it is closed. A `language`
+        other than Python takes a kernel of that language's pool (`language_policy`);
+        `LanguageUnavailableError` if this backend's sandboxes lack its toolchain."""
         self.admit_grading(owner)
-        name = self.policy(policy).name
+        chosen = self.language_policy(self.policy(policy), language)
+        if language != languages.DEFAULT:
+            await self.check_language(language)
+        name = chosen.name
         self.grading += 1
         self.gradings[owner] = self.gradings.get(owner, 0) + 1
         kernel: Kernel | None = None
@@ -249,7 +260,7 @@ class EpisodeManager:
                 else:
                     await candidate.close()
             if kernel is None:
-                kernel = await self._acquire(name, owner)
+                kernel = await self._take(chosen, owner)
             lease = OneShot(kernel)
             yield lease
         except BaseException:
@@ -305,8 +316,24 @@ class EpisodeManager:
         """Per policy: how many kernels were closed instead of recycled after an episode, by reason."""
         return {name: dict(p.refusals) for name, p in self._pools.items()}
 
+    def language_policy(self, policy: Policy, language: str) -> Policy:
+        """`policy` for kernels holding `language`'s toolchain (its image, on Docker): the same
+        limits under the name `<policy>+<language>`, so its kernels get a pool of their own."""
+        if language == languages.DEFAULT:
+            return policy
+        name = f"{policy.name}+{language}"
+        if name not in self._policies:
+            self._policies[name] = policy.model_copy(update={"name": name, "language": language})
+        return self._policies[name]
+
+    async def check_language(self, language: str) -> None:
+        """Raise `LanguageUnavailableError` (naming how to add it) unless this server runs `language`."""
+        await self.kernel_class.check_language(languages.get(language))
+
     async def _acquire(self, policy_name: str | None, owner: str = "") -> Kernel:
-        policy = self.policy(policy_name)
+        return await self._take(self.policy(policy_name), owner)
+
+    async def _take(self, policy: Policy, owner: str) -> Kernel:
         pool = self._pool(policy.name)
         await pool.start()
         return await pool.acquire(owner)

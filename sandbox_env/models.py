@@ -99,6 +99,7 @@ class TestStatus(str, Enum):
     TIMEOUT = "timeout"
     OOM = "oom"
     OUTPUT_LIMIT = "output_limit"
+    COMPILE_ERROR = "compile_error"  # the submission did not compile (the message: the compiler's)
 
 
 class TestResult(BaseModel):

@@ -40,6 +40,8 @@ class Policy(BaseModel):
     runtime: Literal["runc", "runsc", "auto"] | None = Field(
         None, description="container runtime; auto = gVisor (runsc) where the host has it")
     image: str | None = Field(None, description="sandbox image (container backends)")
+    language: str = Field("python", description="the language its sandboxes hold a toolchain for; the server "
+                          "derives one policy per language a task names (sandbox_env/languages.py)")
     interrupt_grace_s: float = Field(1.0, gt=0, le=30, description="wait after SIGINT before kill")
     reuses: int = Field(0, ge=0, le=10_000, description="episodes one sandbox may serve after its first, each "
                         "after a clean-slate check (docker); 0: a new sandbox for every episode")

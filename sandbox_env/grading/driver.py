@@ -22,9 +22,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from sandbox_env import languages
 from sandbox_env.errors import KernelError, KernelUnavailableError
 from sandbox_env.grading.rewards import reward_policy
-from sandbox_env.grading.tasks import PytestTests, Task, test_count, test_names
+from sandbox_env.grading.tasks import PytestTests, StdioTests, Task, test_count, test_names
 from sandbox_env.inside import bundle, source
 from sandbox_env.inside.grader_child import CODEC, HOST
 from sandbox_env.inside.wire import KEY_SIZE, VERDICT, tag
@@ -69,16 +70,34 @@ def per_test_timeout(kernel: Kernel, task: Task) -> float:
     return float(task.timeout_s or kernel.policy.timeout_s)
 
 
+def task_language(task: Task) -> str:
+    """The language the submission is in: stdio tests name one; every other form is Python."""
+    return task.tests.language if isinstance(task.tests, StdioTests) else languages.DEFAULT
+
+
+def language_job(task: Task) -> dict[str, Any] | None:
+    """The grader's commands for a stdio task's language; None: Python, run as the grader always has."""
+    spec = task.tests
+    if not isinstance(spec, StdioTests) or spec.language == languages.DEFAULT:
+        return None
+    return languages.get(spec.language).job(spec.compile_timeout_s)
+
+
+def compile_budget(task: Task) -> float:
+    spec = task.tests
+    return spec.compile_timeout_s if isinstance(spec, StdioTests) and languages.get(spec.language).compiled else 0.0
+
+
 async def grade(kernel: Kernel, task: Task, submission: str, *, reward: str | None = None) -> Grading:
     """Run the task's tests on `submission`; never raises for anything the submission does."""
     started = time.perf_counter()
     per_test = per_test_timeout(kernel, task)
     names = test_names(task)  # one list, used on both sides
-    budget = min(MAX_PROGRAM_S, per_test * (test_count(task) or PYTEST_BUDGET_TESTS) + STARTUP_S)
+    budget = min(MAX_PROGRAM_S, per_test * (test_count(task) or PYTEST_BUDGET_TESTS) + STARTUP_S + compile_budget(task))
     key = os.urandom(KEY_SIZE)  # the verdict's: stdout is reachable by more than the grader
     job = {"spec": task.tests.model_dump(mode="json"), "names": names, "key": key.hex(),
            "submission": submission, "timeout_s": per_test,
-           "output_limit": kernel.policy.output_limit_bytes,
+           "output_limit": kernel.policy.output_limit_bytes, "language": language_job(task),
            "prelude": task.prompt}  # a Python prompt's helpers run trusted, in the grader
     try:
         result = await kernel.run_program(grader_program(), stdin=grader_input(job), timeout_s=budget)

@@ -16,7 +16,7 @@ from sandbox_env.errors import ConfigError
 from sandbox_env.models import CodeObservation, TestResult, TestStatus
 
 DEFAULT_REWARD = "binary"
-_ERRORS = (TestStatus.ERROR, TestStatus.OOM, TestStatus.OUTPUT_LIMIT)
+_ERRORS = (TestStatus.ERROR, TestStatus.OOM, TestStatus.OUTPUT_LIMIT, TestStatus.COMPILE_ERROR)
 
 
 @runtime_checkable

@@ -23,7 +23,8 @@ from pydantic import (
     model_validator,
 )
 
-from sandbox_env.errors import ConfigError
+from sandbox_env import languages
+from sandbox_env.errors import ConfigError, LanguageUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,18 @@ class StdioTests(_Spec):
     abs_tol: float = Field(1e-6, ge=0)
     rel_tol: float = Field(1e-6, ge=0)
     checker_source: str | None = None
+    language: str = Field(languages.DEFAULT, description="what the submission is written in "
+                          f"({', '.join(languages.names())}; or an alias, e.g. c++, javascript)")
+    compile_timeout_s: float = Field(languages.COMPILE_TIMEOUT_S, gt=0, le=300,
+                                     description="wall time of the compile step (compiled languages)")
+
+    @field_validator("language")
+    @classmethod
+    def _known_language(cls, value: str) -> str:
+        try:
+            return languages.canonical(value)
+        except LanguageUnavailableError as exc:
+            raise ValueError(exc.message) from None
 
     @model_validator(mode="after")
     def _custom_needs_source(self, info: ValidationInfo) -> StdioTests:

@@ -51,11 +51,11 @@ TMP = os.environ.get("TMPDIR") or "/tmp"
 _SCRATCH = [0]
 
 
-def scratch() -> str:
-    """A fresh empty folder for a child's cwd (the sandbox wipes /tmp after grading)."""
+def scratch(root: str = TMP) -> str:
+    """A fresh empty folder for a child's cwd (the sandbox wipes /tmp and $HOME after grading)."""
     while True:
         _SCRATCH[0] += 1
-        path = os.path.join(TMP, f"g-{os.getpid()}-{_SCRATCH[0]}")
+        path = os.path.join(root, f"g-{os.getpid()}-{_SCRATCH[0]}")
         try:
             os.mkdir(path, 0o700)
             return path
@@ -707,10 +707,41 @@ class Forked(Spawned):
 REAP_S = 5.0  # how long a killed case may take to be reported
 
 
-def start_case(source: str, fds: list, pending: dict, zygote: Zygote | None) -> Spawned:
-    """The case's process: forked by the zygote when there is one, else a new interpreter that
-    reads the source from a pipe (added to `pending`)."""
+def launch(argv: list, fds: dict, home: str) -> int:
+    """A program of the task's language (the job gives its argv), started as spawn() starts Python:
+    its own session, exactly `fds` (else /dev/null on 0-2), the children's environment, `home` as
+    cwd. A fork that execs at once: the copy of the grader's memory it starts with is gone at exec
+    (and non-dumpable until then); no submission code runs in it before."""
+    env = child_env(home)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setsid()
+            os.chdir(home)
+            null = os.open(os.devnull, os.O_RDWR)
+            for n in (0, 1, 2):
+                if n not in fds:
+                    os.dup2(null, n)
+            for target, source in fds.items():
+                os.dup2(source, target)
+            os.execvpe(argv[0], argv, env)
+        finally:
+            os._exit(127)
+    return pid
+
+
+def command(argv: list, folder: str) -> list:
+    return [str(arg).replace("{dir}", folder) for arg in argv]
+
+
+def start_case(source: str, fds: list, pending: dict, zygote: Zygote | None, lang: dict | None,
+               folder: str) -> Spawned:
+    """The case's process, with `fds` as its 0, 1, 2: another language's command on what `folder`
+    holds; Python forked by the zygote when there is one, else a new interpreter that reads the
+    source from a pipe (added to `pending`)."""
     home = scratch()
+    if lang is not None:
+        return Spawned(launch(command(lang["run"], folder), dict(enumerate(fds)), home))
     if zygote is not None:
         zygote.load(source)
         pid = zygote.fork(fds, home)
@@ -723,20 +754,34 @@ def start_case(source: str, fds: list, pending: dict, zygote: Zygote | None) -> 
     return Spawned(pid)
 
 
-def run_stdio(source: str, stdin: bytes, timeout: float, limit: int,
-              zygote: Zygote | None = None) -> tuple[str, str, bytes, float | None]:
-    """(status, message, stdout, cpu): one fresh process for one case."""
+def run_stdio(source: str, stdin: bytes, timeout: float, limit: int, lang: dict | None = None,
+              folder: str = "", zygote: Zygote | None = None) -> tuple[str, str, bytes, float | None]:
+    """(status, message, stdout, cpu): one fresh process for one case. Python (`lang` None) gets
+    the submission from the zygote or on a pipe; another language runs its command on what
+    `folder` holds."""
     in_r, in_w = pipe()
     out_r, out_w = pipe()
     err_r, err_w = pipe()
     oom0 = oom_kills()
     pending: dict = {}
-    proc = start_case(source, [in_r, out_w, err_w], pending, zygote)
+    proc = start_case(source, [in_r, out_w, err_w], pending, zygote, lang, folder)
     for fd in (in_r, out_w, err_w):
         os.close(fd)
     pending[in_w] = stdin
-    out, err = bytearray(), bytearray()
-    streams = {out_r: out, err_r: err}
+    status, code, (out, err), cpu = collect(proc, pending, [out_r, err_r], timeout, limit)
+    if status is None and code != 0:
+        status = "oom" if oom_kills() > oom0 else "error"
+        kind = exception_type(err) if lang is None else f"killed by signal {-code}" if code < 0 else ""
+        return status, "exit code {}{}".format(code, ": " + kind if kind else ""), out, cpu
+    messages = {"timeout": "time limit exceeded", "output_limit": f"output passed {limit} bytes"}
+    return status or "ok", messages.get(status or "", ""), out, cpu
+
+
+def collect(proc: Spawned, pending: dict, fds: list, timeout: float, limit: int) -> tuple:
+    """Feed `pending` (fd: bytes) and read `fds` until the process ends, its time is up or its
+    output passes `limit`; then kill its session. (status or None, exit code, outputs, cpu)."""
+    streams = {fd: bytearray() for fd in fds}
+    outputs = list(streams.values())
     for fd in [*pending, *streams]:
         os.set_blocking(fd, False)
     deadline, status = time.monotonic() + timeout, None
@@ -749,7 +794,7 @@ def run_stdio(source: str, stdin: bytes, timeout: float, limit: int,
             chunk = os.read(fd, CHUNK)
             if not chunk:
                 del streams[fd]
-            elif len(out) + len(err) + len(chunk) > limit:
+            elif sum(map(len, outputs)) + len(chunk) > limit:
                 status = "output_limit"
             else:
                 streams[fd] += chunk
@@ -764,15 +809,38 @@ def run_stdio(source: str, stdin: bytes, timeout: float, limit: int,
         pass
     if ended is None:
         ended = proc.reap()
-    code, cpu = os.waitstatus_to_exitcode(ended[0]), ended[1]
-    os.close(out_r)
-    os.close(err_r)
-    if status is None and code != 0:
-        status = "oom" if oom_kills() > oom0 else "error"
-        kind = exception_type(err)
-        return status, "exit code {}{}".format(code, ": " + kind if kind else ""), bytes(out), cpu
-    messages = {"timeout": "time limit exceeded", "output_limit": f"output passed {limit} bytes"}
-    return status or "ok", messages.get(status or "", ""), bytes(out), cpu
+    for fd in fds:
+        os.close(fd)
+    return status, os.waitstatus_to_exitcode(ended[0]), [bytes(o) for o in outputs], ended[1]
+
+
+def build(job: dict, limit: int) -> tuple:
+    """(folder, None): the submission written as the language's source file in a folder of its
+    own (where programs may run: $HOME; /tmp may be noexec), compiled there if the language
+    compiles; or (None, why) when it did not compile. The compiler is untrusted like the
+    submission (a child in its own session, the policy's limits, `compile_timeout_s`); it never
+    sees a byte of the tests, so its message is returned whole (up to 2000 characters)."""
+    lang = job["language"]
+    folder = scratch(os.environ.get("HOME") or TMP)
+    with open(os.path.join(folder, lang["source"]), "w", encoding="utf-8", errors="replace") as f:
+        f.write(job["submission"])
+    if not lang["compile"]:
+        return folder, None
+    out_r, out_w = pipe()
+    oom0 = oom_kills()
+    pid = launch(command(lang["compile"], folder), {1: out_w, 2: out_w}, folder)
+    os.close(out_w)
+    timeout = float(lang["compile_timeout_s"])
+    status, code, (out,), _ = collect(Spawned(pid), {}, [out_r], timeout, limit)
+    text = out.decode("utf-8", "replace").replace(folder + "/", "")[:2000]
+    if status == "timeout":
+        return None, f"compilation ran past its {timeout:g} s limit"
+    if status == "output_limit":
+        return None, f"the compiler's output passed {limit} bytes"
+    if code != 0:
+        why = "the compiler ran out of memory" if oom_kills() > oom0 else f"exit code {code}"
+        return None, f"compilation failed ({why}): {text}" if text else f"compilation failed ({why})"
+    return folder, None
 
 
 def exception_type(stderr: bytes | bytearray) -> str:
@@ -829,10 +897,16 @@ def grade_stdio(job: dict, timeout: float, zygote: Zygote | None = None) -> list
     ns: dict = {"__name__": "__checker__", "__builtins__": builtins}
     if spec["checker"] == "custom":
         exec(compile_task(spec["checker_source"], "checker_source"), ns)
+    lang, folder = job.get("language"), ""
+    if lang is not None:
+        folder, why = build(job, limit)
+        if folder is None:  # every test fails the same way: reward 0, the compiler's message
+            return [{"name": name, "status": "compile_error", "message": why} for name in job["names"]]
     results = []
     for i, case in enumerate(spec["cases"]):
         start = time.monotonic()
-        status, message, out, cpu = run_stdio(job["submission"], case["input"].encode(), timeout, limit, zygote)
+        status, message, out, cpu = run_stdio(job["submission"], case["input"].encode(), timeout, limit, lang, folder,
+                                              zygote)
         if status == "ok":
             try:
                 ok, why = check_output(spec, case, out.decode("utf-8", "replace"), ns)

@@ -9,6 +9,10 @@ as `__main__` from `main.py`, and prints an uncaught exception's traceback as Py
 status 1). Then the files named in `fetch` go to stderr after the line `mark` (chosen by the
 server for this run), base64-encoded in one JSON object. Standard library only; modules load
 only when needed (starting is most of a short run's cost).
+
+Another language (`language` in the job: its source file and commands, `languages.py`) is run in
+stages, as SandboxFusion does: the source written beside the files, compiled under its own time
+limit, then run as a child under `run_timeout_s`; the stages' reports follow `mark` too.
 """
 
 import json
@@ -48,7 +52,8 @@ def write_files(files):
             handle.write(base64.b64decode(content))
 
 
-def fetch_files(names, mark):
+def trailer(names, mark, stages=None):
+    """After the line `mark` on stderr: the files named in `fetch` and the stages' reports."""
     import base64
 
     found = {}
@@ -57,7 +62,7 @@ def fetch_files(names, mark):
         if full is not None and os.path.isfile(full):
             with open(full, "rb") as handle:
                 found[name] = base64.b64encode(handle.read()).decode("ascii")
-    sys.stderr.write("\n" + mark + "\n" + json.dumps(found) + "\n")
+    sys.stderr.write("\n" + mark + "\n" + json.dumps({"files": found, "stages": stages}) + "\n")
     sys.stderr.flush()
 
 
@@ -93,13 +98,79 @@ def run(code):
         raise SystemExit(1) from None
 
 
+def command(argv, folder):
+    return [str(arg).replace("{dir}", folder) for arg in argv]
+
+
+def head(handle, keep):
+    handle.seek(0)
+    return handle.read(keep).decode("utf-8", "replace")
+
+
+def stage(argv, timeout, keep, memory_mb=0, capture=False):
+    """One stage (compile, run) as a child in its own session, killed with it at `timeout`. A
+    compiler's output goes to files (bounded by /tmp's size), of which `keep` bytes are read; a
+    run's stdio is this program's own. SandboxFusion's fields: status, return_code, times."""
+    import subprocess
+    import tempfile
+    import time
+
+    out, err = (tempfile.TemporaryFile(), tempfile.TemporaryFile()) if capture else (None, None)
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL if capture else None, stdout=out, stderr=err,
+                                start_new_session=True,
+                                preexec_fn=(lambda: limit_memory(memory_mb)) if memory_mb else None)
+    except OSError as exc:
+        return {"status": "Error", "stderr": str(exc)}
+    try:
+        code, status = proc.wait(timeout), "Finished"
+    except subprocess.TimeoutExpired:
+        code, status = None, "TimeLimitExceeded"
+    report = {"status": status, "return_code": code, "execution_time": time.monotonic() - started}
+    try:
+        os.killpg(proc.pid, 9)  # what it left running in its session
+    except OSError:
+        pass
+    proc.wait()
+    if capture:
+        report.update(stdout=head(out, keep), stderr=head(err, keep))
+    return report
+
+
+def run_language(job):
+    """Another language: the code written as its source file beside the request's files, compiled
+    under the compile limit (nothing runs when that fails), then run under the run limit."""
+    lang, folder = job["language"], os.getcwd()
+    with open(os.path.join(folder, lang["source"]), "w", encoding="utf-8", errors="replace") as handle:
+        handle.write(job["code"])
+    stages = {}
+    if lang["compile"]:
+        stages["compile"] = done = stage(command(lang["compile"], folder), float(lang["compile_timeout_s"]),
+                                         int(job["keep"]), capture=True)
+        if done["status"] != "Finished" or done["return_code"] != 0:
+            return stages
+    stages["run"] = stage(command(lang["run"], folder), float(job["run_timeout_s"]), 0, int(job.get("memory_mb") or 0))
+    return stages
+
+
 def main():
     job = json.loads(read(int(read(12))))
     if job.get("files"):
         write_files(job["files"])
+    fetch = job.get("fetch") or []
+    if job.get("language"):
+        stages = run_language(job)
+        trailer(fetch, job["mark"], stages)
+        code = (stages.get("run") or {}).get("return_code") or 0
+        if code < 0:  # died by a signal: so does this program, so the sandbox sees how (oom, killed)
+            import signal
+
+            signal.signal(-code, signal.SIG_DFL)
+            os.kill(os.getpid(), -code)
+        raise SystemExit(code)
     if job.get("memory_mb"):
         limit_memory(int(job["memory_mb"]))
-    fetch = job.get("fetch") or []
     try:
         run(job["code"])
     finally:
@@ -107,7 +178,7 @@ def main():
             sys.stdout.flush()
         finally:
             if fetch:
-                fetch_files(fetch, job["mark"])
+                trailer(fetch, job["mark"])
 
 
 if __name__ == "__main__":  # run as `python3 -I -c <this text>`; importing it runs nothing

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import abc
+import shutil
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from pydantic import BaseModel, ConfigDict
 
-from sandbox_env.errors import KernelUnavailableError
+from sandbox_env.errors import KernelUnavailableError, LanguageUnavailableError
 from sandbox_env.kernels.inspection import LiveOutput
+from sandbox_env.languages import Language
 from sandbox_env.models import ExecutionResult
 from sandbox_env.policy import Policy
 
@@ -40,6 +42,9 @@ REFUSALS: dict[str, str] = {
     "pool_full": "clean, but the pool had no room for it",
     "closed": "the pool was closing",
 }
+
+
+HOST_PATH = "/usr/local/bin:/usr/bin:/bin"  # what a sandbox bound to the host's /usr finds
 
 
 class KernelConfig(BaseModel):
@@ -119,6 +124,18 @@ class Kernel(abc.ABC):
         not, one of `REFUSALS`, and the caller closes the kernel. Never raises for anything the
         episode did. Backends that cannot prove a sandbox clean keep this: never recycled."""
         return "unsupported"
+
+    @classmethod
+    async def check_language(cls, language: Language) -> None:
+        """Raise `LanguageUnavailableError` unless this backend's sandboxes can run `language`. By
+        default a sandbox sees the host's /usr read-only (Jupyter; the fake runs on the host), so
+        the toolchain's programs must be there; the message names the apt package."""
+        missing = [b for b in language.binaries if shutil.which(b, path=HOST_PATH) is None]
+        if missing:
+            raise LanguageUnavailableError(
+                f"{language.name} is not available on this server: the {cls.name} backend runs the host's "
+                f"toolchain, and {', '.join(missing)} is not installed (as root: {language.apt_command})",
+                language=language.name)
 
     @classmethod
     async def setup_backend(cls) -> dict[str, Any]:

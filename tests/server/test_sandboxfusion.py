@@ -98,7 +98,13 @@ def test_run_code_case(http: httpx.Client, case: dict[str, Any]) -> None:
     RunCodeResponse.model_validate(reply)  # SandboxFusion's fields, nothing missing
     assert set(reply) >= {"status", "message", "compile_result", "run_result", "executor_pod_name", "files"}
     assert reply["status"] == expect["status"], reply
-    assert reply["compile_result"] is None  # Python has no compile stage, in SandboxFusion either
+    compiled = reply["compile_result"]
+    if "compile_status" in expect:  # a compiled language: its compile stage comes first
+        assert compiled["status"] == expect["compile_status"], reply
+        assert compiled["return_code"] == expect.get("compile_return_code", compiled["return_code"]), reply
+        assert expect.get("compile_stderr_contains", "") in (compiled["stderr"] or ""), reply
+    elif case["request"]["language"] not in ("c", "cpp"):
+        assert compiled is None  # no compile stage (Python, Node.js, Bash), in SandboxFusion either
     run = reply["run_result"]
     extras = reply["sandbox_env"]
     if "run_result" in expect:
@@ -125,7 +131,8 @@ def test_run_code_case(http: httpx.Client, case: dict[str, Any]) -> None:
     else:
         assert reply["message"] == ""  # SandboxFusion says nothing for Success and Failed
     assert reply["files"] == expect.get("files", {})
-    for key in ("outcome", "clamped", "run_timeout_s", "memory_limit_mb", "stdout_truncated", "policy"):
+    for key in ("outcome", "clamped", "run_timeout_s", "memory_limit_mb", "stdout_truncated", "policy",
+                "compile_timeout_s"):
         if key in expect:
             assert extras[key] == expect[key], (key, extras)
     assert extras["retryable"] is False
@@ -189,6 +196,23 @@ def test_submit_common_oj_inline_row_accepted(http: httpx.Client) -> None:
     assert result.tests[2].test_info == STDIO_ROW["test"][2]
 
 
+C_DOUBLE = "```c\n#include <stdio.h>\nint main(void){long x;scanf(\"%ld\",&x);printf(\"%ld\\n\",2*x);}\n```\n"
+
+
+def test_submit_common_oj_in_c_compiles_per_case(http: httpx.Client) -> None:
+    row = {"id": 8, "test": [{"input": {"stdin": "2\n"}, "output": {"stdout": "4\n"}},
+                             {"input": {"stdin": "21\n"}, "output": {"stdout": "42\n"}}]}
+    config = {"dataset_type": "CommonOJDataset", "language": "c", "provided_data": row}
+    result = EvalResult.model_validate(submit(http, completion=C_DOUBLE, config=config).json())
+    assert result.accepted and [t.passed for t in result.tests] == [True, True], result
+    compiled = result.tests[0].exec_info.compile_result
+    assert compiled is not None and compiled.return_code == 0
+    broken = EvalResult.model_validate(submit(http, completion="```c\nint main( {}\n```", config=config).json())
+    assert not broken.accepted and len(broken.tests) == 1
+    info = broken.tests[0].exec_info
+    assert info.run_result is None and info.compile_result is not None and info.compile_result.return_code != 0
+
+
 def test_submit_common_oj_stops_at_first_failure(http: httpx.Client) -> None:
     config = {"dataset_type": "CommonOJDataset", "language": "python", "provided_data": STDIO_ROW}
     wrong = "```python\nprint(input())\n```"
@@ -223,8 +247,8 @@ def test_submit_own_task(http: httpx.Client) -> None:
     ({"dataset": "code_contests", "config": {"language": "python"}}, 400, "send the row in config.provided_data"),
     ({"dataset": "x", "config": {"dataset_type": "CommonOJDataset", "provided_data": STDIO_ROW}}, 400,
      "config.language field must exist"),
-    ({"dataset": "x", "config": {"dataset_type": "CommonOJDataset", "language": "cpp", "provided_data": STDIO_ROW}},
-     400, "language 'cpp' is not available"),
+    ({"dataset": "x", "config": {"dataset_type": "CommonOJDataset", "language": "go", "provided_data": STDIO_ROW}},
+     400, "language 'go' is not available"),
     ({"dataset": "x", "config": {"dataset_type": "CommonOJDataset", "language": "python",
                                  "provided_data": {"test": [{"input": {"a.txt": "1"}, "output": {"stdout": "1"}}]}}},
      400, "input.stdin and output.stdout"),

@@ -15,6 +15,7 @@ import docker
 import docker.errors
 from docker.types import LogConfig, Ulimit
 
+from sandbox_env import languages
 from sandbox_env._version import __version__
 from sandbox_env.inside.procs import stat_field
 from sandbox_env.kernels.docker.daemon import EXECUTOR, get_client, registered_runtimes, runtime_report
@@ -68,6 +69,12 @@ def container_options(policy: Policy, *, image: str, owner: str, episode: str) -
     return create, host
 
 
+def workspace_exec(policy: Policy) -> str:
+    """Docker mounts a tmpfs noexec unless told otherwise: only a compiled language's sandbox
+    needs to run what it wrote (its compiler's output, in /workspace); /tmp stays noexec."""
+    return "exec" if languages.get(policy.language).compiled else "noexec"
+
+
 def _host_options(policy: Policy) -> dict[str, Any]:
     file_size = policy.file_size_mb * MB
     host = {
@@ -76,8 +83,8 @@ def _host_options(policy: Policy) -> dict[str, Any]:
         "security_opt": ["no-new-privileges"],
         "read_only": True,
         "tmpfs": {"/tmp": f"rw,nosuid,nodev,noexec,size={policy.tmp_mb}m",
-                  WORKSPACE: f"rw,nosuid,nodev,size={policy.workspace_mb}m,uid={SANDBOX_UID},gid={SANDBOX_UID},"
-                             "mode=0700"},
+                  WORKSPACE: f"rw,nosuid,nodev,{workspace_exec(policy)},size={policy.workspace_mb}m,"
+                             f"uid={SANDBOX_UID},gid={SANDBOX_UID},mode=0700"},
         "shm_size": min(policy.tmp_mb, 64) * MB,
         "mem_limit": policy.memory_mb * MB,
         "memswap_limit": policy.memory_mb * MB,

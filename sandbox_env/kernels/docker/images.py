@@ -67,6 +67,27 @@ def build_images(offline: bool | None = None, *, force: bool = False, mirror: st
     return [*built, tag]
 
 
+def build_language_images(names: list[str], *, offline: bool | None = None, force: bool = False,
+                          mirror: str | None = None, client: Any = None) -> list[str]:
+    """Build the images of `names` (languages.py; "all": every one), each the Python image plus its
+    Debian toolchain (`images/toolchain/Dockerfile`), after the Python image itself; return the
+    tags built. apt inside the build reads the mirror the base was bootstrapped from: no Docker Hub."""
+    from sandbox_env import languages
+
+    client = client or _client()
+    built = build_images(offline, force=force, mirror=mirror, client=client)
+    chosen = languages.names() if "all" in names else [languages.canonical(n) for n in names]
+    for lang in (languages.get(n) for n in chosen):
+        tag = lang.image()
+        if not lang.packages or (not force and _has_image(client, tag)):
+            continue  # runs in the Python image, or already built
+        docker_build(client, _dockerfile_dir("toolchain"), tag,
+                     {"BASE": python_image_tag(), "PACKAGES": " ".join(lang.packages),
+                      "CHECK": f"{lang.binaries[0]} --version"}, pull=False, labels={"sandbox-env.language": lang.name})
+        built.append(tag)
+    return built
+
+
 def build_offline_base(client: Any, *, mirror: str | None = None, packages: tuple[str, ...] = ("python3",),
                        tag: str = OFFLINE_BASE) -> str:
     """debootstrap a minimal Debian with `packages` (python3 by default) from the host's mirror and

@@ -25,7 +25,14 @@ import docker
 import docker.errors
 from pydantic import ValidationError
 
-from sandbox_env.errors import KernelDiedError, KernelError, KernelStartError, KernelUnavailableError
+from sandbox_env import languages
+from sandbox_env.errors import (
+    KernelDiedError,
+    KernelError,
+    KernelStartError,
+    KernelUnavailableError,
+    LanguageUnavailableError,
+)
 from sandbox_env.inside.wire import Anomaly
 from sandbox_env.kernels.base import Kernel
 from sandbox_env.kernels.docker.channel import LARGE_FRAME, Channel, raw_socket
@@ -57,6 +64,23 @@ START_TIMEOUT_S = 60.0
 PROGRAM_MARGIN_S = 10.0  # killing the agent's processes and wiping its files, before and after
 
 
+def image_for(policy: Policy, config: DockerConfig) -> str:
+    """A language's own image (`languages.py`); Python's: the configured one, else the policy's,
+    else the default."""
+    if policy.language != languages.DEFAULT:
+        return languages.get(policy.language).image()
+    return config.image or policy.image or default_image()
+
+
+def build_command(policy: Policy) -> str:
+    if policy.language != languages.DEFAULT:
+        return languages.get(policy.language).build_command
+    return "sandbox-env images build"
+
+
+_IMAGES_SEEN: set[str] = set()  # images found once: no daemon call per grading after that
+
+
 class DockerKernel(Kernel):
     """A stateful Python interpreter in its own hardened container."""
 
@@ -69,7 +93,7 @@ class DockerKernel(Kernel):
     def __init__(self, policy: Policy, config: DockerConfig | None = None, *,
                  client: docker.DockerClient | None = None) -> None:
         super().__init__(policy, config)
-        self.image = self.config.image or policy.image or default_image()
+        self.image = image_for(policy, self.config)
         self.owner = self.config.owner or default_owner()
         self.kernel_id = uuid.uuid4().hex
         self._client = client
@@ -84,6 +108,29 @@ class DockerKernel(Kernel):
         self._tainted = False  # its container was lost, replaced or tampered with: never recycled
 
     # -- lifecycle -------------------------------------------------------------------------
+    @classmethod
+    async def check_language(cls, language: languages.Language) -> None:
+        """A language runs in its own image: it must have been built on this host."""
+        if language.name == languages.DEFAULT or language.image() in _IMAGES_SEEN:
+            return
+        tag = language.image()
+
+        def present() -> bool:
+            try:
+                get_client().images.get(tag)
+                return True
+            except docker.errors.ImageNotFound:
+                return False
+
+        try:
+            found = await call_in_pool(present)
+        except docker.errors.DockerException as exc:
+            raise KernelUnavailableError(f"Docker engine unreachable: {exc}") from exc
+        if not found:
+            raise LanguageUnavailableError(f"{language.name} is not available on this server: its image {tag} "
+                                           f"is not built (run `{language.build_command}`)", language=language.name)
+        _IMAGES_SEEN.add(tag)
+
     @classmethod
     async def setup_backend(cls) -> dict[str, Any]:
         """At server start: remove this owner's orphans (a crash's leftovers), report the runtime."""
@@ -172,7 +219,7 @@ class DockerKernel(Kernel):
         except docker.errors.ImageNotFound as exc:
             await self._discard()
             raise KernelUnavailableError(f"image {self.image} not found; build it with "
-                                         "`sandbox-env images build`") from exc
+                                         f"`{build_command(self.policy)}`") from exc
         except (TimeoutError, docker.errors.DockerException, OSError, asyncio.IncompleteReadError, ValueError,
                 Anomaly) as exc:
             await self._discard()

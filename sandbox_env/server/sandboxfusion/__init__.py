@@ -19,7 +19,8 @@ from fastapi import APIRouter, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import Response
 
-from sandbox_env.errors import CapacityError, KernelError
+from sandbox_env import languages
+from sandbox_env.errors import CapacityError, KernelError, LanguageUnavailableError
 from sandbox_env.server.guard import tenant_of
 from sandbox_env.server.routes import RETRY_AFTER_S, JSONResponse
 from sandbox_env.server.sandboxfusion import run_code as runs
@@ -65,14 +66,18 @@ async def run_code(request: Request, body: RunCodeRequest) -> Response:
     runs.check_files(body.files, body.fetch_files)
     manager = _manager(request)
     policy = manager.policy(body.policy)
-    limits = runs.limits_for(policy, body.run_timeout, body.memory_limit_MB)
+    language = languages.canonical(body.language)
+    limits = runs.limits_for(policy, body.run_timeout, body.memory_limit_MB,
+                             body.compile_timeout if languages.get(language).compiled else None)
     try:
-        async with manager.one_shot(policy.name, tenant_of(request).name) as lease:
-            reply = await runs.run_python(lease.kernel, body.code, stdin=body.stdin, files=body.files,
-                                          fetch=body.fetch_files, limits=limits)
+        async with manager.one_shot(policy.name, tenant_of(request).name, language=language) as lease:
+            reply = await runs.run(lease.kernel, body.code, stdin=body.stdin, files=body.files,
+                                   fetch=body.fetch_files, limits=limits, language=language)
             lease.keep = reply.status is not RunStatus.SANDBOX_ERROR
     except CapacityError as exc:
         return _busy(exc)
+    except LanguageUnavailableError as exc:  # known, but this host lacks its image or toolchain
+        reply = runs.unsupported_language(body.language, exc.message)
     except KernelError as exc:  # no kernel could be had: SandboxFusion's answer for a failed sandbox
         reply = runs.sandbox_error(exc, policy, limits)
     return JSONResponse(reply.model_dump(mode="json"))
@@ -105,19 +110,22 @@ async def _submit_task(manager: EpisodeManager, body: SubmitRequest, owner: str)
 
 async def _submit_stdio(manager: EpisodeManager, body: SubmitRequest, owner: str) -> EvalResult:
     cases = submits.stdio_cases(body.config)
-    language = body.config.language or "python"
-    code, kind = submits.extract_code(body.completion, language)
-    if language not in SUPPORTED_LANGUAGES:
-        raise submits.SubmitError(runs.unsupported_language(language).message)
+    asked = body.config.language or "python"
+    code, kind = submits.extract_code(body.completion, asked)
+    if asked not in SUPPORTED_LANGUAGES:
+        raise submits.SubmitError(runs.unsupported_language(asked).message)
+    language = languages.canonical(asked)
     policy = manager.policy(body.policy)
-    limits = runs.limits_for(policy, body.config.run_timeout or submits.STDIO_RUN_TIMEOUT_S, -1)
+    compiles = languages.get(language).compiled
+    limits = runs.limits_for(policy, body.config.run_timeout or submits.STDIO_RUN_TIMEOUT_S, -1,
+                             (body.config.compile_timeout or languages.COMPILE_TIMEOUT_S) if compiles else None)
     run_all = bool(body.config.extra.get("run_all_cases", False))
     tests: list[EvalTestCase] = []
     try:
-        async with manager.one_shot(policy.name, owner) as lease:
+        async with manager.one_shot(policy.name, owner, language=language) as lease:
             for case in cases:  # in order, on one kernel: each run starts from a clean slate
-                reply = await runs.run_python(lease.kernel, code, stdin=case.input["stdin"], files={}, fetch=[],
-                                              limits=limits)
+                reply = await runs.run(lease.kernel, code, stdin=case.input["stdin"], files={}, fetch=[],
+                                       limits=limits, language=language)
                 passed = submits.case_passed(reply, case)
                 tests.append(EvalTestCase(passed=passed, exec_info=reply, test_info=case.model_dump()))
                 if reply.status is RunStatus.SANDBOX_ERROR:

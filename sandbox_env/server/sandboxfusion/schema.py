@@ -13,11 +13,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# Every language SandboxFusion's `RunCodeRequest.language` accepts; anything else is a 422, as there.
-Language = Literal["python", "cpp", "nodejs", "go", "go_test", "java", "php", "csharp", "bash", "typescript",
+# Every language SandboxFusion's `RunCodeRequest.language` accepts (and C, ours); anything else is a
+# 422, as there.
+Language = Literal["python", "c", "cpp", "nodejs", "go", "go_test", "java", "php", "csharp", "bash", "typescript",
                    "sql", "rust", "cuda", "lua", "R", "perl", "D_ut", "ruby", "scala", "julia", "pytest", "junit",
                    "kotlin_script", "jest", "verilog", "python_gpu", "lean", "swift", "racket"]
-SUPPORTED_LANGUAGES = ("python",)  # what this server runs today
+SUPPORTED_LANGUAGES = ("python", "c", "cpp", "nodejs", "bash", "rust")  # sandbox_env/languages.py
 
 
 class RunStatus(str, Enum):
@@ -53,7 +54,8 @@ class RunCodeRequest(BaseModel):
 
     code: str
     language: Language
-    compile_timeout: float = Field(10, ge=0, description="compiled languages only (none here yet)")
+    compile_timeout: float = Field(10, ge=0, description="compiled languages: wall time of the compile "
+                                   "stage; at most the policy's timeout_s")
     run_timeout: float = Field(10, gt=0, description="wall time of the run; at most the policy's timeout_s")
     memory_limit_MB: int = Field(-1, description="address-space limit; <= 0 or above the policy: the policy's")
     stdin: str | None = None
@@ -77,6 +79,8 @@ class Extras(BaseModel):
     run_timeout_s: float | None = None  # the limit the run had (the request's, clamped to the policy's)
     memory_limit_mb: int | None = None  # likewise
     clamped: list[str] = Field(default_factory=list)  # request fields lowered to the policy's limit
+    language: str | None = None  # the language run (sandbox_env/languages.py's name)
+    compile_timeout_s: float | None = None  # compiled languages: the compile stage's limit (clamped)
 
 
 class RunCodeResponse(BaseModel):
