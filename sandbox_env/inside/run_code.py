@@ -102,39 +102,97 @@ def command(argv, folder):
     return [str(arg).replace("{dir}", folder) for arg in argv]
 
 
-def head(handle, keep):
-    handle.seek(0)
-    return handle.read(keep).decode("utf-8", "replace")
+def head(fd, keep):
+    os.lseek(fd, 0, os.SEEK_SET)
+    data = os.read(fd, keep) if keep > 0 else b""
+    os.close(fd)
+    return data.decode("utf-8", "replace")
+
+
+def scratch_file():
+    """An unnamed file in TMPDIR (gone when closed): a compiler's output, bounded by its size."""
+    return os.open(os.environ.get("TMPDIR") or "/tmp", os.O_TMPFILE | os.O_RDWR, 0o600)
+
+
+def start(argv, fds, memory_mb):
+    """`argv` in a child of its own session with `fds` (target: source) placed; the memory limit
+    is set in the child, before the exec. An exec that fails reports its error through a
+    close-on-exec pipe (EOF: it ran). (pid, None) or (None, error)."""
+    report_r, report_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setsid()
+            for target, fd in fds.items():
+                os.dup2(fd, target)
+            os.closerange(3, report_w)  # nothing of this program's but 0-2 (as subprocess's close_fds)
+            os.closerange(report_w + 1, os.sysconf("SC_OPEN_MAX"))
+            if memory_mb:
+                limit_memory(memory_mb)
+            os.execvp(argv[0], argv)
+        except BaseException as exc:  # noqa: BLE001 - said to the parent, whatever it is
+            os.write(report_w, str(exc).encode("utf-8", "replace")[:1000])
+        finally:
+            os._exit(127)
+    os.close(report_w)
+    error = b"".join(iter(lambda: os.read(report_r, 4096), b""))
+    os.close(report_r)
+    if error:
+        os.waitpid(pid, 0)
+        return None, error.decode("utf-8", "replace")
+    return pid, None
+
+
+def wait(pid, timeout):
+    """The exit code (-N: killed by signal N), or None when `timeout` passed first. A pidfd wakes
+    this as the child ends (a poll with growing sleeps, as `subprocess` waits, oversleeps a
+    compile by tens of milliseconds)."""
+    import select
+    import time
+
+    deadline = time.monotonic() + timeout
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        select.select([pidfd] if pidfd is not None else [], [], [], left if pidfd is not None else min(left, 0.001))
 
 
 def stage(argv, timeout, keep, memory_mb=0, capture=False):
     """One stage (compile, run) as a child in its own session, killed with it at `timeout`. A
-    compiler's output goes to files (bounded by /tmp's size), of which `keep` bytes are read; a
-    run's stdio is this program's own. SandboxFusion's fields: status, return_code, times."""
-    import subprocess
-    import tempfile
+    compiler's output goes to unnamed files (bounded by TMPDIR's size), of which `keep` bytes are
+    read; a run's stdio is this program's own. SandboxFusion's fields: status, return_code, times."""
     import time
 
-    out, err = (tempfile.TemporaryFile(), tempfile.TemporaryFile()) if capture else (None, None)
+    fds = {}
+    if capture:
+        null = os.open(os.devnull, os.O_RDONLY)
+        fds = {0: null, 1: scratch_file(), 2: scratch_file()}
     started = time.monotonic()
+    pid, error = start(argv, fds, memory_mb)
+    if pid is None:
+        for fd in fds.values():
+            os.close(fd)
+        return {"status": "Error", "stderr": error}
+    code = wait(pid, timeout)
+    report = {"status": "Finished" if code is not None else "TimeLimitExceeded", "return_code": code,
+              "execution_time": time.monotonic() - started}
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL if capture else None, stdout=out, stderr=err,
-                                start_new_session=True,
-                                preexec_fn=(lambda: limit_memory(memory_mb)) if memory_mb else None)
-    except OSError as exc:
-        return {"status": "Error", "stderr": str(exc)}
-    try:
-        code, status = proc.wait(timeout), "Finished"
-    except subprocess.TimeoutExpired:
-        code, status = None, "TimeLimitExceeded"
-    report = {"status": status, "return_code": code, "execution_time": time.monotonic() - started}
-    try:
-        os.killpg(proc.pid, 9)  # what it left running in its session
+        os.killpg(pid, 9)  # what it left running in its session
     except OSError:
         pass
-    proc.wait()
+    if code is None:
+        os.waitpid(pid, 0)
     if capture:
-        report.update(stdout=head(out, keep), stderr=head(err, keep))
+        os.close(fds[0])
+        report.update(stdout=head(fds[1], keep), stderr=head(fds[2], keep))
     return report
 
 
