@@ -709,25 +709,23 @@ REAP_S = 5.0  # how long a killed case may take to be reported
 
 def launch(argv: list, fds: dict, home: str) -> int:
     """A program of the task's language (the job gives its argv), started as spawn() starts Python:
-    its own session, exactly `fds` (else /dev/null on 0-2), the children's environment, `home` as
-    cwd. A fork that execs at once: the copy of the grader's memory it starts with is gone at exec
-    (and non-dumpable until then); no submission code runs in it before."""
-    env = child_env(home)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setsid()
-            os.chdir(home)
-            null = os.open(os.devnull, os.O_RDWR)
-            for n in (0, 1, 2):
-                if n not in fds:
-                    os.dup2(null, n)
-            for target, source in fds.items():
-                os.dup2(source, target)
-            os.execvpe(argv[0], argv, env)
-        finally:
+    its own session, exactly `fds` (else /dev/null on 0-2; everything else this process holds is
+    close-on-exec), the children's environment, `home` as cwd (posix_spawn has no chdir: this
+    process, single-threaded, steps there for the spawn). posix_spawn: no copy of the grader's
+    memory is made, and a case starts in a fraction of a fork's time. A program that cannot be
+    started ends at once with 127, as a shell reports it."""
+    actions = [(os.POSIX_SPAWN_OPEN, n, os.devnull, os.O_RDWR, 0) for n in (0, 1, 2) if n not in fds]
+    actions += [(os.POSIX_SPAWN_DUP2, source, target) for target, source in fds.items()]
+    os.chdir(home)
+    try:
+        return os.posix_spawnp(argv[0], argv, child_env(home), file_actions=actions, setsid=True)
+    except OSError:
+        pid = os.fork()
+        if pid == 0:
             os._exit(127)
-    return pid
+        return pid
+    finally:
+        os.chdir("/")
 
 
 def command(argv: list, folder: str) -> list:
