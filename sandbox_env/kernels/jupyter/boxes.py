@@ -21,14 +21,16 @@ import dataclasses
 import os
 import subprocess
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 from sandbox_env.errors import KernelStartError
 from sandbox_env.kernels.jupyter import sandbox
 from sandbox_env.kernels.jupyter.limits import Confinement
+from sandbox_env.kernels.jupyter.programs import run_watched
 from sandbox_env.kernels.jupyter.template import HOLD, START_TIMEOUT_S, ForkedProcess, fork_program, held_pid
+from sandbox_env.models import ExecutionResult
 
 
 class Unforkable(KernelStartError):
@@ -92,7 +94,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-async def build(conf: Confinement, runtime: sandbox.Runtime, layout: sandbox.Layout, env: dict[str, str],
+async def build(conf: Confinement, env: dict[str, str], runtime: sandbox.Runtime, layout: sandbox.Layout,
                 workdir: Path) -> Box:
     """A sandbox of `layout` in `conf` (created here), held open, its program's process waiting in
     it; destroyed again if this fails or is cancelled."""
@@ -160,9 +162,15 @@ class Spare:
             await box.destroy()  # it died waiting (the host's OOM killer?): build another
             task = None
 
-    def refill(self) -> None:
+    def refill(self, after: Awaitable[object]) -> None:
+        """Build the next box once `after` (the last box's destruction) is done."""
         if self._next is None:
-            self._next = asyncio.ensure_future(self._make())
+            self._next = asyncio.ensure_future(self._after(after))
+
+    async def _after(self, after: Awaitable[object]) -> Box:
+        with contextlib.suppress(Exception):
+            await after
+        return await self._make()
 
     async def discard(self) -> None:
         task, self._next = self._next, None
@@ -171,6 +179,31 @@ class Spare:
         with contextlib.suppress(BaseException):
             box = await asyncio.shield(task)
             await box.destroy()
+
+
+async def run(spare: Spare, teardown: Callable[[], Awaitable[None]], background: set[asyncio.Task[None]], source: str,
+              stdin: bytes, timeout_s: float, *, keep: int, limit: int, refill: bool) -> ExecutionResult:
+    """`source` run in the spare box (or one built now, while `teardown` kills the kernel's
+    processes: the program starts after both). The box is destroyed in the `background` (close()
+    and the uid's lease wait for those tasks), the next one built after that when `refill`."""
+    taken = asyncio.ensure_future(spare.take())
+    try:
+        await teardown()
+        box = await taken
+    except BaseException:
+        abandon(taken)
+        raise
+    try:
+        return await run_watched(box.conf, lambda: box.start(source), stdin, timeout_s, exit_by_signal=True,
+                                 keep=keep, limit=limit)
+    finally:
+        # Reaping its processes (run_watched killed them, unless cancelled) and removing its
+        # cgroups need not delay the result.
+        task = asyncio.ensure_future(box.destroy())
+        background.add(task)
+        task.add_done_callback(background.discard)
+        if refill:
+            spare.refill(after=task)  # the next program's box, once nothing of this one is left
 
 
 def abandon(task: asyncio.Future[Box]) -> None:
@@ -200,6 +233,9 @@ class ForkedProgram:
     def returncode(self) -> int | None:
         return self.proc.poll()
 
+    def exited(self) -> Awaitable[int]:
+        return self.proc.exited()
+
 
 @dataclasses.dataclass
 class _Pipes:
@@ -221,8 +257,9 @@ async def _streams(proc: ForkedProcess, stdio: list[int]) -> ForkedProgram:
         readers = []
         for file in files[1:]:
             reader = asyncio.StreamReader(limit=1 << 16)
-            transport, _ = await loop.connect_read_pipe(lambda r=reader: asyncio.StreamReaderProtocol(r), file)  # type: ignore[misc]
-            transports.append(transport)
+            read_transport, _ = await loop.connect_read_pipe(lambda r=reader: asyncio.StreamReaderProtocol(r),  # type: ignore[misc]
+                                                             file)
+            transports.append(read_transport)
             readers.append(reader)
     except BaseException:
         for transport in transports:

@@ -38,7 +38,7 @@ from sandbox_env.kernels.jupyter import boxes, sandbox, workdirs
 from sandbox_env.kernels.jupyter.config import JupyterConfig
 from sandbox_env.kernels.jupyter.limits import MB, Confinement, Limits
 from sandbox_env.kernels.jupyter.process import RELAY_TASKS, KernelProcess, connect, kernel_env, log_tail, spawn, unwatch, zmq_context
-from sandbox_env.kernels.jupyter.programs import run_sandboxed, run_watched
+from sandbox_env.kernels.jupyter.programs import run_exec
 from sandbox_env.kernels.jupyter.steps import final_exit_status, read_reply, read_step, verdict
 from sandbox_env.kernels.jupyter.template import forked
 from sandbox_env.kernels.output import KernelAnomaly, StepCollector, kernel_shim
@@ -351,8 +351,11 @@ class JupyterKernel(Kernel):
             self._program_running = True
             try:
                 if self._forks_programs():
+                    assert self._spare is not None
                     with contextlib.suppress(boxes.Unforkable):
-                        return await self._run_forked(source, stdin, timeout_s)
+                        return await boxes.run(self._spare, self._stop_kernel, self._teardowns, source, stdin, timeout_s,
+                                               keep=self.policy.output_bytes, limit=self.policy.output_limit_bytes,
+                                               refill=not self._closed)
                 return await self._run_exec(source, stdin, timeout_s)
             finally:
                 self._program_running = False
@@ -366,63 +369,30 @@ class JupyterKernel(Kernel):
             self._spare = boxes.Spare(self._new_box)
         return True
 
-    async def _new_box(self) -> boxes.Box:
-        assert self._runtime is not None and self._layout is not None and self.workdir is not None
+    def _program_confinement(self) -> tuple[Confinement, dict[str, str]]:
+        """A new confinement for one program, and the program's environment."""
+        assert self.root is not None and self.workdir is not None
         self._generation += 1
         name = f"{self.id}-p{self._generation}"
         conf = Confinement(name, Limits.from_policy(self.policy), token=name, use_cgroups=self.use_cgroups,
-                           uid=self._layout.uid)
-        return await boxes.build(conf, self._runtime, self._layout, self._program_env(conf), self.workdir)
+                           uid=None if self._layout is None else self._layout.uid)
+        return conf, kernel_env(self.root, self.workdir, conf.token, isolated=self._layout is not None)
 
-    def _program_env(self, conf: Confinement) -> dict[str, str]:
-        assert self.root is not None and self.workdir is not None
-        return kernel_env(self.root, self.workdir, conf.token, isolated=self._layout is not None)
+    async def _new_box(self) -> boxes.Box:
+        assert self._runtime is not None and self._layout is not None and self.workdir is not None
+        return await boxes.build(*self._program_confinement(), self._runtime, self._layout, self.workdir)
 
-    async def _run_forked(self, source: str, stdin: bytes, timeout_s: float) -> ExecutionResult:
-        spare = self._spare
-        assert spare is not None
-        taken = asyncio.ensure_future(spare.take())  # built while the kernel is torn down
-        try:
-            await self._teardown()  # every process of the kernel before the program starts
-            self._relaunch = True
-            box = await taken
-        except BaseException:
-            boxes.abandon(taken)
-            raise
-        try:
-            return await run_watched(box.conf, lambda: box.start(source), stdin, timeout_s, exit_by_signal=True,
-                                     keep=self.policy.output_bytes, limit=self.policy.output_limit_bytes)
-        finally:
-            # Its processes are dead (run_watched killed the box's tree); reaping them and removing
-            # the cgroups need not delay the result. close() and the uid's lease wait for it.
-            task = asyncio.ensure_future(box.destroy())
-            self._teardowns.add(task)
-            task.add_done_callback(self._teardowns.discard)
-            if not self._closed:
-                spare.refill()  # the next program's box: built now that nothing of this kernel runs
+    async def _stop_kernel(self) -> None:
+        await self._teardown()  # every process of the kernel's cgroup/session, daemons included
+        self._relaunch = True  # the next step starts a fresh one
 
     async def _run_exec(self, source: str, stdin: bytes, timeout_s: float) -> ExecutionResult:
         assert self.root is not None and self.workdir is not None
-        await self._teardown()  # every process of the kernel's cgroup/session, daemons included
-        self._relaunch = True
-        box = self._layout
-        if box is None:
-            await asyncio.to_thread(workdirs.empty_dirs, self.workdir, self.root / "tmp")
-        self._generation += 1
-        conf = Confinement(f"{self.id}-p{self._generation}", Limits.from_policy(self.policy),
-                           token=f"{self.id}-p{self._generation}", use_cgroups=self.use_cgroups,
-                           uid=None if box is None else box.uid)
-        conf.create()
-        command = [sys.executable, "-I", "-c", source]
-        try:
-            return await run_sandboxed(conf, command, self._program_env(conf), stdin, timeout_s, workdir=self.workdir,
-                                       runtime=self._runtime, box=box, keep=self.policy.output_bytes,
-                                       limit=self.policy.output_limit_bytes)
-        finally:
-            await asyncio.to_thread(conf.kill_all)
-            await asyncio.to_thread(conf.destroy)
-            if box is None:
-                await asyncio.to_thread(workdirs.empty_dirs, self.workdir, self.root / "tmp")
+        await self._stop_kernel()
+        conf, env = self._program_confinement()
+        return await run_exec(conf, [sys.executable, "-I", "-c", source], env, stdin, timeout_s, root=self.root,
+                              workdir=self.workdir, runtime=self._runtime, box=self._layout,
+                              keep=self.policy.output_bytes, limit=self.policy.output_limit_bytes)
 
     async def usage(self) -> dict[str, Any]:
         """The confinement's memory charge and CPU time: file reads, no request to the kernel."""

@@ -12,8 +12,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from sandbox_env.kernels.jupyter import sandbox
-from sandbox_env.kernels.jupyter.boxes import ForkedProgram
+from sandbox_env.kernels.jupyter import sandbox, workdirs
 from sandbox_env.kernels.jupyter.limits import Confinement
 from sandbox_env.kernels.jupyter.process import SIGNAL_MAX
 from sandbox_env.kernels.programs import Running, run_to_end
@@ -42,7 +41,8 @@ async def run_watched(conf: Confinement, launch: Callable[[], Awaitable[Running]
     cpu0, oom0 = conf.cpu_time_s(), conf.oom_kills()
     started = time.perf_counter()
     proc = await launch()
-    exited = proc.proc.exited() if isinstance(proc, ForkedProgram) else None
+    tells = getattr(proc, "exited", None)  # a forked program's status comes on a pipe: no polling
+    exited = tells() if tells is not None else None
     end = await run_to_end(proc, stdin, keep_stdout=limit, keep_stderr=keep, limit=limit, timeout_s=timeout_s,
                            stop=lambda: asyncio.to_thread(conf.kill_all), exited=exited)
     code, status = end.code, end.status
@@ -73,3 +73,21 @@ async def run_sandboxed(conf: Confinement, command: list[str], env: dict[str, st
             launch = {"cwd": Path("/"), "env": {"PATH": "/usr/bin:/bin"}, "pass_fds": (fd,),
                       "exit_by_signal": True}
         return await run_confined(conf, command, stdin, timeout_s, **launch, keep=keep, limit=limit)
+
+
+async def run_exec(conf: Confinement, command: list[str], env: dict[str, str], stdin: bytes, timeout_s: float, *,
+                   root: Path, workdir: Path, runtime: sandbox.Runtime | None, box: sandbox.Layout | None, keep: int,
+                   limit: int) -> ExecutionResult:
+    """`run_sandboxed` in `conf`, created here and destroyed after (unisolated: the working
+    directory and TMPDIR emptied before and after)."""
+    if box is None:
+        await asyncio.to_thread(workdirs.empty_dirs, workdir, root / "tmp")
+    conf.create()
+    try:
+        return await run_sandboxed(conf, command, env, stdin, timeout_s, workdir=workdir, runtime=runtime, box=box,
+                                   keep=keep, limit=limit)
+    finally:
+        await asyncio.to_thread(conf.kill_all)
+        await asyncio.to_thread(conf.destroy)
+        if box is None:
+            await asyncio.to_thread(workdirs.empty_dirs, workdir, root / "tmp")

@@ -61,7 +61,7 @@ class ForkedProcess:
             loop = asyncio.get_running_loop()
             ready = loop.create_future()
             fd = self._status
-            loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+            loop.add_reader(fd, _settle, ready)
             try:
                 await ready
             finally:
@@ -95,6 +95,11 @@ class ForkedProcess:
 
     def __del__(self) -> None:
         self.close()
+
+
+def _settle(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
 
 
 class Template:

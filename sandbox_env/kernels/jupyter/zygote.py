@@ -252,7 +252,7 @@ def finish(code: int) -> int:
     threading = sys.modules.get("threading")
     with contextlib.suppress(BaseException):
         if threading is not None:
-            threading._shutdown()  # type: ignore[attr-defined]
+            threading._shutdown()
     with contextlib.suppress(BaseException):
         atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
