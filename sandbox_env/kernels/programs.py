@@ -64,7 +64,13 @@ async def run_to_end(proc: Running, stdin: bytes, *, keep_stdout: int, keep_stde
     assert proc.stdout is not None and proc.stderr is not None
     tasks = [asyncio.ensure_future(c) for c in (feed(), pump(proc.stdout, out), pump(proc.stderr, err))]
     exited, overflow = asyncio.ensure_future(exited or _exit_status(proc)), asyncio.ensure_future(over.wait())
-    finished, _ = await asyncio.wait({exited, overflow}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    try:
+        finished, _ = await asyncio.wait({exited, overflow}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # cancelled: nothing of this run waits on its pipes or its status any more
+        for task in (*tasks, exited, overflow):
+            task.cancel()
+        await asyncio.gather(*tasks, exited, overflow, return_exceptions=True)
+        raise
     status = (ExecStatus.OUTPUT_LIMIT if overflow in finished else
               None if exited in finished else ExecStatus.TIMEOUT)
     await stop()

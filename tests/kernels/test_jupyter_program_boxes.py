@@ -94,7 +94,7 @@ async def test_every_run_gets_a_fresh_sandbox(make_kernel: KernelFactory) -> Non
     kernel = await make_kernel()
     plant = ("import os, subprocess\n"
              "for path in ('planted', '/tmp/planted', '/dev/shm/planted'): open(path, 'w').write('x')\n"
-             "subprocess.Popen(['sleep', '300'], start_new_session=True)\n"
+             "subprocess.Popen(['sleep', '987653'], start_new_session=True)\n"
              "_out = {'ns': os.stat('/proc/self/ns/pid').st_ino}")
     look = ("import os\n"
             "_out = {'files': [p for p in ('planted', '/tmp/planted', '/dev/shm/planted') if os.path.exists(p)],\n"
@@ -103,7 +103,7 @@ async def test_every_run_gets_a_fresh_sandbox(make_kernel: KernelFactory) -> Non
     first = await run(kernel, plant)
     second = await run(kernel, look)
     assert second["files"] == [], second
-    assert not any("300" in cmd for cmd in second["cmds"]), second
+    assert not any("987653" in cmd for cmd in second["cmds"]), second
     assert second["ns"] != first["ns"]
 
 
@@ -164,16 +164,16 @@ async def test_a_program_after_agent_code_meets_nothing_of_it(make_kernel: Kerne
     await kernel.run_program("pass", timeout_s=10)  # a box is built ahead now
     await asyncio.sleep(0.5)
     left = await kernel.execute("import subprocess\nopen('/tmp/agent', 'w').write('x')\n"
-                                "subprocess.Popen(['sleep', '301'], start_new_session=True)")
+                                "subprocess.Popen(['sleep', '987654'], start_new_session=True)")
     assert left.status is ExecStatus.OK, left
     assert kernel._spare._next is None, "a box built ahead outlived the kernel's start"  # type: ignore[attr-defined]
     uid = kernel._lease.uid  # type: ignore[attr-defined]
     agent = [p for p in psutil.process_iter(["uids", "cmdline"]) if p.info["uids"].real == uid]
-    assert any("301" in (p.info["cmdline"] or []) for p in agent)
+    assert any("987654" in (p.info["cmdline"] or []) for p in agent)
     seen = await run(kernel, "import os\n_out = {'tmp': os.path.exists('/tmp/agent'), "
                              "'cmds': [open(f'/proc/{p}/cmdline').read() for p in os.listdir('/proc') if p.isdigit()]}")
-    assert not seen["tmp"] and not any("301" in cmd for cmd in seen["cmds"]), seen
-    assert not [p for p in psutil.process_iter(["cmdline"]) if "301" in (p.info["cmdline"] or [])]
+    assert not seen["tmp"] and not any("987654" in cmd for cmd in seen["cmds"]), seen
+    assert not [p for p in psutil.process_iter(["cmdline"]) if "987654" in (p.info["cmdline"] or [])]
 
 
 async def test_a_program_shares_no_secret_of_its_process_with_kernels(make_kernel: KernelFactory) -> None:

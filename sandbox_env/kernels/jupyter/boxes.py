@@ -144,23 +144,41 @@ class Spare:
     """At most one box built ahead for a kernel's next program: `take` it (or one built now),
     `refill` after a run, `discard` before a kernel starts again and when the kernel closes."""
 
-    def __init__(self, make: Callable[[], Coroutine[Any, Any, Box]]) -> None:
+    def __init__(self, make: Callable[[], Coroutine[Any, Any, Box]], background: set[asyncio.Task[None]]) -> None:
         self._make = make
         self._next: asyncio.Task[Box] | None = None
+        self.background = background  # where boxes are destroyed: the kernel's close() waits for them
 
     async def take(self) -> Box:
         task, self._next = self._next, None
-        while True:
+        for _ in range(3):
             task = task or asyncio.ensure_future(self._make())
             try:
                 box = await asyncio.shield(task)
             except asyncio.CancelledError:
-                task.add_done_callback(_destroy_result)
+                self.abandon(task)
                 raise
             if box.alive():
                 return box
+            dead = f"holder {box.holder.poll()}, program {box.proc.poll()}"
             await box.destroy()  # it died waiting (the host's OOM killer?): build another
             task = None
+        raise KernelStartError(f"a program's sandbox died before its program ran ({dead})")
+
+    def abandon(self, task: asyncio.Future[Box]) -> None:
+        """A `take` or build nobody waits for any more: cancelled, and a box it got destroyed."""
+        task.cancel()
+        task.add_done_callback(self._destroy_result)
+
+    def _destroy_result(self, task: asyncio.Future[Box]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            self.destroy(task.result())
+
+    def destroy(self, box: Box) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(box.destroy())
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+        return task
 
     def refill(self, after: Awaitable[object]) -> None:
         """Build the next box once `after` (the last box's destruction) is done."""
@@ -176,22 +194,27 @@ class Spare:
         task, self._next = self._next, None
         if task is None:
             return
-        with contextlib.suppress(BaseException):
+        try:
             box = await asyncio.shield(task)
-            await box.destroy()
+        except asyncio.CancelledError:
+            self.abandon(task)
+            raise
+        except Exception:  # noqa: BLE001 - a box that failed to build left nothing behind
+            return
+        await box.destroy()
 
 
-async def run(spare: Spare, teardown: Callable[[], Awaitable[None]], background: set[asyncio.Task[None]], source: str,
-              stdin: bytes, timeout_s: float, *, keep: int, limit: int, refill: bool) -> ExecutionResult:
+async def run(spare: Spare, teardown: Callable[[], Awaitable[None]], source: str, stdin: bytes, timeout_s: float, *,
+              keep: int, limit: int, refill: bool) -> ExecutionResult:
     """`source` run in the spare box (or one built now, while `teardown` kills the kernel's
-    processes: the program starts after both). The box is destroyed in the `background` (close()
-    and the uid's lease wait for those tasks), the next one built after that when `refill`."""
+    processes: the program starts after both). The box is destroyed in the background (the
+    kernel's close() and its uid's lease wait for it), the next one built after that when `refill`."""
     taken = asyncio.ensure_future(spare.take())
     try:
         await teardown()
         box = await taken
     except BaseException:
-        abandon(taken)
+        spare.abandon(taken)
         raise
     try:
         return await run_watched(box.conf, lambda: box.start(source), stdin, timeout_s, exit_by_signal=True,
@@ -199,22 +222,9 @@ async def run(spare: Spare, teardown: Callable[[], Awaitable[None]], background:
     finally:
         # Reaping its processes (run_watched killed them, unless cancelled) and removing its
         # cgroups need not delay the result.
-        task = asyncio.ensure_future(box.destroy())
-        background.add(task)
-        task.add_done_callback(background.discard)
+        task = spare.destroy(box)
         if refill:
             spare.refill(after=task)  # the next program's box, once nothing of this one is left
-
-
-def abandon(task: asyncio.Future[Box]) -> None:
-    """A `take` nobody waits for any more: cancelled, and a box it got destroyed."""
-    task.cancel()
-    task.add_done_callback(_destroy_result)
-
-
-def _destroy_result(task: asyncio.Future[Box]) -> None:
-    if not task.cancelled() and task.exception() is None:
-        asyncio.ensure_future(task.result().destroy())
 
 
 class ForkedProgram:

@@ -353,7 +353,7 @@ class JupyterKernel(Kernel):
                 if self._forks_programs():
                     assert self._spare is not None
                     with contextlib.suppress(boxes.Unforkable):
-                        return await boxes.run(self._spare, self._stop_kernel, self._teardowns, source, stdin, timeout_s,
+                        return await boxes.run(self._spare, self._stop_kernel, source, stdin, timeout_s,
                                                keep=self.policy.output_bytes, limit=self.policy.output_limit_bytes,
                                                refill=not self._closed)
                 return await self._run_exec(source, stdin, timeout_s)
@@ -366,7 +366,7 @@ class JupyterKernel(Kernel):
         if box is None or not forked(Confinement("probe", Limits(), use_cgroups=self.use_cgroups), box):
             return False
         if self._spare is None:
-            self._spare = boxes.Spare(self._new_box)
+            self._spare = boxes.Spare(self._new_box, self._teardowns)
         return True
 
     def _program_confinement(self) -> tuple[Confinement, dict[str, str]]:
