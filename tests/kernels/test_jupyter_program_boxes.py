@@ -87,6 +87,38 @@ async def test_a_forked_program_is_as_confined_as_a_kernel(make_kernel: KernelFa
     assert seen["env"]["HOME"] == str(kernel.workdir)
 
 
+HOLDER = """
+import os
+def _status(pid):
+    return dict(l.split(':\\t', 1) for l in open(f'/proc/{pid}/status').read().splitlines() if ':\\t' in l)
+_holder = next(p for p in os.listdir('/proc') if p.isdigit() and open(f'/proc/{p}/comm').read().strip() == 'sleep')
+_st = _status(_holder)
+_out = {k: _st[k].split()[0] for k in ('Uid', 'CapEff', 'CapPrm', 'CapBnd', 'NoNewPrivs', 'Seccomp')}
+try:
+    open(f'/proc/{_holder}/environ').read()
+    _out['environ'] = 'readable'
+except OSError:
+    _out['environ'] = 'refused'
+try:
+    os.kill(int(_holder), 0)
+    _out['signal'] = 'allowed'
+except OSError:
+    _out['signal'] = 'refused'
+"""
+
+
+async def test_the_box_holder_is_a_capless_root_the_program_cannot_touch(make_kernel: KernelFactory) -> None:
+    """What keeps a box's namespaces alive is not the sandbox's uid (as bwrap's init is not): the
+    program, and a submission its grader runs, can neither read its /proc files nor signal it."""
+    require_root()
+    kernel = await make_kernel()
+    await kernel.run_program("pass", timeout_s=10)
+    seen = await run(kernel, HOLDER)
+    assert seen["Uid"] == "0" and int(seen["CapEff"], 16) == int(seen["CapPrm"], 16) == int(seen["CapBnd"], 16) == 0, seen
+    assert seen["NoNewPrivs"] == "1" and seen["Seccomp"] == "2", seen
+    assert seen["environ"] == "refused" and seen["signal"] == "refused", seen
+
+
 async def test_every_run_gets_a_fresh_sandbox(make_kernel: KernelFactory) -> None:
     """Files in the workspace, /tmp and /dev/shm, and processes left running, are gone by the next
     run; its namespaces are new."""

@@ -104,7 +104,9 @@ async def build(conf: Confinement, env: dict[str, str], runtime: sandbox.Runtime
         if conf.version == "none":  # what kills a forked program's whole tree is its cgroups
             raise Unforkable("no cgroups for a program's box")
         with sandbox.seccomp_fd() as fd:
-            holder = subprocess.Popen(sandbox.sandbox_argv(runtime, layout, HOLD, env=env, seccomp=fd),
+            # The holder stays root without a capability (not the sandbox's uid, unlike a kernel's):
+            # the program cannot open its /proc files or signal it, as with bwrap's own init.
+            holder = subprocess.Popen(sandbox.sandbox_argv(runtime, layout, HOLD, env=env, seccomp=fd, capless_root=True),
                                       env={"PATH": "/usr/bin:/bin"}, cwd="/", pass_fds=(fd,), preexec_fn=conf.preexec,
                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         conf.attach(holder.pid)
