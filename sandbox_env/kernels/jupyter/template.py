@@ -1,8 +1,8 @@
 """The server's side of the kernel template (`zygote.py`): starting it; the requests for a kernel
-(into the sandbox a bwrap holder keeps) and for a relay; the handle of a process it forked, which
+(into the sandbox a bwrap holder keeps), for a relay and for a program's process; the handle of a process it forked, which
 stands in for `subprocess.Popen`.
 
-One template per kind (kernels, relays) per server process, started on the first kernel and again
+One template per kind (kernels, relays, programs) per server process, started on first use and again
 if it dies. Only a root server with cgroups uses it (`forked`): its kernels join the namespaces of
 a sandbox that bwrap built and drop to the sandbox's uid themselves, and the cgroups are what finds
 and kills every process of a kernel (a forked process carries the template's environment, not the

@@ -1,7 +1,8 @@
 """The kernel template: one root process per server that has imported ipykernel once and forks
 every kernel (and every relay) from that state, instead of starting an interpreter and importing
 IPython again each time (about 0.5 s of CPU per kernel). Its pages are shared, copy-on-write, by
-all the kernels it forked.
+all the kernels it forked. Run as the program template (kind "program"), it imports a few standard
+library modules instead and forks `run_program`'s processes into their boxes (`boxes.py`).
 
 Run by the server as `python -I -c <this file> <config>`, with a control socket (`template.py`). Standard
 library and the kernel's own packages only: no module of sandbox_env is imported, so a kernel's
