@@ -7,12 +7,25 @@ import asyncio
 import contextlib
 import dataclasses
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 from sandbox_env.inside.bounded import BoundedOutput
 from sandbox_env.models import ExecStatus
 
 DRAIN_S = 1.0  # how long a program's output is still read once it ended
 EXIT_POLL_S = 0.005
+
+
+class Running(Protocol):
+    """What `run_to_end` needs of a program: an asyncio subprocess, or a Jupyter program forked
+    from its template (`kernels/jupyter/boxes.py`)."""
+
+    stdin: asyncio.StreamWriter | None
+    stdout: asyncio.StreamReader | None
+    stderr: asyncio.StreamReader | None
+
+    @property
+    def returncode(self) -> int | None: ...
 
 
 @dataclasses.dataclass
@@ -23,10 +36,12 @@ class ProgramEnd:
     err: BoundedOutput
 
 
-async def run_to_end(proc: asyncio.subprocess.Process, stdin: bytes, *, keep_stdout: int, keep_stderr: int,
-                     limit: int, timeout_s: float, stop: Callable[[], Awaitable[object]]) -> ProgramEnd:
+async def run_to_end(proc: Running, stdin: bytes, *, keep_stdout: int, keep_stderr: int,
+                     limit: int, timeout_s: float, stop: Callable[[], Awaitable[object]],
+                     exited: Awaitable[int] | None = None) -> ProgramEnd:
     """Feed `stdin`, read stdout and stderr until the program exits, its output passes `limit`
-    bytes, or `timeout_s` passes; then `stop()` (kill whatever of it is left) and collect."""
+    bytes, or `timeout_s` passes; then `stop()` (kill whatever of it is left) and collect.
+    `exited`: the program's exit status when it has one (default: `returncode`, polled)."""
     out, err = BoundedOutput(keep_stdout), BoundedOutput(keep_stderr)
     over = asyncio.Event()
 
@@ -48,8 +63,14 @@ async def run_to_end(proc: asyncio.subprocess.Process, stdin: bytes, *, keep_std
 
     assert proc.stdout is not None and proc.stderr is not None
     tasks = [asyncio.ensure_future(c) for c in (feed(), pump(proc.stdout, out), pump(proc.stderr, err))]
-    exited, overflow = asyncio.ensure_future(_exit_status(proc)), asyncio.ensure_future(over.wait())
-    finished, _ = await asyncio.wait({exited, overflow}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    exited, overflow = asyncio.ensure_future(exited or _exit_status(proc)), asyncio.ensure_future(over.wait())
+    try:
+        finished, _ = await asyncio.wait({exited, overflow}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # cancelled: nothing of this run waits on its pipes or its status any more
+        for task in (*tasks, exited, overflow):
+            task.cancel()
+        await asyncio.gather(*tasks, exited, overflow, return_exceptions=True)
+        raise
     status = (ExecStatus.OUTPUT_LIMIT if overflow in finished else
               None if exited in finished else ExecStatus.TIMEOUT)
     await stop()
@@ -66,7 +87,7 @@ async def run_to_end(proc: asyncio.subprocess.Process, stdin: bytes, *, keep_std
     return ProgramEnd(status, code, out, err)
 
 
-async def _exit_status(proc: asyncio.subprocess.Process) -> int:
+async def _exit_status(proc: Running) -> int:
     """The program's exit status, as soon as it has one: on Python 3.11 `proc.wait()` also waits
     for its pipes to close, which a process it left behind may never let happen."""
     while proc.returncode is None:

@@ -34,12 +34,13 @@ from jupyter_client.manager import AsyncKernelManager
 
 from sandbox_env.errors import KernelError, KernelStartError
 from sandbox_env.kernels.base import Kernel
-from sandbox_env.kernels.jupyter import sandbox, workdirs
+from sandbox_env.kernels.jupyter import boxes, sandbox, workdirs
 from sandbox_env.kernels.jupyter.config import JupyterConfig
 from sandbox_env.kernels.jupyter.limits import MB, Confinement, Limits
 from sandbox_env.kernels.jupyter.process import RELAY_TASKS, KernelProcess, connect, kernel_env, log_tail, spawn, unwatch, zmq_context
-from sandbox_env.kernels.jupyter.programs import run_sandboxed
+from sandbox_env.kernels.jupyter.programs import run_exec
 from sandbox_env.kernels.jupyter.steps import final_exit_status, read_reply, read_step, verdict
+from sandbox_env.kernels.jupyter.template import forked
 from sandbox_env.kernels.output import KernelAnomaly, StepCollector, kernel_shim
 from sandbox_env.models import ExecStatus, ExecutionResult
 from sandbox_env.policy import Policy
@@ -83,6 +84,7 @@ class JupyterKernel(Kernel):
         self._started = self._closed = False
         self._relaunch = False  # run_program stopped the kernel: the next step starts a fresh one
         self._program_running = False
+        self._spare: boxes.Spare | None = None  # forked programs: the next one's sandbox, built ahead
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -117,6 +119,8 @@ class JupyterKernel(Kernel):
     async def _launch(self) -> None:
         """Start a kernel process: the first one, or a replacement with an empty namespace."""
         assert self.root is not None and self.workdir is not None
+        if self._spare is not None:  # no program's box outlives the start of a kernel (boxes.py)
+            await self._spare.discard()
         self._generation += 1
         gen, box = self._generation, self._layout
         if box is None:
@@ -253,6 +257,8 @@ class JupyterKernel(Kernel):
                 with contextlib.suppress(BaseException):
                     await self._restart
             await self._teardown()
+            if self._spare is not None:
+                await self._spare.discard()
             if self._teardowns:
                 await asyncio.gather(*self._teardowns, return_exceptions=True)
         finally:
@@ -334,36 +340,59 @@ class JupyterKernel(Kernel):
                            peak_mb=None if peak is None else peak / MB)
 
     async def run_program(self, source: str, *, stdin: bytes = b"", timeout_s: float) -> ExecutionResult:
-        """`python3 -I -c source` as the only process of this kernel's confinement: the kernel's
-        whole tree is killed first; the program gets a sandbox of its own (a fresh workspace and
-        /tmp; unisolated: the working directory and TMPDIR emptied before and after). The kernel
-        itself is started again lazily, by the next step."""
+        """`python3 -I -c source` as the only process of a confinement and sandbox of its own (a
+        fresh workspace and /tmp; unisolated: the working directory and TMPDIR emptied before and
+        after); the kernel's whole tree is killed first. Forked from the program template into a
+        sandbox built ahead where kernels are forked (`boxes.py`). The kernel itself is started
+        again lazily, by the next step."""
         async with self._lock:
             await self._settled()  # no kernel is started just to be killed: the next step starts one
             assert self.root is not None and self.workdir is not None
-            await self._teardown()  # every process of the kernel's cgroup/session, daemons included
-            self._relaunch = True
-            box = self._layout
-            if box is None:
-                await asyncio.to_thread(workdirs.empty_dirs, self.workdir, self.root / "tmp")
-            self._generation += 1
-            conf = Confinement(f"{self.id}-p{self._generation}", Limits.from_policy(self.policy),
-                               token=f"{self.id}-p{self._generation}", use_cgroups=self.use_cgroups,
-                               uid=None if box is None else box.uid)
-            conf.create()
-            command = [sys.executable, "-I", "-c", source]
-            env = kernel_env(self.root, self.workdir, conf.token, isolated=box is not None)
             self._program_running = True
             try:
-                return await run_sandboxed(conf, command, env, stdin, timeout_s, workdir=self.workdir, runtime=self._runtime,
-                                           box=box, keep=self.policy.output_bytes, limit=self.policy.output_limit_bytes)
+                if self._forks_programs():
+                    assert self._spare is not None
+                    with contextlib.suppress(boxes.Unforkable):
+                        return await boxes.run(self._spare, self._stop_kernel, source, stdin, timeout_s,
+                                               keep=self.policy.output_bytes, limit=self.policy.output_limit_bytes,
+                                               refill=not self._closed)
+                return await self._run_exec(source, stdin, timeout_s)
             finally:
-                await asyncio.to_thread(conf.kill_all)
-                await asyncio.to_thread(conf.destroy)
-                if box is None:
-                    await asyncio.to_thread(workdirs.empty_dirs, self.workdir, self.root / "tmp")
                 self._program_running = False
                 self._free_lease()
+
+    def _forks_programs(self) -> bool:
+        box = self._layout
+        if box is None or not forked(Confinement("probe", Limits(), use_cgroups=self.use_cgroups), box):
+            return False
+        if self._spare is None:
+            self._spare = boxes.Spare(self._new_box, self._teardowns)
+        return True
+
+    def _program_confinement(self) -> tuple[Confinement, dict[str, str]]:
+        """A new confinement for one program, and the program's environment."""
+        assert self.root is not None and self.workdir is not None
+        self._generation += 1
+        name = f"{self.id}-p{self._generation}"
+        conf = Confinement(name, Limits.from_policy(self.policy), token=name, use_cgroups=self.use_cgroups,
+                           uid=None if self._layout is None else self._layout.uid)
+        return conf, kernel_env(self.root, self.workdir, conf.token, isolated=self._layout is not None)
+
+    async def _new_box(self) -> boxes.Box:
+        assert self._runtime is not None and self._layout is not None and self.workdir is not None
+        return await boxes.build(*self._program_confinement(), self._runtime, self._layout, self.workdir)
+
+    async def _stop_kernel(self) -> None:
+        await self._teardown()  # every process of the kernel's cgroup/session, daemons included
+        self._relaunch = True  # the next step starts a fresh one
+
+    async def _run_exec(self, source: str, stdin: bytes, timeout_s: float) -> ExecutionResult:
+        assert self.root is not None and self.workdir is not None
+        await self._stop_kernel()
+        conf, env = self._program_confinement()
+        return await run_exec(conf, [sys.executable, "-I", "-c", source], env, stdin, timeout_s, root=self.root,
+                              workdir=self.workdir, runtime=self._runtime, box=self._layout,
+                              keep=self.policy.output_bytes, limit=self.policy.output_limit_bytes)
 
     async def usage(self) -> dict[str, Any]:
         """The confinement's memory charge and CPU time: file reads, no request to the kernel."""

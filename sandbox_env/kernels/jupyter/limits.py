@@ -206,6 +206,7 @@ class Confinement:
             write_value(v2 / "cgroup.kill", "1")
         freezer = self._dir("freezer") if self.version == "v1" else None
         frozen = freezer is not None and write_value(freezer / "freezer.state", "FROZEN")
+        pause = 0.0005  # SIGKILLed processes are gone within a millisecond or so: look again soon
         while True:
             pids = self.pids()
             if self.root_pid is not None and alive(self.root_pid):
@@ -221,7 +222,8 @@ class Confinement:
             if frozen:
                 write_value(freezer / "freezer.state", "THAWED")  # type: ignore[operator]
                 frozen = False
-            time.sleep(0.005)
+            time.sleep(pause)
+            pause = min(2 * pause, 0.005)
         if frozen:
             write_value(freezer / "freezer.state", "THAWED")  # type: ignore[operator]
         if pids:

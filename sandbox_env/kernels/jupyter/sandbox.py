@@ -223,8 +223,10 @@ def _task_data_dirs() -> list[str]:
 
 
 def sandbox_argv(rt: Runtime, layout: Layout, command: list[str], *, env: dict[str, str], seccomp: int,
-                 run_dir: Path | None = None) -> list[str]:
-    """The bwrap command line running `command` in `layout`'s sandbox, as its uid, in its workdir."""
+                 run_dir: Path | None = None, capless_root: bool = False) -> list[str]:
+    """The bwrap command line running `command` in `layout`'s sandbox, as its uid, in its workdir.
+    `capless_root` (a root server's program box: `boxes.py`): `command` stays root, without any
+    capability, in "/": a process the sandbox's uid can neither read nor signal."""
     argv = [rt.bwrap, "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup-try", "--hostname", "sandbox"]
     if rt.setpriv is None:
@@ -268,6 +270,9 @@ def sandbox_argv(rt: Runtime, layout: Layout, command: list[str], *, env: dict[s
     if run_dir is not None:
         argv += [*parents(str(run_dir)), "--bind", str(run_dir), str(run_dir)]
     argv += ["--chdir", "/", "--seccomp", str(seccomp), "--"]
+    if capless_root and rt.setpriv is not None:  # every set emptied, the bounding set too: an exec gains nothing
+        return [*argv, rt.setpriv, "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--",
+                *command]
     if rt.setpriv is not None:
         argv += [rt.setpriv, f"--reuid={layout.uid}", f"--regid={layout.gid}", "--clear-groups",
                  "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--"]

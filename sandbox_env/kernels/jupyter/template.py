@@ -1,8 +1,8 @@
 """The server's side of the kernel template (`zygote.py`): starting it; the requests for a kernel
-(into the sandbox a bwrap holder keeps) and for a relay; the handle of a process it forked, which
+(into the sandbox a bwrap holder keeps), for a relay and for a program's process; the handle of a process it forked, which
 stands in for `subprocess.Popen`.
 
-One template per kind (kernels, relays) per server process, started on the first kernel and again
+One template per kind (kernels, relays, programs) per server process, started on first use and again
 if it dies. Only a root server with cgroups uses it (`forked`): its kernels join the namespaces of
 a sandbox that bwrap built and drop to the sandbox's uid themselves, and the cgroups are what finds
 and kills every process of a kernel (a forked process carries the template's environment, not the
@@ -55,6 +55,20 @@ class ForkedProcess:
     def poll(self) -> int | None:
         return self.wait(0.0, raises=False)
 
+    async def exited(self) -> int:
+        """Its status, as soon as the template (or its parent) writes it: no polling."""
+        if self.returncode is None and self._status >= 0:
+            loop = asyncio.get_running_loop()
+            ready = loop.create_future()
+            fd = self._status
+            loop.add_reader(fd, _settle, ready)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(fd)
+        code = self.wait(None, raises=False)
+        return -signal.SIGKILL if code is None else code
+
     def wait(self, timeout: float | None = None, *, raises: bool = True) -> int | None:
         if self.returncode is None and self._status >= 0:
             ready, _, _ = select.select([self._status], [], [], timeout)
@@ -83,9 +97,15 @@ class ForkedProcess:
         self.close()
 
 
+def _settle(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
+
+
 class Template:
     """The running template process and its control socket; requests are one at a time. `kind`:
-    "kernel" (ipykernel imported) or "relay" (zmq only). Relays come from a template of their own:
+    "kernel" (ipykernel imported), "relay" (zmq only) or "program" (`run_program`'s: the standard
+    library only, nothing of a kernel's). Relays come from a template of their own:
     a forked child shares its template's stack canary, pointer guard and address layout, which a
     kernel can read in its own memory, and a relay parses what kernels send."""
 
@@ -193,7 +213,7 @@ def _discard(call: asyncio.Future[ForkedProcess]) -> None:
         child.close()
 
 
-_TEMPLATES = {kind: Template(kind) for kind in ("kernel", "relay")}
+_TEMPLATES = {kind: Template(kind) for kind in ("kernel", "relay", "program")}
 
 
 def template(kind: str = "kernel") -> Template:
@@ -245,6 +265,16 @@ async def fork_kernel(holder: subprocess.Popen[bytes], conf: Confinement, box: s
         return await template("kernel").fork(request, [pidfd, log])
     finally:
         os.close(pidfd)
+
+
+async def fork_program(holder: int, conf: Confinement, box: sandbox.Layout, env: dict[str, str], workdir: Path,
+                       fds: list[int]) -> ForkedProcess:
+    """A program's process forked into the sandbox whose holder's pidfd is `holder` (`boxes.py`);
+    `fds`: the read end of its job pipe, then its stdin, stdout and stderr (the child's ends)."""
+    request = {"op": "program", "cgroups": [str(d) for d in conf.dirs.values()], "rlimits": conf.rlimits(),
+               "uid": box.uid, "gid": box.gid, "seccomp": seccomp_bpf_program().hex(), "env": env,
+               "workdir": str(workdir)}
+    return await template("program").fork(request, [holder, *fds])
 
 
 def held_pid(bwrap: int) -> int | None:

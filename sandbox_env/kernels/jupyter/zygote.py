@@ -1,7 +1,8 @@
 """The kernel template: one root process per server that has imported ipykernel once and forks
 every kernel (and every relay) from that state, instead of starting an interpreter and importing
 IPython again each time (about 0.5 s of CPU per kernel). Its pages are shared, copy-on-write, by
-all the kernels it forked.
+all the kernels it forked. Run as the program template (kind "program"), it imports a few standard
+library modules instead and forks `run_program`'s processes into their boxes (`boxes.py`).
 
 Run by the server as `python -I -c <this file> <config>`, with a control socket (`template.py`). Standard
 library and the kernel's own packages only: no module of sandbox_env is imported, so a kernel's
@@ -24,6 +25,8 @@ kernel's first child writes its kernel's itself), or by `{"error": "..."}`.
 from __future__ import annotations
 
 import array
+import atexit
+import builtins
 import contextlib
 import ctypes
 import gc
@@ -35,6 +38,8 @@ import signal
 import socket
 import struct
 import sys
+import types
+from collections.abc import Callable
 from typing import Any
 
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP = 1, 4, 24, 38, 22
@@ -42,7 +47,11 @@ SECCOMP_MODE_FILTER = 2
 CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x20000, 0x2000000, 0x4000000, 0x8000000
 CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
 SANDBOX_NAMESPACES = CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWPID | CLONE_NEWNET
-MAX_FDS = 4
+MAX_FDS = 6
+# What the server's programs (inside/: the grader, /run_code's) import, and what programs commonly
+# spawn and parse with: the standard library only, imported once here (site's start-up is the rest).
+PROGRAM_MODULES = ("base64", "ctypes", "fcntl", "hashlib", "hmac", "json", "marshal", "resource", "select",
+                   "signal", "struct", "subprocess", "tempfile", "threading", "traceback", "types", "zlib")
 MAX_FD = 1 << 16
 libc = ctypes.CDLL(None, use_errno=True)
 
@@ -121,19 +130,32 @@ def fresh_environment(env: dict[str, str]) -> None:
 
 
 def kernel(request: dict[str, Any], status: int, holder: int, log: int) -> None:
-    """The first child: into the holder's namespaces, then fork the kernel, wait for it and write
-    its status itself (the template may be gone by then). It stays out of the kernel's cgroups:
-    their teardown kills the kernel, and this process, not the host's init, reaps it."""
+    into_sandbox(request, status, holder, [log], lambda: run_kernel(request, log))
+
+
+def program(request: dict[str, Any], status: int, holder: int, job: int, stdin: int, stdout: int, stderr: int) -> None:
+    into_sandbox(request, status, holder, [job, stdin, stdout, stderr],
+                 lambda: run_program(request, job, stdin, stdout, stderr))
+
+
+def into_sandbox(request: dict[str, Any], status: int, holder: int, held: list[int], run: Callable[[], None]) -> None:
+    """The first child: into the holder's namespaces, then fork `run` (the kernel, the program),
+    wait for it and write its status itself (the template may be gone by then). It stays out of
+    the sandbox's cgroups: their teardown kills what runs there, and this process, not the host's
+    init, reaps it."""
     files = cgroup_files(request["cgroups"])
     check(libc.setns(holder, SANDBOX_NAMESPACES), "setns")
     pid = os.fork()
     if pid == 0:
         try:
             join_cgroups(files)  # from inside: the pid namespace is the sandbox's now
-            run_kernel(request, log)
+            run()
+        except BaseException as exc:  # noqa: BLE001 - told where its output goes (log, stderr)
+            with contextlib.suppress(OSError):
+                os.write(2, f"sandbox-env template: {request.get('op')}: {exc!r}\n".encode())
         finally:
             os._exit(70)
-    for fd in (*files, log, holder):
+    for fd in (*files, *held, holder):
         os.close(fd)
     while True:
         try:
@@ -149,9 +171,21 @@ def kernel(request: dict[str, Any], status: int, holder: int, log: int) -> None:
 
 
 def run_kernel(request: dict[str, Any], log: int) -> None:
+    enter_sandbox(request, os.open("/dev/null", os.O_RDONLY), log)
+    workdir = request["workdir"]
+    sys.path.insert(0, workdir)  # as `python -m ipykernel_launcher` has it: modules written there import
+    sys.argv = ["ipykernel_launcher", *request["argv"]]
+    from ipykernel.kernelapp import IPKernelApp
+
+    IPKernelApp.launch_instance(request["argv"])
+    os._exit(0)
+
+
+def enter_sandbox(request: dict[str, Any], stdin: int, stdout: int, keep: list[int] = []) -> None:  # noqa: B006
+    """What a kernel and a program do first in the sandbox: a session of their own, their streams,
+    the rlimits, the sandbox's uid without privileges, their environment and workspace."""
     os.setsid()
-    devnull = os.open("/dev/null", os.O_RDONLY)
-    standard_streams(devnull, log)
+    standard_streams(stdin, stdout, keep)
     set_rlimits(request["rlimits"])
     drop_privileges(request["uid"], request["gid"], request["seccomp"])
     os.umask(0o022)
@@ -159,12 +193,75 @@ def run_kernel(request: dict[str, Any], log: int) -> None:
     workdir = request["workdir"]
     os.makedirs(workdir, mode=0o700, exist_ok=True)
     os.chdir(workdir)
-    sys.path.insert(0, workdir)  # as `python -m ipykernel_launcher` has it: modules written there import
-    sys.argv = ["ipykernel_launcher", *request["argv"]]
-    from ipykernel.kernelapp import IPKernelApp
 
-    IPKernelApp.launch_instance(request["argv"])
-    os._exit(0)
+
+def run_program(request: dict[str, Any], job: int, stdin: int, stdout: int, stderr: int) -> None:
+    """`python3 -I -c source`, as far as the program can tell: fresh standard streams, argv, a
+    `__main__` of its own, and the interpreter's exit (SystemExit, tracebacks, non-daemon threads,
+    atexit, flushed streams). What it shares with the template: the preloaded modules (standard
+    library only), the hash seed and the address layout (docs/jupyter-isolation.md).
+
+    Forked when its sandbox is built, ahead of its run: it joins the cgroups (a cgroup v1 move
+    costs tens of ms), drops its privileges, then waits for its source on `job` (from the server;
+    EOF without one: the box was thrown away unused)."""
+    err = os.dup(stderr)  # a copy that standard_streams keeps open: it points 2 at stdout
+    enter_sandbox(request, stdin, stdout, keep=[err, job])
+    os.dup2(err, 2)
+    os.close(err)
+    chunks = []
+    while chunk := os.read(job, 1 << 16):
+        chunks.append(chunk)
+    os.close(job)
+    if not chunks:
+        os._exit(0)
+    source = b"".join(chunks).decode()
+    for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
+        old = getattr(sys, name)
+        line = fd == 2 or os.isatty(fd)  # as the interpreter's own: stderr always line-buffered
+        stream = open(fd, mode, 1 if line else -1, encoding=old.encoding, errors=old.errors,  # noqa: SIM115
+                      closefd=False)
+        setattr(sys, name, stream)
+        setattr(sys, f"__{name}__", stream)
+    sys.argv = ["-c"]
+    main = types.ModuleType("__main__")
+    main.__dict__["__builtins__"] = builtins
+    sys.modules["__main__"] = main
+    code = 0
+    try:
+        exec(compile(source, "<string>", "exec"), main.__dict__)  # noqa: S102 - the server's program
+    except SystemExit as exc:
+        code = exit_code(exc)
+    except BaseException as exc:  # noqa: BLE001 - reported as the interpreter would, without this frame
+        tb = exc.__traceback__.tb_next if exc.__traceback__ else None  # the program's frames only
+        sys.excepthook(type(exc), exc.with_traceback(tb), tb)
+        code = 1
+    os._exit(finish(code))
+
+
+def exit_code(exc: SystemExit) -> int:
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code & 0xFF
+    with contextlib.suppress(Exception):
+        print(exc.code, file=sys.stderr)
+    return 1
+
+
+def finish(code: int) -> int:
+    """The interpreter's own end: wait for non-daemon threads, run atexit, flush the streams."""
+    threading = sys.modules.get("threading")
+    with contextlib.suppress(BaseException):
+        if threading is not None:
+            threading._shutdown()
+    with contextlib.suppress(BaseException):
+        atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # noqa: BLE001 - e.g. a closed pipe: Python exits with 120
+            code = code or 120
+    return code
 
 
 def relay(request: dict[str, Any], status: int, stdin: int, log: int) -> None:
@@ -191,6 +288,8 @@ def child(request: dict[str, Any], status: int, fds: list[int]) -> None:
         close_all_but([status, *fds])
         if request["op"] == "kernel":
             kernel(request, status, *fds)
+        elif request["op"] == "program":
+            program(request, status, *fds)
         elif request["op"] == "relay":
             relay(request, status, *fds)
     except BaseException as exc:  # noqa: BLE001 - told in the kernel's log
@@ -291,6 +390,10 @@ def preload(kind: str) -> None:
         import ipykernel.ipkernel  # noqa: F401
         import ipykernel.kernelapp  # noqa: F401
         import ipykernel.zmqshell  # noqa: F401
+    if kind == "program":
+        for name in PROGRAM_MODULES:
+            __import__(name)
+        return
     import zmq  # noqa: F401
 
 

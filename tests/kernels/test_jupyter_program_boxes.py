@@ -1,0 +1,240 @@
+"""`run_program` on forked kernels (kernels/jupyter/boxes.py): the program is forked from the
+program template into a sandbox built ahead, and is as isolated as one bwrap started: its own
+uid, no capability, no_new_privs, seccomp, namespaces and cgroup limits, a fresh workspace per
+run, nothing of a kernel's processes in sight. The exec path (no root, no cgroups) stays."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from typing import Any
+
+import psutil
+import pytest
+from kernel_helpers import KernelFactory, missing
+from test_jupyter_template import IDENTITY, NAMESPACES, at_random
+
+from sandbox_env.kernels.jupyter import template as template_module
+from sandbox_env.models import ExecStatus
+
+pytestmark = pytest.mark.slow
+MARK = "@@box@@"
+# Forked: the program's parent (the template's child) is outside its pid namespace, so PPid is 0,
+# and the template's preloaded modules are there before any import. Exec'd by bwrap: PPid is its
+# init (1), and `python -I -c` has not loaded hmac.
+HOW = """
+import sys
+_st = dict(l.split(':\\t', 1) for l in open('/proc/self/status').read().splitlines() if ':\\t' in l)
+_out = {'ppid': int(_st['PPid']), 'preloaded': 'hmac' in sys.modules}
+"""
+
+
+@pytest.fixture
+def backend() -> str:
+    return "jupyter"
+
+
+@pytest.fixture(params=["forked", "exec"])
+def start_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setattr(template_module, "FORKING", request.param == "forked")
+    return str(request.param)
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        missing("forked programs need a root server")
+
+
+async def run(kernel: Any, code: str, **values: Any) -> Any:
+    """Run `code` as a program with `values` bound; it leaves its answer in `_out`."""
+    prelude = "".join(f"{name} = {value!r}\n" for name, value in values.items())
+    result = await kernel.run_program(f"{prelude}{code}\nimport json as _j\nprint({MARK!r} + _j.dumps(_out))",
+                                      timeout_s=20)
+    lines = [line for line in result.stdout.splitlines() if line.startswith(MARK)]
+    assert lines, f"the program reported nothing: {result.status} {result.stdout[-1000:]} {result.stderr[-3000:]}"
+    return json.loads(lines[-1][len(MARK):])
+
+
+async def test_the_program_is_forked_where_kernels_are_and_exec_d_elsewhere(make_kernel: KernelFactory,
+                                                                           start_path: str) -> None:
+    require_root()
+    kernel = await make_kernel()
+    for _ in range(2):  # the first run builds its box now, the second takes the one built ahead
+        seen = await run(kernel, HOW)
+        assert (seen["ppid"] == 0 and seen["preloaded"]) == (start_path == "forked"), seen
+
+
+async def test_a_forked_program_is_as_confined_as_a_kernel(make_kernel: KernelFactory,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Identity, privileges and namespaces (none the server's), nothing of the server's environment."""
+    require_root()
+    monkeypatch.setenv("SBX_SERVER_SECRET", "canary-of-the-server")
+    template_module.template("program").close()  # started again, with the canary in the server's environment
+    kernel = await make_kernel()
+    await kernel.run_program("pass", timeout_s=10)
+    seen = await run(kernel, IDENTITY + "\n_identity = _out\n" + HOW + "\n_out.update(_identity)",
+                     NAMESPACES=NAMESPACES)
+    assert seen["ppid"] == 0 and seen["preloaded"], seen
+    for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(seen[cap], 16) == 0, (cap, seen[cap])
+    assert seen["NoNewPrivs"] == "1" and seen["Seccomp"] == "2" and seen["Groups"] == "", seen
+    assert seen["uid"] == kernel._lease.uid and seen["uid"] not in (0, os.getuid()), seen  # type: ignore[attr-defined]
+    ours = {n: os.stat(f"/proc/self/ns/{n}").st_ino for n in NAMESPACES}
+    assert all(seen["ns"][n] != ours[n] for n in NAMESPACES), (seen["ns"], ours)
+    assert "canary-of-the-server" not in seen["environ"] + repr(seen["env"])
+    assert seen["env"]["HOME"] == str(kernel.workdir)
+
+
+HOLDER = """
+import os
+def _status(pid):
+    return dict(l.split(':\\t', 1) for l in open(f'/proc/{pid}/status').read().splitlines() if ':\\t' in l)
+_holder = next(p for p in os.listdir('/proc') if p.isdigit() and open(f'/proc/{p}/comm').read().strip() == 'sleep')
+_st = _status(_holder)
+_out = {k: _st[k].split()[0] for k in ('Uid', 'CapEff', 'CapPrm', 'CapBnd', 'NoNewPrivs', 'Seccomp')}
+try:
+    open(f'/proc/{_holder}/environ').read()
+    _out['environ'] = 'readable'
+except OSError:
+    _out['environ'] = 'refused'
+try:
+    os.kill(int(_holder), 0)
+    _out['signal'] = 'allowed'
+except OSError:
+    _out['signal'] = 'refused'
+"""
+
+
+async def test_the_box_holder_is_a_capless_root_the_program_cannot_touch(make_kernel: KernelFactory) -> None:
+    """What keeps a box's namespaces alive is not the sandbox's uid (as bwrap's init is not): the
+    program, and a submission its grader runs, can neither read its /proc files nor signal it."""
+    require_root()
+    kernel = await make_kernel()
+    await kernel.run_program("pass", timeout_s=10)
+    seen = await run(kernel, HOLDER)
+    assert seen["Uid"] == "0" and int(seen["CapEff"], 16) == int(seen["CapPrm"], 16) == int(seen["CapBnd"], 16) == 0, seen
+    assert seen["NoNewPrivs"] == "1" and seen["Seccomp"] == "2", seen
+    assert seen["environ"] == "refused" and seen["signal"] == "refused", seen
+
+
+async def test_every_run_gets_a_fresh_sandbox(make_kernel: KernelFactory) -> None:
+    """Files in the workspace, /tmp and /dev/shm, and processes left running, are gone by the next
+    run; its namespaces are new."""
+    require_root()
+    kernel = await make_kernel()
+    plant = ("import os, subprocess\n"
+             "for path in ('planted', '/tmp/planted', '/dev/shm/planted'): open(path, 'w').write('x')\n"
+             "subprocess.Popen(['sleep', '987653'], start_new_session=True)\n"
+             "_out = {'ns': os.stat('/proc/self/ns/pid').st_ino}")
+    look = ("import os\n"
+            "_out = {'files': [p for p in ('planted', '/tmp/planted', '/dev/shm/planted') if os.path.exists(p)],\n"
+            "        'cmds': [open(f'/proc/{p}/cmdline').read() for p in os.listdir('/proc') if p.isdigit()],\n"
+            "        'ns': os.stat('/proc/self/ns/pid').st_ino}")
+    first = await run(kernel, plant)
+    second = await run(kernel, look)
+    assert second["files"] == [], second
+    assert not any("987653" in cmd for cmd in second["cmds"]), second
+    assert second["ns"] != first["ns"]
+
+
+async def test_limits_and_outcomes_hold_in_a_forked_program(make_kernel: KernelFactory) -> None:
+    require_root()
+    kernel = await make_kernel(memory_mb=128, pids=16, output_limit_bytes=100_000)
+    await kernel.run_program("pass", timeout_s=10)  # the next runs take boxes built ahead
+    oom = await kernel.run_program("x = bytearray(512 * 1024 * 1024)\nx[::4096] = b'1' * len(x[::4096])",
+                                   timeout_s=20)
+    assert oom.status is ExecStatus.OOM, oom
+    slow = await kernel.run_program("import time\ntime.sleep(60)", timeout_s=1)
+    assert slow.status is ExecStatus.TIMEOUT, slow
+    loud = await kernel.run_program("while True: print('x' * 1000)", timeout_s=20)
+    assert loud.status is ExecStatus.OUTPUT_LIMIT, loud
+    bomb = await kernel.run_program(
+        "import subprocess\nprocs = []\ntry:\n"
+        "    for _ in range(64): procs.append(subprocess.Popen(['sleep', '30']))\n"
+        "except OSError as exc:\n    print('refused', exc.errno, len(procs))", timeout_s=20)
+    assert "refused" in bomb.stdout and int(bomb.stdout.split()[-1]) < 16, bomb
+    killed = await kernel.run_program("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", timeout_s=10)
+    assert killed.status is ExecStatus.KILLED, killed
+    ok = await kernel.run_program("import sys\nprint(sys.stdin.read()[::-1])", stdin=b"olleh", timeout_s=10)
+    assert ok.status is ExecStatus.OK and ok.stdout == "hello\n", ok
+
+
+async def test_a_forked_program_exits_as_the_interpreter_would(make_kernel: KernelFactory) -> None:
+    require_root()
+    kernel = await make_kernel()
+    error = await kernel.run_program("1 / 0", timeout_s=10)
+    assert error.status is ExecStatus.ERROR and error.exit_code == 1, error
+    assert error.stderr.startswith("Traceback (most recent call last):\n  File \"<string>\", line 1, in <module>\n")
+    assert (await kernel.run_program("raise SystemExit(3)", timeout_s=10)).exit_code == 3
+    said = await kernel.run_program("import sys\nsys.exit('bye')", timeout_s=10)
+    assert said.exit_code == 1 and said.stderr == "bye\n", said
+    late = await kernel.run_program(
+        "import atexit, threading, time\natexit.register(print, 'atexit')\n"
+        "threading.Thread(target=lambda: (time.sleep(0.2), print('thread'))).start()\nprint('main', end=' ')",
+        timeout_s=10)
+    assert late.stdout == "main thread\natexit\n", late
+
+
+async def test_a_program_compiles_and_runs_what_it_writes(make_kernel: KernelFactory) -> None:
+    """Subprocesses, and executables written in its workspace (the grader's compiled languages)."""
+    require_root()
+    kernel = await make_kernel()
+    await kernel.run_program("pass", timeout_s=10)
+    result = await kernel.run_program(
+        "import os, subprocess\nopen('tool.sh', 'w').write('#!/bin/sh\\necho tool $1\\n')\nos.chmod('tool.sh', 0o755)\n"
+        "print(subprocess.run(['./tool.sh', 'ran'], capture_output=True, text=True).stdout, end='')", timeout_s=20)
+    assert result.status is ExecStatus.OK and result.stdout == "tool ran\n", result
+
+
+async def test_a_program_after_agent_code_meets_nothing_of_it(make_kernel: KernelFactory) -> None:
+    """Episode-bound grading: the kernel ran the agent's code, which left a process and files; the
+    program sees none of them, and no box built ahead outlives the kernel's start again."""
+    require_root()
+    kernel = await make_kernel()
+    await kernel.run_program("pass", timeout_s=10)  # a box is built ahead now
+    await asyncio.sleep(0.5)
+    left = await kernel.execute("import subprocess\nopen('/tmp/agent', 'w').write('x')\n"
+                                "subprocess.Popen(['sleep', '987654'], start_new_session=True)")
+    assert left.status is ExecStatus.OK, left
+    assert kernel._spare._next is None, "a box built ahead outlived the kernel's start"  # type: ignore[attr-defined]
+    uid = kernel._lease.uid  # type: ignore[attr-defined]
+    agent = [p for p in psutil.process_iter(["uids", "cmdline"]) if p.info["uids"].real == uid]
+    assert any("987654" in (p.info["cmdline"] or []) for p in agent)
+    seen = await run(kernel, "import os\n_out = {'tmp': os.path.exists('/tmp/agent'), "
+                             "'cmds': [open(f'/proc/{p}/cmdline').read() for p in os.listdir('/proc') if p.isdigit()]}")
+    assert not seen["tmp"] and not any("987654" in cmd for cmd in seen["cmds"]), seen
+    assert not [p for p in psutil.process_iter(["cmdline"]) if "987654" in (p.info["cmdline"] or [])]
+
+
+async def test_a_program_shares_no_secret_of_its_process_with_kernels(make_kernel: KernelFactory) -> None:
+    """Programs and kernels come from different templates (the grader parses what a kernel's
+    agent could send it)."""
+    require_root()
+    kernel = await make_kernel()
+    cur = kernel._cur  # type: ignore[attr-defined]
+    kernel_pid = next(p for p in cur.conf.pids() - {cur.relay.pid}
+                      if open(f"/proc/{p}/comm").read().strip().startswith("python"))
+    kernel_random = at_random(kernel_pid)
+    seen = await run(kernel, "import struct\n"
+                             "_a = dict(struct.iter_unpack('QQ', open('/proc/self/auxv', 'rb').read()))[25]\n"
+                             "_m = open('/proc/self/mem', 'rb'); _m.seek(_a)\n_out = {'random': _m.read(16).hex()}")
+    assert seen["random"] != kernel_random.hex()
+
+
+async def test_a_cancelled_run_leaves_nothing(make_kernel: KernelFactory) -> None:
+    require_root()
+    kernel = await make_kernel()
+    await kernel.run_program("pass", timeout_s=10)
+    uid = kernel._lease.uid  # type: ignore[attr-defined]
+    running = asyncio.ensure_future(kernel.run_program("import time\ntime.sleep(60)", timeout_s=60))
+    await asyncio.sleep(1.0)
+    running.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await running
+    after = await kernel.run_program("print('next')", timeout_s=10)
+    assert after.stdout == "next\n", after
+    await kernel.close()
+    left = [p.info for p in psutil.process_iter(["pid", "name", "uids"]) if p.info["uids"].real == uid]
+    assert left == [], left
