@@ -224,7 +224,7 @@ def zygote(ctl: Any, src: int) -> None:
     os.close(src)
     source = b"".join(chunks).decode("utf-8", "surrogatepass")
     try:
-        code = compile(source, "<submission>", "exec")
+        code = compile(source, "<submission>", "exec", dont_inherit=True)
     except BaseException:
         code = None  # each case compiles it again, and fails as `python` would
     import traceback  # noqa: F401 - loaded once here: every case that raises prints with it
@@ -279,7 +279,7 @@ def run_main(code: Any, source: str) -> int:
     sys.modules["__main__"] = main
     main.__builtins__ = builtins  # type: ignore[attr-defined]
     try:
-        exec(code if code is not None else compile(source, "<submission>", "exec"), main.__dict__)
+        exec(code if code is not None else compile(source, "<submission>", "exec", dont_inherit=True), main.__dict__)
         status = 0
     except SystemExit as exc:
         status = exit_status(exc.code)
@@ -575,12 +575,12 @@ def trusted_definitions(prelude: str) -> dict:
             for s in node.body)
 
     try:
-        tree = compile(prelude, "<prompt>", "exec", _ast.PyCF_ONLY_AST)
+        tree = compile(prelude, "<prompt>", "exec", _ast.PyCF_ONLY_AST, dont_inherit=True)
         if all(isinstance(n, _ast.Import | _ast.ImportFrom) or is_stub(n)
                or (isinstance(n, _ast.Expr) and isinstance(n.value, _ast.Constant)) for n in tree.body):
             return {}
         defined: dict = {"__name__": "__prompt__", "__builtins__": builtins}
-        exec(compile(prelude, "<prompt>", "exec"), defined)
+        exec(compile(prelude, "<prompt>", "exec", dont_inherit=True), defined)
     except BaseException:  # a prose prompt: nothing trusted to take from it
         return {}
     for node in tree.body:
@@ -596,7 +596,7 @@ class TaskSourceError(Exception):
 
 def compile_task(source: str, where: str) -> Any:
     try:
-        return compile(source, f"<{where}>", "exec")
+        return compile(source, f"<{where}>", "exec", dont_inherit=True)
     except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:  # too deep, too big: the same
         raise TaskSourceError(f"the task's {where} does not compile: {type(exc).__name__}: {exc}"[:2000]) from None
 
@@ -950,7 +950,7 @@ def memory_plugin(pytest: Any, paths: dict, blocked: str) -> Any:
             name, source = paths[str(self.path)]
             module = types.ModuleType(name.removesuffix(".py").replace("/", "."))
             module.__file__ = str(self.path)  # tracebacks read the lines back from the memfd
-            exec(compile(source, str(self.path), "exec"), module.__dict__)
+            exec(compile(source, str(self.path), "exec", dont_inherit=True), module.__dict__)
             self.config.pluginmanager.consider_module(module)
             return module
 

@@ -86,7 +86,7 @@ def run(code):
     module.__builtins__ = __builtins__
     sys.modules["__main__"] = module
     try:
-        exec(compile(code, path, "exec"), module.__dict__)
+        exec(compile(code, path, "exec", dont_inherit=True), module.__dict__)
     except SystemExit:
         raise
     except BaseException as exc:  # as the interpreter would print it, without this frame

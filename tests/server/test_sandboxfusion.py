@@ -291,3 +291,10 @@ def test_files_round_trip_binary(http: httpx.Client) -> None:
         "code": "data = open('in.bin', 'rb').read()\nopen('out.bin', 'wb').write(data[::-1])"}).json()
     assert reply["status"] == "Success"
     assert base64.b64decode(reply["files"]["out.bin"]) == blob[::-1]
+
+
+def test_run_code_compiles_as_python_does(http: httpx.Client) -> None:
+    """No future import of ours leaks into the code: annotations are evaluated, as `python x.py` does."""
+    reply = http.post("/run_code", json={"language": "python", "code": "def f(a: int): pass\n"
+                                         "x: print('evaluated') = 1\nprint(f.__annotations__['a'] is int)"}).json()
+    assert reply["status"] == "Success" and reply["run_result"]["stdout"] == "evaluated\nTrue\n", reply
