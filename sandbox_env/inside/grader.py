@@ -307,10 +307,49 @@ def boot() -> None:
     # The grader's own directory: "/" is read-only in the sandbox (the submission writes only to
     # its scratch folders), so nothing the grader does relative to its cwd meets planted files.
     os.chdir("/")
+    adopt_orphans()
     # The child only runs our HOST code until main() sends it the submission; forked now, it
     # holds none of the job. Children needed later are spawned afresh.
     early = fork_host(CHILD_CODE) if HOST else Zygote()
     main(section(), early)
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def adopt_orphans() -> None:
+    """Become the parent of whatever the grading's processes leave behind (a daemon that left
+    its session outlives the kill of a case's group), so that `kill_leftovers` can end it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except Exception:  # no ctypes: what a case leaves runs on until the sandbox is torn down
+        pass
+
+
+def kill_leftovers(keep: Zygote | None) -> None:
+    """Kill and reap every child but the zygote: what a case (or the compiler) left running
+    must not meet the next case (its pipes are reachable through /proc by the same uid)."""
+    path = f"/proc/self/task/{os.getpid()}/children"
+    for _ in range(64):  # a leftover may fork while it is killed: its children come to us next
+        try:
+            with open(path) as f:
+                pids = [int(p) for p in f.read().split() if keep is None or int(p) != keep.pid]
+        except (OSError, ValueError):
+            return
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for pid in pids:
+            try:
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
 
 
 MAX_FRAME = 64 << 20
@@ -701,7 +740,10 @@ class Forked(Spawned):
         return self.zygote.ended(deadline)
 
     def reap(self) -> tuple:
-        return self.zygote.ended(time.monotonic() + REAP_S) or (signal.SIGKILL, None)
+        ended = self.zygote.ended(time.monotonic() + REAP_S)
+        if ended is None:  # the zygote does not answer (stopped by a case): no later case waits on it
+            self.zygote.kill()
+        return ended or (signal.SIGKILL, None)
 
 
 REAP_S = 5.0  # how long a killed case may take to be reported
@@ -898,6 +940,7 @@ def grade_stdio(job: dict, timeout: float, zygote: Zygote | None = None) -> list
     lang, folder = job.get("language"), ""
     if lang is not None:
         folder, why = build(job, limit)
+        kill_leftovers(zygote)
         if folder is None:  # every test fails the same way: reward 0, the compiler's message
             return [{"name": name, "status": "compile_error", "message": why} for name in job["names"]]
     results = []
@@ -905,6 +948,7 @@ def grade_stdio(job: dict, timeout: float, zygote: Zygote | None = None) -> list
         start = time.monotonic()
         status, message, out, cpu = run_stdio(job["submission"], case["input"].encode(), timeout, limit, lang, folder,
                                               zygote)
+        kill_leftovers(zygote)
         if status == "ok":
             try:
                 ok, why = check_output(spec, case, out.decode("utf-8", "replace"), ns)
