@@ -21,7 +21,14 @@ from sandbox_env.errors import (
     TaskError,
     TaskNotFoundError,
 )
-from sandbox_env.grading.driver import PYTEST_BUDGET_TESTS, STARTUP_S, choose_reward, grade, task_language
+from sandbox_env.grading.driver import (
+    PYTEST_BUDGET_TESTS,
+    STARTUP_S,
+    choose_reward,
+    compile_budget,
+    grade,
+    task_language,
+)
 from sandbox_env.grading.rewards import reward_policy
 from sandbox_env.grading.tasks import (
     StdioTests,
@@ -209,12 +216,13 @@ class EpisodeManager:
             reward_policy(task.reward)
         except ConfigError as exc:
             raise TaskError(exc.message) from exc
-        count = test_count(task) or PYTEST_BUDGET_TESTS
-        per_test = min(task.timeout_s or policy.timeout_s, policy.timeout_s,
-                       max(0.001, (self.settings.max_grading_s - STARTUP_S) / count))
         if isinstance(task.tests, StdioTests) and task.tests.compile_timeout_s > policy.timeout_s:
             # a compile step is no longer than a step of the policy (SandboxFusion's default is 10 s too)
             task = task.model_copy(update={"tests": task.tests.model_copy(update={"compile_timeout_s": policy.timeout_s})})
+        count = test_count(task) or PYTEST_BUDGET_TESTS
+        # the compile step is part of the budget: the tests share what it leaves
+        left = self.settings.max_grading_s - STARTUP_S - compile_budget(task)
+        per_test = min(task.timeout_s or policy.timeout_s, policy.timeout_s, max(0.001, left / count))
         return task if per_test == task.timeout_s else task.model_copy(update={"timeout_s": per_test})
 
     async def grade(self, task: Task, submission: str, *, policy: str | None = None,

@@ -53,9 +53,11 @@ def grader_preamble(stdio: bool) -> bytes:
     for an interpreter whose magic differs. The server compiles the grader's text; it never
     imports or runs it."""
     sources = {"wire": source("wire"), "grader": source("grader"), "codec": CODEC, "host": "" if stdio else HOST}
-    codes = marshal.dumps((compile(sources["wire"], "<sandbox_env.inside.wire>", "exec"),
-                           compile(sources["grader"], "<grader>", "exec"), compile(CODEC, "<codec>", "exec"),
-                           compile(CODEC + HOST, "<child>", "exec") if sources["host"] else None))
+    # dont_inherit: this module's `from __future__ import annotations` is not the sandbox's
+    codes = marshal.dumps((compile(sources["wire"], "<sandbox_env.inside.wire>", "exec", dont_inherit=True),
+                           compile(sources["grader"], "<grader>", "exec", dont_inherit=True),
+                           compile(CODEC, "<codec>", "exec", dont_inherit=True),
+                           compile(CODEC + HOST, "<child>", "exec", dont_inherit=True) if sources["host"] else None))
     data = zlib.compress(marshal.dumps((importlib.util.MAGIC_NUMBER, codes, sources)), 1)
     return b"%012d" % len(data) + data
 

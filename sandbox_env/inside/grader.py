@@ -224,7 +224,7 @@ def zygote(ctl: Any, src: int) -> None:
     os.close(src)
     source = b"".join(chunks).decode("utf-8", "surrogatepass")
     try:
-        code = compile(source, "<submission>", "exec")
+        code = compile(source, "<submission>", "exec", dont_inherit=True)
     except BaseException:
         code = None  # each case compiles it again, and fails as `python` would
     import traceback  # noqa: F401 - loaded once here: every case that raises prints with it
@@ -279,7 +279,7 @@ def run_main(code: Any, source: str) -> int:
     sys.modules["__main__"] = main
     main.__builtins__ = builtins  # type: ignore[attr-defined]
     try:
-        exec(code if code is not None else compile(source, "<submission>", "exec"), main.__dict__)
+        exec(code if code is not None else compile(source, "<submission>", "exec", dont_inherit=True), main.__dict__)
         status = 0
     except SystemExit as exc:
         status = exit_status(exc.code)
@@ -307,10 +307,49 @@ def boot() -> None:
     # The grader's own directory: "/" is read-only in the sandbox (the submission writes only to
     # its scratch folders), so nothing the grader does relative to its cwd meets planted files.
     os.chdir("/")
+    adopt_orphans()
     # The child only runs our HOST code until main() sends it the submission; forked now, it
     # holds none of the job. Children needed later are spawned afresh.
     early = fork_host(CHILD_CODE) if HOST else Zygote()
     main(section(), early)
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def adopt_orphans() -> None:
+    """Become the parent of whatever the grading's processes leave behind (a daemon that left
+    its session outlives the kill of a case's group), so that `kill_leftovers` can end it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except Exception:  # no ctypes: what a case leaves runs on until the sandbox is torn down
+        pass
+
+
+def kill_leftovers(keep: Zygote | None) -> None:
+    """Kill and reap every child but the zygote: what a case (or the compiler) left running
+    must not meet the next case (its pipes are reachable through /proc by the same uid)."""
+    path = f"/proc/self/task/{os.getpid()}/children"
+    for _ in range(64):  # a leftover may fork while it is killed: its children come to us next
+        try:
+            with open(path) as f:
+                pids = [int(p) for p in f.read().split() if keep is None or int(p) != keep.pid]
+        except (OSError, ValueError):
+            return
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for pid in pids:
+            try:
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
 
 
 MAX_FRAME = 64 << 20
@@ -575,12 +614,12 @@ def trusted_definitions(prelude: str) -> dict:
             for s in node.body)
 
     try:
-        tree = compile(prelude, "<prompt>", "exec", _ast.PyCF_ONLY_AST)
+        tree = compile(prelude, "<prompt>", "exec", _ast.PyCF_ONLY_AST, dont_inherit=True)
         if all(isinstance(n, _ast.Import | _ast.ImportFrom) or is_stub(n)
                or (isinstance(n, _ast.Expr) and isinstance(n.value, _ast.Constant)) for n in tree.body):
             return {}
         defined: dict = {"__name__": "__prompt__", "__builtins__": builtins}
-        exec(compile(prelude, "<prompt>", "exec"), defined)
+        exec(compile(prelude, "<prompt>", "exec", dont_inherit=True), defined)
     except BaseException:  # a prose prompt: nothing trusted to take from it
         return {}
     for node in tree.body:
@@ -596,7 +635,7 @@ class TaskSourceError(Exception):
 
 def compile_task(source: str, where: str) -> Any:
     try:
-        return compile(source, f"<{where}>", "exec")
+        return compile(source, f"<{where}>", "exec", dont_inherit=True)
     except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:  # too deep, too big: the same
         raise TaskSourceError(f"the task's {where} does not compile: {type(exc).__name__}: {exc}"[:2000]) from None
 
@@ -701,7 +740,10 @@ class Forked(Spawned):
         return self.zygote.ended(deadline)
 
     def reap(self) -> tuple:
-        return self.zygote.ended(time.monotonic() + REAP_S) or (signal.SIGKILL, None)
+        ended = self.zygote.ended(time.monotonic() + REAP_S)
+        if ended is None:  # the zygote does not answer (stopped by a case): no later case waits on it
+            self.zygote.kill()
+        return ended or (signal.SIGKILL, None)
 
 
 REAP_S = 5.0  # how long a killed case may take to be reported
@@ -898,6 +940,7 @@ def grade_stdio(job: dict, timeout: float, zygote: Zygote | None = None) -> list
     lang, folder = job.get("language"), ""
     if lang is not None:
         folder, why = build(job, limit)
+        kill_leftovers(zygote)
         if folder is None:  # every test fails the same way: reward 0, the compiler's message
             return [{"name": name, "status": "compile_error", "message": why} for name in job["names"]]
     results = []
@@ -905,6 +948,7 @@ def grade_stdio(job: dict, timeout: float, zygote: Zygote | None = None) -> list
         start = time.monotonic()
         status, message, out, cpu = run_stdio(job["submission"], case["input"].encode(), timeout, limit, lang, folder,
                                               zygote)
+        kill_leftovers(zygote)
         if status == "ok":
             try:
                 ok, why = check_output(spec, case, out.decode("utf-8", "replace"), ns)
@@ -950,7 +994,7 @@ def memory_plugin(pytest: Any, paths: dict, blocked: str) -> Any:
             name, source = paths[str(self.path)]
             module = types.ModuleType(name.removesuffix(".py").replace("/", "."))
             module.__file__ = str(self.path)  # tracebacks read the lines back from the memfd
-            exec(compile(source, str(self.path), "exec"), module.__dict__)
+            exec(compile(source, str(self.path), "exec", dont_inherit=True), module.__dict__)
             self.config.pluginmanager.consider_module(module)
             return module
 

@@ -109,7 +109,7 @@ except OSError: pass
 job = recv()
 mod = types.ModuleType("__main__"); sys.modules["__main__"] = mod
 try:
-    exec(compile(job["source"], "<submission>", "exec"), mod.__dict__)
+    exec(compile(job["source"], "<submission>", "exec", dont_inherit=True), mod.__dict__)
 except BaseException as e:
     send({"error": [type(e).__name__, str(e)[:2000]]}); os._exit(0)
 names = {"functions": [], "modules": {}, "values": {}}

@@ -86,7 +86,7 @@ def run(code):
     module.__builtins__ = __builtins__
     sys.modules["__main__"] = module
     try:
-        exec(compile(code, path, "exec"), module.__dict__)
+        exec(compile(code, path, "exec", dont_inherit=True), module.__dict__)
     except SystemExit:
         raise
     except BaseException as exc:  # as the interpreter would print it, without this frame
@@ -182,23 +182,36 @@ def stage(argv, timeout, keep, memory_mb=0, capture=False):
             os.close(fd)
         return {"status": "Error", "stderr": error}
     code = wait(pid, timeout)
-    report = {"status": "Finished" if code is not None else "TimeLimitExceeded", "return_code": code,
-              "execution_time": time.monotonic() - started}
+    elapsed = time.monotonic() - started
     try:
         os.killpg(pid, 9)  # what it left running in its session
     except OSError:
         pass
     if code is None:
         os.waitpid(pid, 0)
+    # Ended, but after its time: it (or what it started) stopped this process past the deadline.
+    late = code is not None and elapsed > timeout
+    report = {"status": "TimeLimitExceeded" if code is None or late else "Finished",
+              "return_code": None if late else code, "execution_time": elapsed}
     if capture:
         os.close(fds[0])
         report.update(stdout=head(fds[1], keep), stderr=head(fds[2], keep))
     return report
 
 
+def harden():
+    """Non-dumpable, as the grader is: the stages run as this uid, and could otherwise read or
+    rewrite this process (its clock, the trailer's mark). They can still stop it: a stage that
+    ended past its limit is reported as over it, however it ended."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
+
+
 def run_language(job):
     """Another language: the code written as its source file beside the request's files, compiled
     under the compile limit (nothing runs when that fails), then run under the run limit."""
+    harden()
     lang, folder = job["language"], os.getcwd()
     with open(os.path.join(folder, lang["source"]), "w", encoding="utf-8", errors="replace") as handle:
         handle.write(job["code"])

@@ -119,10 +119,10 @@ class Worker:
             tree = ast.parse(code, filename)
             last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
             if tree.body:
-                self._run(compile(tree, filename, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT))
+                self._run(compile(tree, filename, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, dont_inherit=True))
             if last is not None:
                 self._run(compile(ast.Interactive([last]), filename, "single",
-                                  flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT))
+                                  flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, dont_inherit=True))
         except SystemExit as exc:  # `sys.exit(n)` ends the step, not the episode: its code is n
             exit_code = exit_status(exc.code, announce=False)  # the traceback below says it
             exception = self.describe(exc) if exit_code else None

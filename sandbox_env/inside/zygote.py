@@ -211,7 +211,7 @@ def execute(source: str) -> int:
     sys.modules["__main__"] = main
     code = 0
     try:
-        exec(compile(source, "<string>", "exec"), main.__dict__)  # noqa: S102 - the program to run
+        exec(compile(source, "<string>", "exec", dont_inherit=True), main.__dict__)  # noqa: S102 - the program to run
     except SystemExit as exc:
         code = exit_status(exc.code)
     except BaseException:  # noqa: BLE001 - reported as python3 would

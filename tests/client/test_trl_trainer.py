@@ -168,8 +168,4 @@ def test_grpo_trainer_runs_a_python_task(live_server, base: type, tmp_path: Path
 
 
 def test_grpo_trainer_runs_a_c_task(live_server, tmp_path: Path) -> None:
-    from sandbox_env.grading.tasks import StdioTests
-
-    if "language" not in StdioTests.model_fields:
-        pytest.skip("stdio tasks have no `language` yet (C grading lands with the languages branch)")
     run_task(live_server.url, SandboxToolEnv, C_TASK, C_SOLUTION, "c", tmp_path)

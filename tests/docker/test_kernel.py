@@ -39,6 +39,8 @@ async def test_repl_semantics_and_inspect(kernel) -> None:
     assert (await kernel.execute("x = [1, 2, 3]\nlen(x)")).stdout == "3\n"
     assert (await kernel.execute("_ + 1")).stdout == "4\n"
     assert (await kernel.execute("import asyncio\nawait asyncio.sleep(0)\n'awaited'")).stdout == "'awaited'\n"
+    # the worker's own `from __future__ import annotations` is not the step's
+    assert (await kernel.execute("def f(a: int): pass\nf.__annotations__['a'] is int")).stdout == "True\n"
     rich = await kernel.execute("class H:\n    def _repr_html_(self):\n        return '<b>hi</b>'\nH()")
     assert rich.displays and rich.displays[0].kind == "execute_result"
     assert rich.displays[0].data["text/html"] == "<b>hi</b>"

@@ -291,3 +291,43 @@ def test_files_round_trip_binary(http: httpx.Client) -> None:
         "code": "data = open('in.bin', 'rb').read()\nopen('out.bin', 'wb').write(data[::-1])"}).json()
     assert reply["status"] == "Success"
     assert base64.b64decode(reply["files"]["out.bin"]) == blob[::-1]
+
+
+def test_run_code_compiles_as_python_does(http: httpx.Client) -> None:
+    """No future import of ours leaks into the code: annotations are evaluated, as `python x.py` does."""
+    reply = http.post("/run_code", json={"language": "python", "code": "def f(a: int): pass\n"
+                                         "x: print('evaluated') = 1\nprint(f.__annotations__['a'] is int)"}).json()
+    assert reply["status"] == "Success" and reply["run_result"]["stdout"] == "evaluated\nTrue\n", reply
+
+
+STOPS_ITS_PARENT = r"""
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+static char state(pid_t p) {  /* from /proc/<p>/stat: Z once it exited */
+    char b[256], path[64]; snprintf(path, 64, "/proc/%d/stat", p);
+    FILE *f = fopen(path, "r"); if (!f) return 'X';
+    size_t n = fread(b, 1, 255, f); fclose(f); b[n] = 0;
+    char *q = strrchr(b, ')'); return q ? q[2] : 'X';
+}
+int main(void) {
+    pid_t parent = getppid(), me = getpid();
+    if (fork() == 0) {  /* resumes the parent once the program has exited */
+        setsid();
+        while (state(me) != 'Z' && state(me) != 'X') usleep(1000);
+        kill(parent, SIGCONT); _exit(0);
+    }
+    kill(parent, SIGSTOP);  /* the stage's watcher cannot see its deadline pass */
+    sleep(2);
+    puts("42");
+    return 0;
+}
+"""
+
+
+def test_a_program_that_stops_its_watcher_still_exceeds_its_time(http: httpx.Client) -> None:
+    """Found by a red team: the program stopped the in-sandbox process timing it, ran past
+    `run_timeout`, and was reported `Finished` with its output."""
+    reply = http.post("/run_code", json={"language": "c", "code": STOPS_ITS_PARENT, "run_timeout": 1}).json()
+    assert reply["status"] == "Failed" and reply["run_result"]["status"] == "TimeLimitExceeded", reply

@@ -201,6 +201,12 @@ async def test_task_resolution(managers: Factory, tmp_path: Path) -> None:
     assert clamped.timeout_s == manager.default_policy.timeout_s  # at most the step limit
     many = manager.resolve_task(task={**inline, "tests": {"kind": "asserts", "asserts": ["assert 1"] * 100}})
     assert many.timeout_s == pytest.approx((100 - 10) / 100)  # all tests within max_grading_s
+    cases = [{"input": "", "output": ""}] * 100
+    compiled = manager.resolve_task(task={**inline, "tests": {"kind": "stdio", "language": "c", "cases": cases,
+                                                              "compile_timeout_s": 60}})
+    step = manager.default_policy.timeout_s  # the compile step: at most a step, and within max_grading_s too
+    assert compiled.tests.compile_timeout_s == step
+    assert compiled.timeout_s == pytest.approx((100 - 10 - step) / 100)
     closed = await managers(allow_inline_tasks=False)
     with pytest.raises(TaskError, match="turned off"):
         closed.resolve_task(task=inline)

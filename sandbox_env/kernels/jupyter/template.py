@@ -71,8 +71,7 @@ class ForkedProcess:
 
     def wait(self, timeout: float | None = None, *, raises: bool = True) -> int | None:
         if self.returncode is None and self._status >= 0:
-            ready, _, _ = select.select([self._status], [], [], timeout)
-            if ready:
+            if _readable(self._status, timeout):
                 data = os.read(self._status, 4)
                 # no status: the template died, and this process with it (PDEATHSIG)
                 self.returncode = struct.unpack("i", data)[0] if len(data) == 4 else -signal.SIGKILL
@@ -95,6 +94,14 @@ class ForkedProcess:
 
     def __del__(self) -> None:
         self.close()
+
+
+def _readable(fd: int, timeout: float | None) -> bool:
+    """poll(), not select(): a server holding hundreds of kernels has descriptors past 1024,
+    which select() refuses."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
 
 
 def _settle(ready: asyncio.Future[None]) -> None:

@@ -228,7 +228,7 @@ def run_program(request: dict[str, Any], job: int, stdin: int, stdout: int, stde
     sys.modules["__main__"] = main
     code = 0
     try:
-        exec(compile(source, "<string>", "exec"), main.__dict__)  # noqa: S102 - the server's program
+        exec(compile(source, "<string>", "exec", dont_inherit=True), main.__dict__)  # noqa: S102 - the server's program
     except SystemExit as exc:
         code = exit_code(exc)
     except BaseException as exc:  # noqa: BLE001 - reported as the interpreter would, without this frame
