@@ -39,6 +39,8 @@ KernelSource = Callable[[str | None], Awaitable[Kernel]]
 KernelSink = Callable[[Kernel], bool]  # True: it took the kernel (the pool recycles it)
 # (task_id, inline task, policy name) -> the task; raises TaskNotFoundError / TaskError
 TaskResolver = Callable[[str | None, Any, str | None], Task]
+# (task, submission, policy name, reward policy) -> its grading, in a sandbox of the task's language
+Grader = Callable[[Task, str, str, str], Awaitable[Grading]]
 HISTORY_BYTES = 1 << 20  # default budget of one episode's step history (Settings.history_bytes)
 # State fields a reset option must not overwrite (a client could otherwise plant a fake grading).
 MAX_OPTIONS_BYTES = 4096  # reset options are echoed in every state reply: a small, fixed cost
@@ -78,8 +80,9 @@ class Episode:
     def __init__(self, acquire: KernelSource, *, backend: str, tasks: TaskResolver | None = None,
                  reward: str | None = None, owner: str = "", history_bytes: int = HISTORY_BYTES,
                  release: KernelSink | None = None, on_end: Callable[[dict[str, Any]], None] | None = None,
-                 id_prefix: str = "") -> None:
+                 id_prefix: str = "", grade_elsewhere: Grader | None = None) -> None:
         self._acquire = acquire
+        self._grade_elsewhere = grade_elsewhere  # a task in another language: its own sandbox
         self._on_end = on_end  # takes the record of each episode that ends (a reset, the close): for export
         self._id_prefix = id_prefix  # in a farm, "<replica>.": the id names the replica that owns it
         self._release = release
@@ -141,9 +144,9 @@ class Episode:
                 if self._resolve_task is None:
                     raise EpisodeError("this episode has no task source")
                 new_task = self._resolve_task(task_id, task, policy)
-                if task_language(new_task) != "python":  # an episode's kernel holds Python's toolchain only
-                    raise TaskError(f"task {new_task.id!r} is in {task_language(new_task)}: episodes run Python; "
-                                    "grade it with POST /grade (or /run_code, /submit)")
+                if task_language(new_task) != "python" and self._grade_elsewhere is None:
+                    raise TaskError(f"task {new_task.id!r} is in {task_language(new_task)}: this episode grades "
+                                    "Python only; grade it with POST /grade (or /run_code, /submit)")
             reserved = RESERVED_STATE_KEYS & set(options)
             if reserved:
                 raise InvalidRequestError(f"reset options may not set {', '.join(sorted(reserved))}",
@@ -250,7 +253,15 @@ class Episode:
         if self.task is None:
             raise EpisodeError("nothing to grade against: reset with task_id=... or task={...} first")
         reward = choose_reward(self.task, None, self._reward)
-        grading = await grade(kernel, self.task, self.submission(action.code), reward=reward)
+        if task_language(self.task) != "python" and self._grade_elsewhere is not None:
+            # the kernel is the episode's Python scratchpad; the program is graded where its
+            # toolchain is (on Docker, the language's own image), as POST /grade grades it
+            if not action.code.strip():
+                raise InvalidRequestError(f"task {self.task.id!r} is in {task_language(self.task)}: submit the "
+                                          "program's code (the episode's steps are Python)")
+            grading = await self._grade_elsewhere(self.task, action.code, kernel.policy.name, reward)
+        else:
+            grading = await grade(kernel, self.task, self.submission(action.code), reward=reward)
         self._state.step_count += 1
         self._state.grading = grading.model_dump(mode="json")  # type: ignore[attr-defined]
         self.last_active = time.monotonic()

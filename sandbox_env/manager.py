@@ -156,7 +156,8 @@ class EpisodeManager:
         episode = Episode(functools.partial(self._acquire, owner=owner), backend=self.settings.backend,
                           tasks=self.resolve_task, reward=self.settings.reward, owner=owner,
                           history_bytes=self.history_budget, release=functools.partial(self._release, owner=owner),
-                          on_end=self.records.add, id_prefix=self.settings.id_prefix())
+                          on_end=self.records.add, id_prefix=self.settings.id_prefix(),
+                          grade_elsewhere=functools.partial(self._grade_elsewhere, owner=owner))
         self.episodes[id(episode)] = episode
         return episode
 
@@ -240,6 +241,11 @@ class EpisodeManager:
                                  reward=choose_reward(task, reward, self.settings.reward))
             lease.keep = result.status == "graded"
         return result
+
+    async def _grade_elsewhere(self, task: Task, submission: str, policy: str, reward: str, *, owner: str) -> Grading:
+        """An episode's submit of a task in another language: graded on a one-shot kernel of that
+        language, counted as a grading of `owner` (the episode keeps its own session)."""
+        return await self.grade(task, submission, policy=policy, reward=reward, owner=owner)
 
     @contextlib.asynccontextmanager
     async def one_shot(self, policy: str | None = None, owner: str = "", *,

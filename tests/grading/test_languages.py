@@ -20,9 +20,10 @@ import pytest_asyncio
 from grading_helpers import run_live_server
 
 from sandbox_env import languages
-from sandbox_env.errors import LanguageUnavailableError, TaskError
+from sandbox_env.errors import InvalidRequestError, LanguageUnavailableError
 from sandbox_env.grading.tasks import parse_task
 from sandbox_env.manager import EpisodeManager
+from sandbox_env.models import CodeAction
 from sandbox_env.settings import Settings
 
 pytestmark = [pytest.mark.slow]
@@ -151,14 +152,19 @@ def test_sandbox_env_eval_scores_a_c_task_against_a_server(tmp_path: Path) -> No
     assert "compile" in json.dumps(results[3])
 
 
-async def test_an_episode_refuses_a_task_in_another_language() -> None:
-    mgr = EpisodeManager(Settings(backend="fake", pool_size=0))
-    await mgr.start()
+async def test_an_episode_on_a_c_task_explores_in_python_and_grades_the_c_program(manager: EpisodeManager) -> None:
+    """As TRL's environment does it: the steps are a Python scratchpad, the submit is the program."""
+    episode = await manager.open_episode()
     try:
-        episode = await mgr.open_episode()
-        with pytest.raises(TaskError, match="episodes run Python"):
-            await episode.reset(task={"id": "c", "prompt": "x", "tests": {"kind": "stdio", "language": "c",
-                                                                           "cases": CASES}})
-        await mgr.close_episode(episode)
+        task = {"id": "c-add", "prompt": "Add two numbers in C.",
+                "tests": {"kind": "stdio", "language": "c", "cases": CASES}}
+        good, wrong = PROGRAMS["c"][0], PROGRAMS["c"][1]
+        for program, reward in ((wrong, 0.0), (good, 1.0)):
+            assert "Add two numbers" in (await episode.reset(task=task)).stdout
+            assert (await episode.step(CodeAction(code="print(2 + 3)"))).stdout == "5\n"
+            with pytest.raises(InvalidRequestError, match="submit the program"):
+                await episode.step(CodeAction(code="", submit=True))
+            graded = await episode.step(CodeAction(code=program, submit=True))
+            assert graded.reward == reward and graded.done, graded
     finally:
-        await mgr.shutdown()
+        await manager.close_episode(episode)
