@@ -43,7 +43,8 @@ TASK = {
     "id": "add-two", "prompt": "Write add(a, b) returning the sum.",
     "tests": {"kind": "asserts", "asserts": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"]},
 }
-ANSWER = "Here it is:\n```python\ndef add(a, b):\n    return a + b\n```"
+# Each rollout's answer differs (as a GRPO group's do): the batch grades every one of them.
+ANSWER = "Here it is:\n```python\ndef add(a, b):\n    return a + b  # rollout {}\n```"
 
 
 def calls(loop_n: int, rollout: int) -> list[str]:
@@ -80,7 +81,7 @@ def one_step(envs: list[AsyncSandboxToolEnv], loop_n: int, url: str) -> dict[str
 
     per_rollout = asyncio.run(all_rollouts())
     rollouts_s = time.perf_counter() - started - resets_s
-    rewards = code_reward([ANSWER] * len(envs), task=[TASK] * len(envs), base_url=url)
+    rewards = code_reward([ANSWER.format(i) for i in range(len(envs))], task=[TASK] * len(envs), base_url=url)
     wall = time.perf_counter() - started
     if rewards != [1.0] * len(envs):
         raise RuntimeError(f"unexpected rewards: {rewards}")
@@ -92,6 +93,9 @@ def one_step(envs: list[AsyncSandboxToolEnv], loop_n: int, url: str) -> dict[str
             "rewards_s": round(wall - resets_s - rollouts_s, 3), "code_wall_sum_s": round(code_wall, 3),
             "code_cpu_sum_s": round(code_cpu, 3), "longest_rollout_code_s": round(max(w for w, _ in per_rollout), 3),
             "ideal_s": round(ideal, 3), "overhead_share": round((wall - ideal) / wall, 4),
+            # machine time (wall x cores) a tool call cost beyond its code's own CPU, and a reset's
+            "per_call_overhead_ms": round((rollouts_s * cores - code_cpu) / (4 * len(envs)) * 1000, 2),
+            "per_reset_ms": round(resets_s / len(envs) * 1000, 2),
             "rollout_phase_overhead_share": round((rollouts_s - ideal) / rollouts_s, 4)}
 
 
@@ -127,6 +131,7 @@ def main() -> None:
     for s in steps:
         print(f"step {s['wall_s']} s (resets {s['resets_s']}, rollouts {s['rollouts_s']}, rewards "
               f"{s['rewards_s']}); code cpu {s['code_cpu_sum_s']} s, ideal {s['ideal_s']} s; "
+              f"per call {s['per_call_overhead_ms']} ms, per reset {s['per_reset_ms']} ms; "
               f"overhead {s['overhead_share']:.1%} (rollout phase {s['rollout_phase_overhead_share']:.1%})")
     print(f"best overhead {best['overhead_share']:.1%} (target <= {TARGET_OVERHEAD:.0%}); wrote {path}")
 
