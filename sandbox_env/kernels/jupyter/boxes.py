@@ -51,16 +51,15 @@ class Box:
     async def start(self, source: str) -> ForkedProgram:
         """The program runs `source` from now on; its pipes become streams (the box's no longer)."""
         job, self.job = self.job, -1
-        try:
-            data = source.encode()
-            if len(data) <= PIPE_SIZE:  # an empty pipe takes it whole at once
-                os.write(job, data)
-            else:
-                await asyncio.to_thread(_write_all, job, data)
-        except BrokenPipeError:
-            pass  # it died waiting: its status says how
-        finally:
-            os.close(job)
+        data = source.encode()
+        if len(data) <= PIPE_SIZE:  # an empty pipe takes it whole at once
+            _write_all(job, data)
+        else:
+            # The thread owns `job` to its end, even past a cancelled run: closed here, under a
+            # write in progress, its number would be the next file the server opens, and the
+            # write would go on into that file once the box's destruction kills the reader.
+            write = asyncio.get_running_loop().run_in_executor(None, _write_all, job, data)
+            await asyncio.shield(write)
         stdio, self.stdio = self.stdio, []
         return await _streams(self.proc, stdio)
 
@@ -89,9 +88,15 @@ PIPE_SIZE = 1 << 16
 
 
 def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+    """`data` into the pipe `fd`, then `fd` closed (the program's EOF)."""
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except BrokenPipeError:
+        pass  # it died waiting (or its box was destroyed): its status says how
+    finally:
+        os.close(fd)
 
 
 async def build(conf: Confinement, env: dict[str, str], runtime: sandbox.Runtime, layout: sandbox.Layout,
