@@ -149,11 +149,12 @@ def _abandon(conf: Confinement, holder: subprocess.Popen[bytes] | None) -> None:
 
 class Spare:
     """At most one box built ahead for a kernel's next program: `take` it (or one built now),
-    `refill` after a run, `discard` before a kernel starts again and when the kernel closes."""
+    `refill` after a run, `discard` before a kernel starts again, `close` when the kernel closes."""
 
     def __init__(self, make: Callable[[], Coroutine[Any, Any, Box]], background: set[asyncio.Task[None]]) -> None:
         self._make = make
         self._next: asyncio.Task[Box] | None = None
+        self._closed = False
         self.background = background  # where boxes are destroyed: the kernel's close() waits for them
 
     async def take(self) -> Box:
@@ -188,14 +189,19 @@ class Spare:
         return task
 
     def refill(self, after: Awaitable[object]) -> None:
-        """Build the next box once `after` (the last box's destruction) is done."""
-        if self._next is None:
+        """Build the next box once `after` (the last box's destruction) is done; none once closed
+        (a run that outlived the kernel's close() ends without one)."""
+        if self._next is None and not self._closed:
             self._next = asyncio.ensure_future(self._after(after))
 
     async def _after(self, after: Awaitable[object]) -> Box:
         with contextlib.suppress(Exception):
             await after
         return await self._make()
+
+    async def close(self) -> None:
+        self._closed = True
+        await self.discard()
 
     async def discard(self) -> None:
         task, self._next = self._next, None
@@ -212,10 +218,10 @@ class Spare:
 
 
 async def run(spare: Spare, teardown: Callable[[], Awaitable[None]], source: str, stdin: bytes, timeout_s: float, *,
-              keep: int, limit: int, refill: bool) -> ExecutionResult:
+              keep: int, limit: int) -> ExecutionResult:
     """`source` run in the spare box (or one built now, while `teardown` kills the kernel's
     processes: the program starts after both). The box is destroyed in the background (the
-    kernel's close() and its uid's lease wait for it), the next one built after that when `refill`."""
+    kernel's close() and its uid's lease wait for it), the next one built after that (`Spare.refill`)."""
     taken = asyncio.ensure_future(spare.take())
     try:
         await teardown()
@@ -229,9 +235,7 @@ async def run(spare: Spare, teardown: Callable[[], Awaitable[None]], source: str
     finally:
         # Reaping its processes (run_watched killed them, unless cancelled) and removing its
         # cgroups need not delay the result.
-        task = spare.destroy(box)
-        if refill:
-            spare.refill(after=task)  # the next program's box, once nothing of this one is left
+        spare.refill(after=spare.destroy(box))  # the next program's box, once nothing of this one is left
 
 
 class ForkedProgram:

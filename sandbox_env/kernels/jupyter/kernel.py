@@ -258,7 +258,7 @@ class JupyterKernel(Kernel):
                     await self._restart
             await self._teardown()
             if self._spare is not None:
-                await self._spare.discard()
+                await self._spare.close()
             if self._teardowns:
                 await asyncio.gather(*self._teardowns, return_exceptions=True)
         finally:
@@ -354,8 +354,7 @@ class JupyterKernel(Kernel):
                     assert self._spare is not None
                     with contextlib.suppress(boxes.Unforkable):
                         return await boxes.run(self._spare, self._stop_kernel, source, stdin, timeout_s,
-                                               keep=self.policy.output_bytes, limit=self.policy.output_limit_bytes,
-                                               refill=not self._closed)
+                                               keep=self.policy.output_bytes, limit=self.policy.output_limit_bytes)
                 return await self._run_exec(source, stdin, timeout_s)
             finally:
                 self._program_running = False
