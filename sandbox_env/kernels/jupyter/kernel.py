@@ -382,8 +382,10 @@ class JupyterKernel(Kernel):
         return await boxes.build(*self._program_confinement(), self._runtime, self._layout, self.workdir)
 
     async def _stop_kernel(self) -> None:
+        # First: a run cancelled during the teardown still leaves a fresh kernel to the next step
+        # (not the note of a kernel that died between steps).
+        self._relaunch = True
         await self._teardown()  # every process of the kernel's cgroup/session, daemons included
-        self._relaunch = True  # the next step starts a fresh one
 
     async def _run_exec(self, source: str, stdin: bytes, timeout_s: float) -> ExecutionResult:
         assert self.root is not None and self.workdir is not None
