@@ -377,9 +377,9 @@ class JupyterKernel(Kernel):
                            uid=None if self._layout is None else self._layout.uid)
         return conf, kernel_env(self.root, self.workdir, conf.token, isolated=self._layout is not None)
 
-    async def _new_box(self) -> boxes.Box:
+    async def _new_box(self, ready: asyncio.Event | None) -> boxes.Box:
         assert self._runtime is not None and self._layout is not None and self.workdir is not None
-        return await boxes.build(*self._program_confinement(), self._runtime, self._layout, self.workdir)
+        return await boxes.build(*self._program_confinement(), self._runtime, self._layout, self.workdir, ready)
 
     async def _stop_kernel(self) -> None:
         # First: a run cancelled during the teardown still leaves a fresh kernel to the next step
