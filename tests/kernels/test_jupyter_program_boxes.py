@@ -389,3 +389,18 @@ async def test_a_program_waiting_for_its_source_is_not_dumpable(make_kernel: Ker
     assert os.stat(f"/proc/{waiting}/environ").st_uid == 0
     seen = await run(kernel, "import os\n_out = {'owner': os.stat('/proc/self/environ').st_uid, 'uid': os.getuid()}")
     assert seen["owner"] == seen["uid"] == kernel._lease.uid, seen  # type: ignore[attr-defined]
+
+
+async def test_a_program_finds_no_other_programs_pids_in_the_template_s_frames(make_kernel: KernelFactory) -> None:
+    """Its frames lead back into the template's code (its own request, the template's command
+    line, as /proc/self/cmdline shows): never to the template's children of other episodes."""
+    require_root()
+    other = await make_kernel()
+    await other.run_program("pass", timeout_s=10)
+    await waiting_program(other)  # another episode's program, a child of the same template
+    kernel = await make_kernel()
+    seen = await run(kernel, "import sys\n_f, _out = sys._getframe(), {'exits': []}\nwhile _f is not None:\n"
+                             "    if isinstance(_f.f_locals.get('exits'), dict):\n"
+                             "        _out['exits'] += list(_f.f_locals['exits'])\n"
+                             "    _f = _f.f_back")
+    assert seen == {"exits": []}, seen

@@ -365,6 +365,7 @@ def answer(sock: socket.socket, request: dict[str, Any], fds: list[int], exits: 
     if pid == 0:
         os.close(read)
         sock.close()
+        exits.clear()  # other children's pids: a program can reach this frame (sys._getframe)
         child(request, write, fds)
     os.set_blocking(write, False)  # in the template only: a status write never blocks it
     pidfd = os.pidfd_open(pid)
