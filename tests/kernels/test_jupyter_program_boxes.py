@@ -326,6 +326,8 @@ async def test_no_box_is_built_for_a_kernel_closed_during_a_run(make_kernel: Ker
     assert not running.done(), "the program ended before close(): nothing tested"
     await running
     assert kernel._spare._next is None, "a box was built for a closed kernel"  # type: ignore[attr-defined]
+    # the run's own box is destroyed in the background (close() had returned: nothing else waits)
+    await asyncio.gather(*kernel._teardowns)  # type: ignore[attr-defined]
 
 
 async def test_a_run_cancelled_while_it_stops_the_kernel_leaves_the_next_step_a_fresh_kernel(
