@@ -9,6 +9,10 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -16,7 +20,9 @@ import pytest
 from kernel_helpers import KernelFactory, missing
 from test_jupyter_template import IDENTITY, NAMESPACES, at_random
 
+from sandbox_env.kernels.jupyter import boxes
 from sandbox_env.kernels.jupyter import template as template_module
+from sandbox_env.kernels.jupyter.limits import Confinement
 from sandbox_env.models import ExecStatus
 
 pytestmark = pytest.mark.slow
@@ -238,3 +244,165 @@ async def test_a_cancelled_run_leaves_nothing(make_kernel: KernelFactory) -> Non
     await kernel.close()
     left = [p.info for p in psutil.process_iter(["pid", "name", "uids"]) if p.info["uids"].real == uid]
     assert left == [], left
+
+
+async def until(condition: Callable[[], Any], what: str, deadline_s: float = 30.0) -> Any:
+    """`condition()` once it holds (a generous deadline: only a broken kernel reaches it)."""
+    end = time.monotonic() + deadline_s
+    while not (value := condition()):
+        assert time.monotonic() < end, f"never happened: {what}"
+        await asyncio.sleep(0.01)
+    return value
+
+
+def _status(pid: int) -> dict[str, str]:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
+    except OSError:
+        return {}
+
+
+async def waiting_program(kernel: Any) -> int:
+    """The process of the box built ahead, once it is the sandbox's uid under its seccomp filter
+    (from then on it only waits for its source)."""
+    box = await kernel._spare._next
+    uid = str(kernel._lease.uid)
+
+    def ready() -> int | None:
+        for pid in box.conf.pids():
+            st = _status(pid)
+            if st.get("Uid", "").split()[:1] == [uid] and st.get("Seccomp", "").strip() == "2":
+                return pid
+        return None
+
+    return int(await until(ready, "the box's program waits for its source"))
+
+
+async def test_a_cancelled_long_write_never_writes_into_a_reused_descriptor(make_kernel: KernelFactory,
+                                                                           monkeypatch: pytest.MonkeyPatch,
+                                                                           tmp_path: Any) -> None:
+    """A source over a pipe's size is written from a thread. A run cancelled meanwhile must not
+    close the descriptor under that write: its number goes to the next file the server opens,
+    and once the reader is gone the write would go on into that file."""
+    require_root()
+    kernel = await make_kernel()
+    await kernel.run_program("pass", timeout_s=10)  # a box waits for the next program
+    os.kill(await waiting_program(kernel), signal.SIGSTOP)  # a reader that takes no more than the pipe holds
+    started, ended = threading.Event(), threading.Event()
+    write_all = boxes._write_all
+
+    def traced(fd: int, data: bytes) -> None:
+        started.set()
+        try:
+            write_all(fd, data)
+        finally:
+            ended.set()
+
+    monkeypatch.setattr(boxes, "_write_all", traced)
+    running = asyncio.ensure_future(kernel.run_program("#" + "x" * (4 << 20) + "\nprint(1)\n", timeout_s=60))
+    assert await asyncio.to_thread(started.wait, 30)
+    running.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await running
+    # At once, before the box's destruction (in the background) kills the reader:
+    victims = [open(tmp_path / f"victim{i}", "wb", buffering=0) for i in range(16)]  # noqa: SIM115
+    try:
+        assert await asyncio.to_thread(ended.wait, 60), "the source's write never ended"
+    finally:
+        for victim in victims:
+            victim.close()
+    assert [os.path.getsize(tmp_path / f"victim{i}") for i in range(16)] == [0] * 16
+
+
+async def test_no_box_is_built_for_a_kernel_closed_during_a_run(make_kernel: KernelFactory) -> None:
+    require_root()
+    kernel = await make_kernel()
+    await kernel.run_program("pass", timeout_s=10)
+    await waiting_program(kernel)  # the box built ahead is ready: the run starts at once
+    running = asyncio.ensure_future(kernel.run_program("import time\ntime.sleep(5)", timeout_s=30))
+    await until(lambda: kernel._spare._next is None, "the run takes the box")  # type: ignore[attr-defined]
+    await kernel.close()
+    assert not running.done(), "the program ended before close(): nothing tested"
+    await running
+    assert kernel._spare._next is None, "a box was built for a closed kernel"  # type: ignore[attr-defined]
+    # the run's own box is destroyed in the background (close() had returned: nothing else waits)
+    await asyncio.gather(*kernel._teardowns)  # type: ignore[attr-defined]
+
+
+async def test_a_run_cancelled_while_it_stops_the_kernel_leaves_the_next_step_a_fresh_kernel(
+        make_kernel: KernelFactory, start_path: str) -> None:
+    """Not the note of a kernel that died between steps: run_program stopped it on purpose."""
+    kernel = await make_kernel()
+    running = asyncio.ensure_future(kernel.run_program("print(1)", timeout_s=10))
+    await until(lambda: kernel._cur is None, "the run stops the kernel")  # type: ignore[attr-defined]
+    assert any(not t.done() for t in kernel._teardowns)  # type: ignore[attr-defined]  # still stopping it
+    running.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await running
+    after = await kernel.execute("print('hi')")
+    assert after.status is ExecStatus.OK and after.stdout == "hi\n" and after.stderr == "", after
+
+
+async def test_the_first_program_is_forked_once_no_process_of_the_kernel_is_left(
+        make_kernel: KernelFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The box is built while the kernel is torn down, but the program's process (the kernel's
+    uid) is forked into it only after: here the kernel's processes outlive the holder's start."""
+    require_root()
+    kernel = await make_kernel()
+    uid = kernel._lease.uid  # type: ignore[attr-defined]
+    await kernel.execute("import subprocess\nsubprocess.Popen(['sleep', '987655'], start_new_session=True)")
+    holder_up = threading.Event()
+    held_pid, kill_all, fork_program = boxes.held_pid, Confinement.kill_all, boxes.fork_program
+
+    def held(bwrap: int) -> int | None:
+        pid = held_pid(bwrap)
+        if pid is not None:  # once the build took its next step (forked its program, or waits)
+            asyncio.get_running_loop().call_soon(holder_up.set)
+        return pid
+
+    def slow_kill_all(conf: Confinement, *args: Any, **kwargs: Any) -> bool:
+        holder_up.wait(30)  # the kernel's processes live until the box's holder runs
+        return kill_all(conf, *args, **kwargs)
+
+    alive: list[list[int]] = []
+
+    async def fork(*args: Any, **kwargs: Any) -> Any:
+        alive.append([p.pid for p in psutil.process_iter(["uids", "status"])
+                      if p.info["uids"].real == uid and p.info["status"] != psutil.STATUS_ZOMBIE])
+        return await fork_program(*args, **kwargs)
+
+    monkeypatch.setattr(boxes, "held_pid", held)
+    monkeypatch.setattr(Confinement, "kill_all", slow_kill_all)
+    monkeypatch.setattr(boxes, "fork_program", fork)
+    result = await kernel.run_program("print('ran')", timeout_s=20)
+    assert result.status is ExecStatus.OK and result.stdout == "ran\n", result
+    assert alive == [[]], alive
+
+
+async def test_a_program_waiting_for_its_source_is_not_dumpable(make_kernel: KernelFactory) -> None:
+    """Its /proc files stay root's (no process of its uid can write its memory) until its source
+    came; the program it runs then is dumpable, as an exec'd one is."""
+    require_root()
+    kernel = await make_kernel()
+    await kernel.run_program("pass", timeout_s=10)
+    waiting = await waiting_program(kernel)
+    # (The /proc/<pid> folder shows the euid whatever the flag; its files are root's when undumpable.)
+    assert os.stat(f"/proc/{waiting}/environ").st_uid == 0
+    seen = await run(kernel, "import os\n_out = {'owner': os.stat('/proc/self/environ').st_uid, 'uid': os.getuid()}")
+    assert seen["owner"] == seen["uid"] == kernel._lease.uid, seen  # type: ignore[attr-defined]
+
+
+async def test_a_program_finds_no_other_programs_pids_in_the_template_s_frames(make_kernel: KernelFactory) -> None:
+    """Its frames lead back into the template's code (its own request, the template's command
+    line, as /proc/self/cmdline shows): never to the template's children of other episodes."""
+    require_root()
+    other = await make_kernel()
+    await other.run_program("pass", timeout_s=10)
+    await waiting_program(other)  # another episode's program, a child of the same template
+    kernel = await make_kernel()
+    seen = await run(kernel, "import sys\n_f, _out = sys._getframe(), {'exits': []}\nwhile _f is not None:\n"
+                             "    if isinstance(_f.f_locals.get('exits'), dict):\n"
+                             "        _out['exits'] += list(_f.f_locals['exits'])\n"
+                             "    _f = _f.f_back")
+    assert seen == {"exits": []}, seen

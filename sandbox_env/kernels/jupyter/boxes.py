@@ -7,10 +7,11 @@ exactly as a forked kernel's sandbox is. Into it the program template forks the 
 process, which joins the cgroups, drops every privilege as a forked kernel does and waits for its
 source on a pipe: a run then costs a pipe write, not bwrap's start, cgroup moves and an
 interpreter's start (about 100 ms here). A kernel that ran a program builds its next box in the
-background (`Spare`). No box is used twice: its program's end destroys it. A box is only built
-while no process of the kernel runs (after `run_program` tore the kernel down) and is thrown away
-before a kernel starts again (`Spare.discard`): what the agent's code left behind never shares a
-moment, let alone a sandbox, with a box a grader will run in.
+background (`Spare`). No box is used twice: its program's end destroys it. A box's program is
+only forked while no process of the kernel runs (after `run_program` tore the kernel down: the
+first run builds the holder meanwhile, the root one), and a box is thrown away before a kernel
+starts again (`Spare.discard`): what the agent's code left behind never shares a moment, let
+alone a sandbox, with a box a grader will run in.
 """
 
 from __future__ import annotations
@@ -51,16 +52,15 @@ class Box:
     async def start(self, source: str) -> ForkedProgram:
         """The program runs `source` from now on; its pipes become streams (the box's no longer)."""
         job, self.job = self.job, -1
-        try:
-            data = source.encode()
-            if len(data) <= PIPE_SIZE:  # an empty pipe takes it whole at once
-                os.write(job, data)
-            else:
-                await asyncio.to_thread(_write_all, job, data)
-        except BrokenPipeError:
-            pass  # it died waiting: its status says how
-        finally:
-            os.close(job)
+        data = source.encode()
+        if len(data) <= PIPE_SIZE:  # an empty pipe takes it whole at once
+            _write_all(job, data)
+        else:
+            # The thread owns `job` to its end, even past a cancelled run: closed here, under a
+            # write in progress, its number would be the next file the server opens, and the
+            # write would go on into that file once the box's destruction kills the reader.
+            write = asyncio.get_running_loop().run_in_executor(None, _write_all, job, data)
+            await asyncio.shield(write)
         stdio, self.stdio = self.stdio, []
         return await _streams(self.proc, stdio)
 
@@ -89,15 +89,22 @@ PIPE_SIZE = 1 << 16
 
 
 def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+    """`data` into the pipe `fd`, then `fd` closed (the program's EOF)."""
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except BrokenPipeError:
+        pass  # it died waiting (or its box was destroyed): its status says how
+    finally:
+        os.close(fd)
 
 
 async def build(conf: Confinement, env: dict[str, str], runtime: sandbox.Runtime, layout: sandbox.Layout,
-                workdir: Path) -> Box:
+                workdir: Path, ready: asyncio.Event | None = None) -> Box:
     """A sandbox of `layout` in `conf` (created here), held open, its program's process waiting in
-    it; destroyed again if this fails or is cancelled."""
+    it, forked only once `ready` is set (the kernel's processes are gone); destroyed again if this
+    fails or is cancelled."""
     conf.create()
     holder: subprocess.Popen[bytes] | None = None
     try:
@@ -115,6 +122,8 @@ async def build(conf: Confinement, env: dict[str, str], runtime: sandbox.Runtime
             if holder.poll() is not None or time.monotonic() > deadline:
                 raise KernelStartError(f"a program's sandbox did not start (status {holder.poll()})")
             await asyncio.sleep(0.002)
+        if ready is not None:  # the holder is root: only the program is of the kernel's uid
+            await ready.wait()
         pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(4)]  # job, stdin, stdout, stderr
         theirs = [pipes[0][0], pipes[1][0], pipes[2][1], pipes[3][1]]
         ours = [pipes[0][1], pipes[1][1], pipes[2][0], pipes[3][0]]
@@ -144,17 +153,20 @@ def _abandon(conf: Confinement, holder: subprocess.Popen[bytes] | None) -> None:
 
 class Spare:
     """At most one box built ahead for a kernel's next program: `take` it (or one built now),
-    `refill` after a run, `discard` before a kernel starts again and when the kernel closes."""
+    `refill` after a run, `discard` before a kernel starts again, `close` when the kernel closes."""
 
-    def __init__(self, make: Callable[[], Coroutine[Any, Any, Box]], background: set[asyncio.Task[None]]) -> None:
+    def __init__(self, make: Callable[[asyncio.Event | None], Coroutine[Any, Any, Box]],
+                 background: set[asyncio.Task[None]]) -> None:
         self._make = make
         self._next: asyncio.Task[Box] | None = None
+        self._closed = False
         self.background = background  # where boxes are destroyed: the kernel's close() waits for them
 
-    async def take(self) -> Box:
+    async def take(self, ready: asyncio.Event) -> Box:
+        """The box built ahead, or one built now whose program is forked once `ready` is set."""
         task, self._next = self._next, None
         for _ in range(3):
-            task = task or asyncio.ensure_future(self._make())
+            task = task or asyncio.ensure_future(self._make(ready))
             try:
                 box = await asyncio.shield(task)
             except asyncio.CancelledError:
@@ -183,14 +195,19 @@ class Spare:
         return task
 
     def refill(self, after: Awaitable[object]) -> None:
-        """Build the next box once `after` (the last box's destruction) is done."""
-        if self._next is None:
+        """Build the next box once `after` (the last box's destruction) is done; none once closed
+        (a run that outlived the kernel's close() ends without one)."""
+        if self._next is None and not self._closed:
             self._next = asyncio.ensure_future(self._after(after))
 
     async def _after(self, after: Awaitable[object]) -> Box:
         with contextlib.suppress(Exception):
             await after
-        return await self._make()
+        return await self._make(None)
+
+    async def close(self) -> None:
+        self._closed = True
+        await self.discard()
 
     async def discard(self) -> None:
         task, self._next = self._next, None
@@ -207,13 +224,15 @@ class Spare:
 
 
 async def run(spare: Spare, teardown: Callable[[], Awaitable[None]], source: str, stdin: bytes, timeout_s: float, *,
-              keep: int, limit: int, refill: bool) -> ExecutionResult:
+              keep: int, limit: int) -> ExecutionResult:
     """`source` run in the spare box (or one built now, while `teardown` kills the kernel's
-    processes: the program starts after both). The box is destroyed in the background (the
-    kernel's close() and its uid's lease wait for it), the next one built after that when `refill`."""
-    taken = asyncio.ensure_future(spare.take())
+    processes: its program's process is forked after that). The box is destroyed in the background (the
+    kernel's close() and its uid's lease wait for it), the next one built after that (`Spare.refill`)."""
+    stopped = asyncio.Event()
+    taken = asyncio.ensure_future(spare.take(stopped))
     try:
         await teardown()
+        stopped.set()
         box = await taken
     except BaseException:
         spare.abandon(taken)
@@ -224,9 +243,7 @@ async def run(spare: Spare, teardown: Callable[[], Awaitable[None]], source: str
     finally:
         # Reaping its processes (run_watched killed them, unless cancelled) and removing its
         # cgroups need not delay the result.
-        task = spare.destroy(box)
-        if refill:
-            spare.refill(after=task)  # the next program's box, once nothing of this one is left
+        spare.refill(after=spare.destroy(box))  # the next program's box, once nothing of this one is left
 
 
 class ForkedProgram:

@@ -258,7 +258,7 @@ class JupyterKernel(Kernel):
                     await self._restart
             await self._teardown()
             if self._spare is not None:
-                await self._spare.discard()
+                await self._spare.close()
             if self._teardowns:
                 await asyncio.gather(*self._teardowns, return_exceptions=True)
         finally:
@@ -354,8 +354,7 @@ class JupyterKernel(Kernel):
                     assert self._spare is not None
                     with contextlib.suppress(boxes.Unforkable):
                         return await boxes.run(self._spare, self._stop_kernel, source, stdin, timeout_s,
-                                               keep=self.policy.output_bytes, limit=self.policy.output_limit_bytes,
-                                               refill=not self._closed)
+                                               keep=self.policy.output_bytes, limit=self.policy.output_limit_bytes)
                 return await self._run_exec(source, stdin, timeout_s)
             finally:
                 self._program_running = False
@@ -378,13 +377,15 @@ class JupyterKernel(Kernel):
                            uid=None if self._layout is None else self._layout.uid)
         return conf, kernel_env(self.root, self.workdir, conf.token, isolated=self._layout is not None)
 
-    async def _new_box(self) -> boxes.Box:
+    async def _new_box(self, ready: asyncio.Event | None) -> boxes.Box:
         assert self._runtime is not None and self._layout is not None and self.workdir is not None
-        return await boxes.build(*self._program_confinement(), self._runtime, self._layout, self.workdir)
+        return await boxes.build(*self._program_confinement(), self._runtime, self._layout, self.workdir, ready)
 
     async def _stop_kernel(self) -> None:
+        # First: a run cancelled during the teardown still leaves a fresh kernel to the next step
+        # (not the note of a kernel that died between steps).
+        self._relaunch = True
         await self._teardown()  # every process of the kernel's cgroup/session, daemons included
-        self._relaunch = True  # the next step starts a fresh one
 
     async def _run_exec(self, source: str, stdin: bytes, timeout_s: float) -> ExecutionResult:
         assert self.root is not None and self.workdir is not None

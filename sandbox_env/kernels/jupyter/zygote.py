@@ -82,7 +82,7 @@ def set_rlimits(limits: list[list[int]]) -> None:
         resource.setrlimit(which, (soft, hard))
 
 
-def drop_privileges(uid: int, gid: int, seccomp: str) -> None:
+def drop_privileges(uid: int, gid: int, seccomp: str, dumpable: bool) -> None:
     """As `setpriv --clear-groups --inh-caps=-all --bounding-set=-all --no-new-privs` then bwrap's
     `--seccomp` did: no group, no capability in any set, no way back, the kernel's filter."""
     last_cap = int(open("/proc/sys/kernel/cap_last_cap").read())
@@ -94,8 +94,8 @@ def drop_privileges(uid: int, gid: int, seccomp: str) -> None:
     header = struct.pack("II", 0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
     check(libc.capset(header, bytes(24)), "capset")  # inheritable too
     check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "PR_SET_PDEATHSIG")  # reset by setuid
-    # setuid made it undumpable: its /proc files root's, unreadable (as no exec'd process has them)
-    check(libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "PR_SET_DUMPABLE")
+    if dumpable:
+        set_dumpable()
     check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
     program = bytes.fromhex(seccomp)
 
@@ -104,6 +104,11 @@ def drop_privileges(uid: int, gid: int, seccomp: str) -> None:
 
     check(libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(Prog(len(program) // 8, program)), 0, 0),
           "PR_SET_SECCOMP")
+
+
+def set_dumpable() -> None:
+    """setuid made it undumpable: its /proc files root's, unreadable (no exec'd process has that)."""
+    check(libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "PR_SET_DUMPABLE")
 
 
 def close_all_but(keep: list[int]) -> None:
@@ -181,13 +186,14 @@ def run_kernel(request: dict[str, Any], log: int) -> None:
     os._exit(0)
 
 
-def enter_sandbox(request: dict[str, Any], stdin: int, stdout: int, keep: list[int] = []) -> None:  # noqa: B006
+def enter_sandbox(request: dict[str, Any], stdin: int, stdout: int, keep: list[int] = [],  # noqa: B006
+                  dumpable: bool = True) -> None:
     """What a kernel and a program do first in the sandbox: a session of their own, their streams,
     the rlimits, the sandbox's uid without privileges, their environment and workspace."""
     os.setsid()
     standard_streams(stdin, stdout, keep)
     set_rlimits(request["rlimits"])
-    drop_privileges(request["uid"], request["gid"], request["seccomp"])
+    drop_privileges(request["uid"], request["gid"], request["seccomp"], dumpable)
     os.umask(0o022)
     fresh_environment(request["env"])
     workdir = request["workdir"]
@@ -203,9 +209,11 @@ def run_program(request: dict[str, Any], job: int, stdin: int, stdout: int, stde
 
     Forked when its sandbox is built, ahead of its run: it joins the cgroups (a cgroup v1 move
     costs tens of ms), drops its privileges, then waits for its source on `job` (from the server;
-    EOF without one: the box was thrown away unused)."""
+    EOF without one: the box was thrown away unused). Undumpable while it waits (its /proc files
+    root's): no process of its uid, such as a kernel's relay torn down meanwhile, can write its
+    memory before the server's program is in it."""
     err = os.dup(stderr)  # a copy that standard_streams keeps open: it points 2 at stdout
-    enter_sandbox(request, stdin, stdout, keep=[err, job])
+    enter_sandbox(request, stdin, stdout, keep=[err, job], dumpable=False)
     os.dup2(err, 2)
     os.close(err)
     chunks = []
@@ -215,6 +223,7 @@ def run_program(request: dict[str, Any], job: int, stdin: int, stdout: int, stde
     if not chunks:
         os._exit(0)
     source = b"".join(chunks).decode()
+    set_dumpable()  # as an exec'd program is: its own /proc files readable
     for name, fd, mode in (("stdin", 0, "r"), ("stdout", 1, "w"), ("stderr", 2, "w")):
         old = getattr(sys, name)
         line = fd == 2 or os.isatty(fd)  # as the interpreter's own: stderr always line-buffered
@@ -356,6 +365,7 @@ def answer(sock: socket.socket, request: dict[str, Any], fds: list[int], exits: 
     if pid == 0:
         os.close(read)
         sock.close()
+        exits.clear()  # other children's pids: a program can reach this frame (sys._getframe)
         child(request, write, fds)
     os.set_blocking(write, False)  # in the template only: a status write never blocks it
     pidfd = os.pidfd_open(pid)
