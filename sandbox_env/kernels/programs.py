@@ -16,11 +16,22 @@ DRAIN_S = 1.0  # how long a program's output is still read once it ended
 EXIT_POLL_S = 0.005
 
 
+class Feed(Protocol):
+    """A program's stdin: an asyncio StreamWriter, or a forked program's pipe."""
+
+    def write(self, data: bytes) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class Running(Protocol):
     """What `run_to_end` needs of a program: an asyncio subprocess, or a Jupyter program forked
     from its template (`kernels/jupyter/boxes.py`)."""
 
-    stdin: asyncio.StreamWriter | None
+    @property
+    def stdin(self) -> Feed | None: ...
     stdout: asyncio.StreamReader | None
     stderr: asyncio.StreamReader | None
 

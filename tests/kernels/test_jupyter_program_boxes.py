@@ -9,10 +9,14 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -406,3 +410,44 @@ async def test_a_program_finds_no_other_programs_pids_in_the_template_s_frames(m
                              "        _out['exits'] += list(_f.f_locals['exits'])\n"
                              "    _f = _f.f_back")
     assert seen == {"exits": []}, seen
+
+
+UVLOOP_RUNS = """
+import asyncio, sys, uvloop
+sys.path.insert(0, {helpers!r})
+from kernel_helpers import test_policy
+from sandbox_env.kernels.jupyter.kernel import JupyterKernel
+
+async def main():
+    kernel = JupyterKernel(test_policy())
+    await kernel.start()
+    try:
+        for _ in range(5):
+            result = await kernel.run_program("print(input() * 3)", stdin=b"ab\\n", timeout_s=20)
+            assert result.stdout == "ababab\\n", result
+    finally:
+        await kernel.close()
+
+with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+    runner.run(main())
+"""
+
+
+def test_on_uvloop_a_program_s_pipes_are_closed_once(tmp_path: Any) -> None:
+    """uvicorn serves on uvloop, whose pipe transports closed each descriptor twice (the handle,
+    then the file object): a descriptor another thread opened in between (another box's status
+    pipe) was closed under its owner, seen as 500s on /run_code under load. The event loop's
+    thread, traced, must close no descriptor that is not open."""
+    pytest.importorskip("uvloop")
+    require_root()
+    strace = shutil.which("strace")
+    if strace is None:
+        missing("strace (apt-get install strace) watches the event loop's closes")
+    trace = tmp_path / "closes.txt"
+    script = UVLOOP_RUNS.format(helpers=str(Path(__file__).parent))
+    # Without -f: the main thread only, where the event loop runs (threads and children close
+    # descriptors that are not theirs to check, e.g. a child's sweep of its inherited ones).
+    done = subprocess.run([strace, "-qq", "-e", "trace=close", "-e", "status=failed", "-o", str(trace),
+                           sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [line for line in trace.read_text().splitlines() if "EBADF" in line] == []

@@ -29,6 +29,7 @@ from typing import Any
 from sandbox_env.errors import KernelStartError
 from sandbox_env.kernels.jupyter import sandbox
 from sandbox_env.kernels.jupyter.limits import Confinement
+from sandbox_env.kernels.jupyter.pipes import PipeReader, PipeWriter
 from sandbox_env.kernels.jupyter.programs import run_watched
 from sandbox_env.kernels.jupyter.template import HOLD, START_TIMEOUT_S, ForkedProcess, fork_program, held_pid
 from sandbox_env.models import ExecutionResult
@@ -62,7 +63,7 @@ class Box:
             write = asyncio.get_running_loop().run_in_executor(None, _write_all, job, data)
             await asyncio.shield(write)
         stdio, self.stdio = self.stdio, []
-        return await _streams(self.proc, stdio)
+        return ForkedProgram(self.proc, stdio)
 
     async def destroy(self) -> None:
         """Everything of it killed (its cgroups hold the bwrap, the holder and the program's tree),
@@ -248,15 +249,29 @@ async def run(spare: Spare, teardown: Callable[[], Awaitable[None]], source: str
 
 class ForkedProgram:
     """A forked program as `run_to_end` sees a subprocess (`programs.Running`): its pipes as
-    streams, its status; `_transport` closes the pipes, as an asyncio subprocess's does."""
+    streams (`pipes.py`: each descriptor closed once, whatever the event loop), its status;
+    `_transport` closes the pipes, as an asyncio subprocess's does."""
 
-    def __init__(self, proc: ForkedProcess, stdin: asyncio.StreamWriter, stdout: asyncio.StreamReader,
-                 stderr: asyncio.StreamReader, transports: list[asyncio.BaseTransport]) -> None:
+    def __init__(self, proc: ForkedProcess, stdio: list[int]) -> None:
         self.proc = proc
-        self.stdin: asyncio.StreamWriter | None = stdin
-        self.stdout: asyncio.StreamReader | None = stdout
-        self.stderr: asyncio.StreamReader | None = stderr
-        self._transport = _Pipes(transports)
+        made: list[PipeWriter | PipeReader] = []
+        try:
+            writer = PipeWriter(stdio[0])
+            made.append(writer)
+            out = PipeReader(stdio[1])
+            made.append(out)
+            err = PipeReader(stdio[2])
+            made.append(err)
+        except BaseException:
+            for pipe in made:
+                pipe.close()
+            for fd in stdio[len(made):]:
+                os.close(fd)
+            raise
+        self.stdin: PipeWriter | None = writer
+        self.stdout: asyncio.StreamReader | None = out.stream
+        self.stderr: asyncio.StreamReader | None = err.stream
+        self._transport = _Pipes([writer, out, err])
 
     @property
     def returncode(self) -> int | None:
@@ -268,32 +283,8 @@ class ForkedProgram:
 
 @dataclasses.dataclass
 class _Pipes:
-    transports: list[asyncio.BaseTransport]
+    pipes: list[PipeWriter | PipeReader]
 
     def close(self) -> None:
-        for transport in self.transports:
-            transport.close()
-
-
-async def _streams(proc: ForkedProcess, stdio: list[int]) -> ForkedProgram:
-    loop = asyncio.get_running_loop()
-    files = [os.fdopen(stdio[0], "wb", 0), os.fdopen(stdio[1], "rb", 0), os.fdopen(stdio[2], "rb", 0)]
-    transports: list[asyncio.BaseTransport] = []
-    try:
-        write_transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, files[0])
-        transports.append(write_transport)
-        stdin = asyncio.StreamWriter(write_transport, protocol, None, loop)
-        readers = []
-        for file in files[1:]:
-            reader = asyncio.StreamReader(limit=1 << 16)
-            read_transport, _ = await loop.connect_read_pipe(lambda r=reader: asyncio.StreamReaderProtocol(r),  # type: ignore[misc]
-                                                             file)
-            transports.append(read_transport)
-            readers.append(reader)
-    except BaseException:
-        for transport in transports:
-            transport.close()
-        for file in files:
-            file.close()
-        raise
-    return ForkedProgram(proc, stdin, readers[0], readers[1], transports)
+        for pipe in self.pipes:
+            pipe.close()

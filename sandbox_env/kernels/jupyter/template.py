@@ -43,49 +43,92 @@ START_TIMEOUT_S = 30.0
 _ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
 
 
+WAIT_SLICE_S = 0.05  # how long a blocking wait sleeps before it looks whether another thread collected
+
+
 class ForkedProcess:
     """A process the template forked: signalled through its pidfd (never a reused pid), its exit
-    status read from the pipe the template writes it to once it has reaped it."""
+    status read from the pipe the template writes it to once it has reaped it.
+
+    Thread-safe: a teardown waits for it in a worker thread while the event loop polls it. Its two
+    descriptors are closed once, under the lock, and waiting polls a duplicate: a number closed
+    under another thread's wait could be the next file the server opens (another process's
+    status pipe), and reading or closing it would steal that."""
 
     def __init__(self, pid: int, pidfd: int, status: int, stdin: IO[bytes] | None = None) -> None:
         self.pid, self._pidfd, self._status = pid, pidfd, status
         self.stdin = stdin
         self.returncode: int | None = None
+        self._lock = threading.Lock()
+        self._wakers: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []  # exited() waiting
 
     def poll(self) -> int | None:
         return self.wait(0.0, raises=False)
 
     async def exited(self) -> int:
-        """Its status, as soon as the template (or its parent) writes it: no polling."""
-        if self.returncode is None and self._status >= 0:
+        """Its status, as soon as the template (or its parent) writes it: no polling. (Another
+        thread that collects the status first wakes this too.)"""
+        fd = self._watch()
+        if fd >= 0:
             loop = asyncio.get_running_loop()
             ready = loop.create_future()
-            fd = self._status
+            waker = (loop, ready)
+            with self._lock:
+                self._wakers.append(waker)
             loop.add_reader(fd, _settle, ready)
             try:
                 await ready
             finally:
                 loop.remove_reader(fd)
-        code = self.wait(None, raises=False)
+                os.close(fd)
+                with self._lock, contextlib.suppress(ValueError):
+                    self._wakers.remove(waker)
+        code = self.wait(0.0, raises=False)
         return -signal.SIGKILL if code is None else code
 
     def wait(self, timeout: float | None = None, *, raises: bool = True) -> int | None:
-        if self.returncode is None and self._status >= 0:
-            if _readable(self._status, timeout):
-                data = os.read(self._status, 4)
-                # no status: the template died, and this process with it (PDEATHSIG)
-                self.returncode = struct.unpack("i", data)[0] if len(data) == 4 else -signal.SIGKILL
-                self.close()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (fd := self._watch()) >= 0:
+            try:  # in slices: another thread may collect the status (then this pipe stays silent)
+                left = WAIT_SLICE_S if deadline is None else min(WAIT_SLICE_S, max(0.0, deadline - time.monotonic()))
+                ready = _readable(fd, left)
+            finally:
+                os.close(fd)
+            if ready:
+                self._collect()
+            elif deadline is not None and time.monotonic() >= deadline:
+                break
         if self.returncode is None and raises and timeout is not None:
             raise subprocess.TimeoutExpired(f"forked process {self.pid}", timeout)
         return self.returncode
 
+    def _watch(self) -> int:
+        """A duplicate of the status pipe to wait on, or -1 once the status is known."""
+        with self._lock:
+            return os.dup(self._status) if self.returncode is None and self._status >= 0 else -1
+
+    def _collect(self) -> None:
+        with self._lock:
+            if self.returncode is None and self._status >= 0:
+                data = os.read(self._status, 4)
+                # no status: the template died, and this process with it (PDEATHSIG)
+                self.returncode = struct.unpack("i", data)[0] if len(data) == 4 else -signal.SIGKILL
+                self._close()
+                for loop, ready in self._wakers:
+                    with contextlib.suppress(RuntimeError):  # its loop is closed: nobody waits
+                        loop.call_soon_threadsafe(_settle, ready)
+
     def kill(self) -> None:
-        if self.returncode is None and self._pidfd >= 0:
-            with contextlib.suppress(ProcessLookupError, OSError):
-                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+        with self._lock:
+            if self.returncode is None and self._pidfd >= 0:
+                with contextlib.suppress(ProcessLookupError, OSError):
+                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
 
     def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         for name in ("_pidfd", "_status"):
             fd = getattr(self, name)
             if fd >= 0:
@@ -93,7 +136,13 @@ class ForkedProcess:
                 os.close(fd)
 
     def __del__(self) -> None:
-        self.close()
+        if hasattr(self, "_lock"):
+            self.close()
+
+
+def _settle(ready: asyncio.Future[None]) -> None:
+    if not ready.done():
+        ready.set_result(None)
 
 
 def _readable(fd: int, timeout: float | None) -> bool:
@@ -102,11 +151,6 @@ def _readable(fd: int, timeout: float | None) -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
-
-
-def _settle(ready: asyncio.Future[None]) -> None:
-    if not ready.done():
-        ready.set_result(None)
 
 
 class Template:
