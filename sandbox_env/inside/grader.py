@@ -210,6 +210,7 @@ def zygote(ctl: Any, src: int) -> None:
     """The zygote's loop: read the submission, then fork a case per request and report how it
     ended. It runs only this code; requests come from the grader alone (the cases never hold
     its socket)."""
+    adopt_orphans()
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):  # 0 is the job's pipe, 1 the verdict's: neither is the zygote's
         os.dup2(null, fd)
@@ -244,6 +245,7 @@ def zygote(ctl: Any, src: int) -> None:
             os.close(fd)
         ctl.send(b"%d" % pid)
         _, status, usage = os.wait4(pid, 0)
+        kill_children()  # what the case left: its orphans, or a child it cloned onto this process
         ctl.send(b"%d %.6f" % (status, usage.ru_utime + usage.ru_stime))
 
 
@@ -319,7 +321,7 @@ PR_SET_CHILD_SUBREAPER = 36
 
 def adopt_orphans() -> None:
     """Become the parent of whatever the grading's processes leave behind (a daemon that left
-    its session outlives the kill of a case's group), so that `kill_leftovers` can end it."""
+    its session outlives the kill of a case's group), so that `kill_children` can end it."""
     try:
         import ctypes
 
@@ -328,14 +330,16 @@ def adopt_orphans() -> None:
         pass
 
 
-def kill_leftovers(keep: Zygote | None) -> None:
-    """Kill and reap every child but the zygote: what a case (or the compiler) left running
-    must not meet the next case (its pipes are reachable through /proc by the same uid)."""
+def kill_children(spare: int | None = None) -> None:
+    """Kill and reap every child of this process but `spare` (the grader's zygote): what a case
+    (or the compiler) left running must not meet the next case, whose pipes the same uid reaches
+    through /proc. Both the grader and the zygote adopt orphans, and a case's `clone(CLONE_PARENT)`
+    makes a child of one of them: between the two, nothing of a case escapes."""
     path = f"/proc/self/task/{os.getpid()}/children"
     for _ in range(64):  # a leftover may fork while it is killed: its children come to us next
         try:
             with open(path) as f:
-                pids = [int(p) for p in f.read().split() if keep is None or int(p) != keep.pid]
+                pids = [int(p) for p in f.read().split() if int(p) != spare]
         except (OSError, ValueError):
             return
         if not pids:
@@ -940,7 +944,7 @@ def grade_stdio(job: dict, timeout: float, zygote: Zygote | None = None) -> list
     lang, folder = job.get("language"), ""
     if lang is not None:
         folder, why = build(job, limit)
-        kill_leftovers(zygote)
+        kill_children(zygote.pid if zygote is not None else None)
         if folder is None:  # every test fails the same way: reward 0, the compiler's message
             return [{"name": name, "status": "compile_error", "message": why} for name in job["names"]]
     results = []
@@ -948,7 +952,7 @@ def grade_stdio(job: dict, timeout: float, zygote: Zygote | None = None) -> list
         start = time.monotonic()
         status, message, out, cpu = run_stdio(job["submission"], case["input"].encode(), timeout, limit, lang, folder,
                                               zygote)
-        kill_leftovers(zygote)
+        kill_children(zygote.pid if zygote is not None else None)
         if status == "ok":
             try:
                 ok, why = check_output(spec, case, out.decode("utf-8", "replace"), ns)
