@@ -182,14 +182,16 @@ def stage(argv, timeout, keep, memory_mb=0, capture=False):
             os.close(fd)
         return {"status": "Error", "stderr": error}
     code = wait(pid, timeout)
-    elapsed = time.monotonic() - started
     try:
         os.killpg(pid, 9)  # what it left running in its session
     except OSError:
         pass
     if code is None:
         os.waitpid(pid, 0)
-    # Ended, but after its time: it (or what it started) stopped this process past the deadline.
+    kill_children()  # and what left the session: nothing of the stage outlives this line
+    # Measured only now: a stage (or what it started) that stopped this process ran past its
+    # deadline, and is reported as over it, however it ended.
+    elapsed = time.monotonic() - started
     late = code is not None and elapsed > timeout
     report = {"status": "TimeLimitExceeded" if code is None or late else "Finished",
               "return_code": None if late else code, "execution_time": elapsed}
@@ -201,11 +203,39 @@ def stage(argv, timeout, keep, memory_mb=0, capture=False):
 
 def harden():
     """Non-dumpable, as the grader is: the stages run as this uid, and could otherwise read or
-    rewrite this process (its clock, the trailer's mark). They can still stop it: a stage that
-    ended past its limit is reported as over it, however it ended."""
+    rewrite this process (its clock, the trailer's mark). A child subreaper: what a stage leaves
+    (an orphan, a process cloned onto this one) becomes this process's child, for
+    `kill_children`. They can still stop it: a stage that ended past its limit is reported as
+    over it, however it ended."""
     import ctypes
 
-    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
+    libc = ctypes.CDLL(None)
+    libc.prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
+    libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+
+def kill_children():
+    """Kill and reap every child of this process, again until none is left (one killed hands its
+    own children to this process)."""
+    path = f"/proc/self/task/{os.getpid()}/children"
+    for _ in range(64):
+        try:
+            with open(path) as handle:
+                pids = [int(p) for p in handle.read().split()]
+        except (OSError, ValueError):
+            return
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
+        for pid in pids:
+            try:
+                os.waitpid(pid, 0)
+            except OSError:
+                pass
 
 
 def run_language(job):

@@ -331,3 +331,37 @@ def test_a_program_that_stops_its_watcher_still_exceeds_its_time(http: httpx.Cli
     `run_timeout`, and was reported `Finished` with its output."""
     reply = http.post("/run_code", json={"language": "c", "code": STOPS_ITS_PARENT, "run_timeout": 1}).json()
     assert reply["status"] == "Failed" and reply["run_result"]["status"] == "TimeLimitExceeded", reply
+
+
+LEAVES_A_STOPPER = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <time.h>
+#include <unistd.h>
+int main(void) {
+    pid_t watcher = getppid(), me = getpid();
+    if (fork() == 0) {
+        setsid();  /* out of the stage's group */
+        while (kill(me, 0) == 0 || errno != ESRCH) ;  /* until the stage is reaped */
+        usleep(300); kill(watcher, SIGSTOP);  /* freeze the watcher once it measured the stage */
+        time_t t0 = time(0);
+        volatile unsigned long x = 0;
+        while (time(0) - t0 < 2) x++;  /* work past run_timeout */
+        printf("answer after the limit\n"); fflush(stdout);
+        kill(watcher, SIGCONT);
+        _exit(0);
+    }
+    return 0;
+}
+"""
+
+
+def test_what_a_program_leaves_cannot_work_past_its_time_and_pass(http: httpx.Client) -> None:
+    """Found by a red team: a process that left the stage's session waited for the stage to be
+    reaped, stopped the watcher, worked past `run_timeout`, printed, and was reported Success."""
+    for _ in range(3):
+        reply = http.post("/run_code", json={"language": "c", "code": LEAVES_A_STOPPER, "run_timeout": 1}).json()
+        run = reply["run_result"] or {}
+        assert not (reply["status"] == "Success" and "answer" in (run.get("stdout") or "")), reply
