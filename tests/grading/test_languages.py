@@ -152,6 +152,7 @@ def test_sandbox_env_eval_scores_a_c_task_against_a_server(tmp_path: Path) -> No
     assert "compile" in json.dumps(results[3])
 
 
+@in_module_loop
 async def test_an_episode_on_a_c_task_explores_in_python_and_grades_the_c_program(manager: EpisodeManager) -> None:
     """As TRL's environment does it: the steps are a Python scratchpad, the submit is the program."""
     episode = await manager.open_episode()
