@@ -151,7 +151,7 @@ def compose_farm(tmp: Path) -> Iterator[Farm]:
     finally:
         with contextlib.suppress(Exception):
             farm.replicas()
-        run(base + ["down", "-v", "--remove-orphans", "--timeout", "30"], env, check=False)
+        run(base + ["down", "-v", "--remove-orphans", "--timeout", "60"], env, check=False)  # compose.yaml's grace
         assert_nothing_left(farm)
 
 
